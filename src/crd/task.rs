@@ -1,0 +1,509 @@
+//! `AgentTask`: one run of a coding agent in a fresh sandbox.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{
+    ConfigMapKeySelector, LocalObjectReference, MAX_CONDITIONS, SecretKeySelector,
+};
+use super::template::MAX_MESSAGE_CHARS;
+
+/// The longest prompt, in characters.
+pub const MAX_PROMPT_CHARS: u32 = 65_536;
+/// The most files `status.files` lists (also the upper bound of `outputs.maxFiles`).
+pub const MAX_OUTPUT_FILES: u32 = 5_000;
+/// The longest `status.result.text`, in bytes.
+pub const MAX_RESULT_TEXT_BYTES: u32 = 4_096;
+/// The longest path recorded in `status.files`, in characters.
+pub const MAX_OUTPUT_PATH_CHARS: u32 = 4_096;
+/// The most entries of each list in the spec (environment, files, tools, arguments).
+pub const MAX_SPEC_LIST_ITEMS: u32 = 128;
+
+/// A task for a coding agent: run a prompt (or a command) in a sandbox started from a
+/// `SandboxTemplate`, then record the result, usage and generated files in status.
+///
+/// The spec cannot change after creation; deleting the task cancels it.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "sandcastle.dev",
+    version = "v1alpha1",
+    kind = "AgentTask",
+    namespaced,
+    doc = "A coding-agent run in a sandbox, with its result, usage and generated files.",
+    status = "AgentTaskStatus",
+    shortname = "at",
+    category = "sandcastle",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Template", type_ = "string", json_path = ".spec.templateRef.name"),
+    printcolumn(name = "Turns", type_ = "integer", json_path = ".status.progress.turns"),
+    printcolumn(name = "Cost", type_ = "string", json_path = ".status.usage.costUSD"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Sandbox ID", type_ = "string", json_path = ".status.sandboxId", priority = 1),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason", priority = 1)
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self == oldSelf")
+        .message("the AgentTask spec is immutable: delete the task and create a new one"),
+    validation = Rule::new("(has(self.agent) && has(self.agent.command)) || has(self.prompt)")
+        .message("prompt is required for the claudeCode agent (the default agent)")
+        .field_path(".prompt")
+        .reason(Reason::FieldValueRequired)
+)]
+pub struct AgentTaskSpec {
+    /// The `SandboxTemplate` (same namespace) the sandbox starts from.
+    pub template_ref: LocalObjectReference,
+
+    /// What the agent is asked to do. Required for the Claude Code agent; the `command`
+    /// agent receives it in the `SANDCASTLE_PROMPT` environment variable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_PROMPT_CHARS))]
+    pub prompt: Option<String>,
+
+    /// The agent to run. Absent means `claudeCode` with its defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<Agent>,
+
+    /// Environment variables of the agent process, literal or from Secrets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_SPEC_LIST_ITEMS))]
+    pub env: Vec<EnvVar>,
+
+    /// Secrets whose every key becomes an environment variable of the agent process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub env_from: Vec<EnvFromSource>,
+
+    /// The directory the agent works in and the files written there before it starts.
+    #[serde(default)]
+    pub workspace: Workspace,
+
+    /// How long the task may take from its start, in seconds (1–86400).
+    #[serde(default = "default_active_deadline_seconds")]
+    #[schemars(range(min = 1, max = 86_400))]
+    pub active_deadline_seconds: i64,
+
+    /// How many times an infrastructure failure (provider errors, a vanished sandbox) is
+    /// retried in a new sandbox. Agent failures are never retried.
+    #[serde(default = "default_backoff_limit")]
+    #[schemars(range(min = 0, max = 10))]
+    pub backoff_limit: i32,
+
+    /// Delete the task this many seconds after it finished. Absent keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+
+    /// Which generated files are listed in status.
+    #[serde(default)]
+    pub outputs: Outputs,
+}
+
+fn default_active_deadline_seconds() -> i64 {
+    1800
+}
+
+fn default_backoff_limit() -> i32 {
+    2
+}
+
+/// The agent to run. Exactly one kind must be set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.claudeCode) != has(self.command)")
+    .message("set exactly one agent: claudeCode or command"))]
+pub struct Agent {
+    /// The Claude Code CLI in headless mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claude_code: Option<ClaudeCodeAgent>,
+
+    /// A plain command; success is exit code 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandAgent>,
+}
+
+/// Settings of the Claude Code CLI.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaudeCodeAgent {
+    /// The model (`--model`). Absent means the CLI's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub model: Option<String>,
+
+    /// Tools allowed without asking (`--allowedTools`), such as `Bash(git:*)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_SPEC_LIST_ITEMS), inner(length(min = 1, max = 1024)))]
+    pub allowed_tools: Vec<String>,
+
+    /// Tools the agent may not use (`--disallowedTools`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_SPEC_LIST_ITEMS), inner(length(min = 1, max = 1024)))]
+    pub disallowed_tools: Vec<String>,
+
+    /// The permission mode (`--permission-mode`).
+    #[serde(default)]
+    pub permission_mode: PermissionMode,
+
+    /// The most agentic turns (`--max-turns`). Absent means the CLI's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub max_turns: Option<i32>,
+
+    /// Text appended to the system prompt (`--append-system-prompt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65_536))]
+    pub append_system_prompt: Option<String>,
+
+    /// Further CLI arguments, appended as given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_SPEC_LIST_ITEMS), inner(length(max = 4096)))]
+    pub extra_args: Vec<String>,
+}
+
+/// The Claude Code permission mode.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum PermissionMode {
+    /// Ask for every tool that is not allowed (headless: such calls are denied).
+    Default,
+    /// Accept file edits without asking.
+    AcceptEdits,
+    /// Run every tool without asking; the sandbox is the boundary.
+    #[default]
+    BypassPermissions,
+    /// Deny every tool that is not allowed, without asking.
+    DontAsk,
+    /// Plan only; change nothing.
+    Plan,
+}
+
+/// A plain command run in the workspace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct CommandAgent {
+    /// The program and its arguments; not run through a shell.
+    #[schemars(length(min = 1, max = MAX_SPEC_LIST_ITEMS), inner(length(max = 65_536)))]
+    pub command: Vec<String>,
+}
+
+/// An environment variable of the agent process. Exactly one of `value` and `valueFrom`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.value) != has(self.valueFrom)")
+    .message("each env entry must set exactly one of value or valueFrom"))]
+pub struct EnvVar {
+    /// The variable's name: letters, digits and `_`, not starting with a digit.
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z_][A-Za-z0-9_]*$')")
+        .message("env name must be a valid environment variable name: letters, digits and '_', not starting with a digit"))]
+    pub name: String,
+
+    /// A literal value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 131_072))]
+    pub value: Option<String>,
+
+    /// A value read from a Secret when the task starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<EnvVarSource>,
+}
+
+/// Where an environment variable's value comes from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvVarSource {
+    /// A key of a Secret in the task's namespace.
+    pub secret_key_ref: SecretKeySelector,
+}
+
+/// A Secret whose keys all become environment variables.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvFromSource {
+    /// The Secret, in the task's namespace.
+    pub secret_ref: SecretReference,
+
+    /// Prepended to every key to form the variable name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    pub prefix: Option<String>,
+}
+
+/// A whole Secret in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SecretReference {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// When true, a missing Secret is skipped instead of holding the task back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
+}
+
+/// The agent's working directory and its input files.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Workspace {
+    /// Absolute path of the working directory inside the sandbox.
+    #[serde(default = "default_workspace_path")]
+    #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')")
+        .message("workspace.path must be an absolute path"))]
+    pub path: String,
+
+    /// Files written into the workspace before the agent starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_SPEC_LIST_ITEMS))]
+    pub files: Vec<WorkspaceFile>,
+}
+
+impl Default for Workspace {
+    fn default() -> Self {
+        Self {
+            path: default_workspace_path(),
+            files: Vec::new(),
+        }
+    }
+}
+
+fn default_workspace_path() -> String {
+    "/home/user/workspace".into()
+}
+
+/// One input file. Exactly one of `content` and `configMapKeyRef`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.content) != has(self.configMapKeyRef)")
+    .message("each workspace file must set exactly one of content or configMapKeyRef"))]
+pub struct WorkspaceFile {
+    /// Path relative to the workspace; may not start with `/` or contain `..`.
+    #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')")
+        .message("workspace file path must be relative to the workspace and may not contain '..'"))]
+    pub path: String,
+
+    /// The file's content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1_048_576))]
+    pub content: Option<String>,
+
+    /// A ConfigMap key holding the file's content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<ConfigMapKeySelector>,
+}
+
+/// Which generated files are listed in status.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Outputs {
+    /// The most files listed in `status.files` (at most 5000); `status.fileCount` counts them all.
+    #[serde(default = "default_max_files")]
+    #[schemars(range(min = 0, max = MAX_OUTPUT_FILES))]
+    pub max_files: i32,
+
+    /// Glob patterns, relative to the workspace, of files never listed.
+    #[serde(default = "default_exclude")]
+    #[schemars(length(max = MAX_SPEC_LIST_ITEMS), inner(length(min = 1, max = 1024)))]
+    pub exclude: Vec<String>,
+}
+
+impl Default for Outputs {
+    fn default() -> Self {
+        Self {
+            max_files: default_max_files(),
+            exclude: default_exclude(),
+        }
+    }
+}
+
+fn default_max_files() -> i32 {
+    500
+}
+
+fn default_exclude() -> Vec<String> {
+    [".git/**", "node_modules/**", "__pycache__/**"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// Observed state of an `AgentTask`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentTaskStatus {
+    /// A one-word summary for people. Display only: read `conditions` in automation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<TaskPhase>,
+
+    /// `Ready` and `Succeeded` (the outcome), plus the kstatus pair `Reconciling`
+    /// (the task is still running) and `Stalled` (it failed or cannot start without a change).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_CONDITIONS))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// The provider's ID of the sandbox of the current attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
+
+    /// The template ID the sandbox was started from (pinned at start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_id: Option<String>,
+
+    /// The template build the sandbox was started from (pinned at start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<String>,
+
+    /// How many sandboxes were started for this task (1 plus retries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<i32>,
+
+    /// When the first attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+
+    /// When the task finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+
+    /// What the agent reported at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<TaskResult>,
+
+    /// Tokens and cost reported by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+
+    /// Files created or modified under the workspace, at most `outputs.maxFiles`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_OUTPUT_FILES))]
+    pub files: Vec<OutputFile>,
+
+    /// How many files were created or modified, including those not listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_count: Option<i64>,
+
+    /// True when `files` lists fewer files than `fileCount`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub files_truncated: bool,
+
+    /// The agent's progress while it runs (updated at most every few seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+
+    /// A one-word reason for the current state (the reason of the deciding condition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub reason: Option<String>,
+
+    /// A human-readable explanation of the current state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_MESSAGE_CHARS))]
+    pub message: Option<String>,
+}
+
+/// Display summary of an `AgentTask`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TaskPhase {
+    /// Accepted; waiting for its template, Secrets or first reconcile.
+    Pending,
+    /// Waiting for a free sandbox slot under a concurrency cap.
+    Queued,
+    /// The sandbox is being created and prepared.
+    Provisioning,
+    /// The agent is running.
+    Running,
+    /// The agent finished successfully.
+    Succeeded,
+    /// The agent or the task failed; see `reason`.
+    Failed,
+}
+
+/// The agent's final report.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskResult {
+    /// The result text (Claude Code's `result`, or the tail of a command's stdout),
+    /// cut to 4 KiB with secret values redacted.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = MAX_RESULT_TEXT_BYTES))]
+    pub text: String,
+    /// True when `text` was cut.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    /// The agent's own error flag.
+    #[serde(default)]
+    pub is_error: bool,
+    /// Claude Code's result subtype, such as `success` or `error_max_turns`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub subtype: Option<String>,
+    /// The agent process's exit code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Agentic turns taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_turns: Option<i64>,
+    /// Wall time the agent reported, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<i64>,
+    /// Claude Code's session ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub session_id: Option<String>,
+    /// How many tool uses were denied by the permission mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permission_denials: Option<i64>,
+}
+
+/// Token usage and cost.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    /// Input tokens.
+    #[serde(default)]
+    pub input_tokens: i64,
+    /// Output tokens.
+    #[serde(default)]
+    pub output_tokens: i64,
+    /// Tokens written to the prompt cache.
+    #[serde(default)]
+    pub cache_creation_input_tokens: i64,
+    /// Tokens read from the prompt cache.
+    #[serde(default)]
+    pub cache_read_input_tokens: i64,
+    /// Cost in US dollars as a decimal string (exact, unlike a float).
+    #[serde(rename = "costUSD", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?$"))]
+    pub cost_usd: Option<String>,
+}
+
+/// A file created or modified under the workspace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct OutputFile {
+    /// Path relative to the workspace.
+    #[schemars(length(max = MAX_OUTPUT_PATH_CHARS))]
+    pub path: String,
+    /// Size in bytes.
+    pub size: i64,
+}
+
+/// The agent's progress while it runs.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// Agentic turns so far (the final count once the task ends).
+    #[serde(default)]
+    pub turns: i64,
+    /// The tool the agent used last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub last_tool: Option<String>,
+    /// When progress was last recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<Time>,
+}

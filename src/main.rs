@@ -1,0 +1,84 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sandcastle::{crd, localcluster};
+
+/// Sandcastle runs AI coding agents in sandboxes, declared as Kubernetes resources.
+#[derive(Parser)]
+#[command(name = "sandcastle", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
+    Crd {
+        /// Write one file per CRD into this directory instead of printing.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Start a local control plane (etcd + kube-apiserver) with the CRDs installed and
+    /// keep it running until interrupted.
+    Dev {
+        /// Directory holding the kube-apiserver and etcd binaries (see scripts/setup).
+        #[arg(long, env = "SANDCASTLE_TOOLS_BIN", default_value_os_t = localcluster::tools_bin_dir())]
+        tools_bin: PathBuf,
+        /// Directory for the control plane's data, logs and kubeconfig.
+        #[arg(long, default_value = "target/dev")]
+        work_dir: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Crd { out } => print_crds(out),
+        Command::Dev {
+            tools_bin,
+            work_dir,
+        } => dev(&tools_bin, &work_dir).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error>;
+
+fn print_crds(out: Option<PathBuf>) -> Result<(), BoxError> {
+    let crds = crd::all();
+    match out {
+        None => print!("{}", crd::to_yaml(&crds)?),
+        Some(dir) => {
+            for one in crds {
+                let path = dir.join(crd::file_name(&one));
+                std::fs::write(&path, crd::to_yaml(std::slice::from_ref(&one))?)
+                    .map_err(|err| format!("writing {}: {err}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn dev(tools_bin: &std::path::Path, work_dir: &std::path::Path) -> Result<(), BoxError> {
+    let cluster = localcluster::LocalCluster::start(tools_bin, work_dir).await?;
+    crd::install(&cluster.client().await?).await?;
+    let kubeconfig = std::fs::canonicalize(cluster.kubeconfig_path())?;
+    println!("A local control plane is running at {}.", cluster.api_url());
+    println!("The Sandcastle CRDs are installed. Point kubectl at it with:");
+    println!();
+    println!("  export KUBECONFIG={}", kubeconfig.display());
+    println!("  kubectl get crds");
+    println!("  kubectl apply -f examples/");
+    println!();
+    println!("Press Ctrl-C to stop it (its data is removed).");
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
