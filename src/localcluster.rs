@@ -126,8 +126,14 @@ impl LocalCluster {
                 format!("--tls-private-key-file={}", creds.serving_key.display()),
                 format!("--token-auth-file={}", creds.token_file.display()),
                 format!("--service-account-issuer={api_url}"),
-                format!("--service-account-key-file={}", creds.sa_public_key.display()),
-                format!("--service-account-signing-key-file={}", creds.sa_key.display()),
+                format!(
+                    "--service-account-key-file={}",
+                    creds.sa_public_key.display()
+                ),
+                format!(
+                    "--service-account-signing-key-file={}",
+                    creds.sa_key.display()
+                ),
                 "--authorization-mode=RBAC".into(),
                 // No controller-manager runs to create ServiceAccount tokens.
                 "--disable-admission-plugins=ServiceAccount".into(),
@@ -181,7 +187,9 @@ impl LocalCluster {
                     });
                 }
             }
-            let request = http::Request::get("/readyz").body(Vec::new()).expect("a static request");
+            let request = http::Request::get("/readyz")
+                .body(Vec::new())
+                .expect("a static request");
             if client.request_text(request).await.is_ok() {
                 return Ok(());
             }
@@ -243,8 +251,12 @@ fn unique_dir(root: &Path) -> Result<PathBuf, Error> {
 }
 
 fn free_port() -> Result<u16, Error> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("finding a free port"))?;
-    let port = listener.local_addr().map_err(io("finding a free port"))?.port();
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("finding a free port"))?;
+    let port = listener
+        .local_addr()
+        .map_err(io("finding a free port"))?
+        .port();
     Ok(port)
 }
 

@@ -38,7 +38,11 @@ fn committed_crds_match_the_rust_types() {
         );
     }
     let files = std::fs::read_dir(&dir).expect("crds/ is readable").count();
-    assert_eq!(files, crd::all().len(), "crds/ holds a file no CRD generates");
+    assert_eq!(
+        files,
+        crd::all().len(),
+        "crds/ holds a file no CRD generates"
+    );
 }
 
 #[test]
@@ -98,7 +102,9 @@ fn examples_deserialize_and_pass_cel() {
             let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
             let result = match kind.as_str() {
                 "AgentTask" => serde_json::from_value::<AgentTask>(doc.clone()).map(drop),
-                "SandboxTemplate" => serde_json::from_value::<SandboxTemplate>(doc.clone()).map(drop),
+                "SandboxTemplate" => {
+                    serde_json::from_value::<SandboxTemplate>(doc.clone()).map(drop)
+                }
                 _ => continue,
             };
             result.unwrap_or_else(|err| panic!("{}: {err}", path.display()));

@@ -25,6 +25,9 @@ pub const MAX_SPEC_LIST_ITEMS: u32 = 128;
 /// `SandboxTemplate`, then record the result, usage and generated files in status.
 ///
 /// The spec cannot change after creation; deleting the task cancels it.
+// Each `printcolumn(...)` repeats the keys `type_` and `priority`, which clippy
+// mistakes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "sandcastle.dev",
@@ -36,12 +39,34 @@ pub const MAX_SPEC_LIST_ITEMS: u32 = 128;
     shortname = "at",
     category = "sandcastle",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Template", type_ = "string", json_path = ".spec.templateRef.name"),
-    printcolumn(name = "Turns", type_ = "integer", json_path = ".status.progress.turns"),
+    printcolumn(
+        name = "Template",
+        type_ = "string",
+        json_path = ".spec.templateRef.name"
+    ),
+    printcolumn(
+        name = "Turns",
+        type_ = "integer",
+        json_path = ".status.progress.turns"
+    ),
     printcolumn(name = "Cost", type_ = "string", json_path = ".status.usage.costUSD"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    printcolumn(name = "Sandbox ID", type_ = "string", json_path = ".status.sandboxId", priority = 1),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason", priority = 1)
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Sandbox ID",
+        type_ = "string",
+        json_path = ".status.sandboxId",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.reason",
+        priority = 1
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
@@ -227,7 +252,10 @@ pub struct EnvFromSource {
 
     /// Prepended to every key to form the variable name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
     pub prefix: Option<String>,
 }
 

@@ -22,6 +22,9 @@ pub const MAX_MESSAGE_CHARS: u32 = 4096;
 ///
 /// The operator builds it on the provider (or adopts an existing one) and records the
 /// provider's template ID and build ID in status as soon as the provider returns them.
+// Each `printcolumn(...)` repeats the keys `type_` and `priority`, which clippy
+// mistakes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "sandcastle.dev",
@@ -33,9 +36,22 @@ pub const MAX_MESSAGE_CHARS: u32 = 4096;
     shortname = "sbt",
     category = "sandcastle",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Template ID", type_ = "string", json_path = ".status.templateId"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    printcolumn(name = "Build ID", type_ = "string", json_path = ".status.buildId", priority = 1),
+    printcolumn(
+        name = "Template ID",
+        type_ = "string",
+        json_path = ".status.templateId"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Build ID",
+        type_ = "string",
+        json_path = ".status.buildId",
+        priority = 1
+    ),
     printcolumn(
         name = "Reason",
         type_ = "string",
@@ -155,7 +171,10 @@ pub struct ExistingTemplate {
 pub struct TemplateBuild {
     /// The template's name on the provider. Absent means `<namespace>-<name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
+    )]
     pub name: Option<String>,
 
     /// A container image to start from, such as `python:3.12-slim`.

@@ -37,7 +37,9 @@ impl InvalidCase {
 
     /// The object to update to, for cases about changes after creation.
     pub fn updated_object(&self, name: &str) -> Option<Value> {
-        self.update.as_ref().map(|spec| resource(&self.kind, name, spec))
+        self.update
+            .as_ref()
+            .map(|spec| resource(&self.kind, name, spec))
     }
 }
 

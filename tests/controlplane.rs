@@ -1,0 +1,514 @@
+//! The CRDs on a real kube-apiserver: installation, admission, defaults, status,
+//! printer columns and `kubectl explain`.
+//!
+//! One control plane serves the whole binary (a custom harness, so it is torn down
+//! after the last test even when tests fail); each test works in its own namespace.
+
+#[path = "support/cases.rs"]
+mod cases;
+#[path = "support/cluster.rs"]
+mod cluster;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use cluster::{TestEnv, repo, stderr};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use libtest_mimic::{Arguments, Trial};
+use sandcastle::crd::{AgentTask, SandboxTemplate};
+use serde_json::{Value, json};
+
+type TestFn = fn(Arc<TestEnv>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => {
+        [$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
+    };
+}
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let runtime = Arc::new(tokio::runtime::Runtime::new().expect("a tokio runtime"));
+    // Started on the main thread: the children die with the thread that spawned them.
+    let env = if args.list {
+        None
+    } else {
+        match runtime.block_on(TestEnv::start()) {
+            Ok(env) => Some(Arc::new(env)),
+            Err(err) => {
+                eprintln!("cannot start the control plane: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let trials = tests![
+        crds_are_established_and_reapply_cleanly,
+        names_short_names_and_category_resolve,
+        examples_are_accepted_with_defaults,
+        invalid_manifests_are_rejected_with_their_message,
+        kubectl_apply_shows_the_rejection_message,
+        printer_columns_show_status,
+        explain_shows_the_field_docs,
+        status_is_a_subresource_with_conditions_merged_by_type,
+        status_size_caps_are_enforced,
+    ]
+    .into_iter()
+    .map(|(name, test)| {
+        let runtime = runtime.clone();
+        let env = env.clone();
+        Trial::test(name, move || {
+            runtime.block_on(test(env.expect("the control plane runs")));
+            Ok(())
+        })
+    })
+    .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    drop(env);
+    conclusion.exit_code()
+}
+
+fn dynamic_api<K>(env: &TestEnv, ns: &str) -> Api<DynamicObject>
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    Api::namespaced_with(env.client.clone(), ns, &ApiResource::erase::<K>(&()))
+}
+
+fn api_for_kind(env: &TestEnv, ns: &str, kind: &str) -> Api<DynamicObject> {
+    match kind {
+        "AgentTask" => dynamic_api::<AgentTask>(env, ns),
+        "SandboxTemplate" => dynamic_api::<SandboxTemplate>(env, ns),
+        other => panic!("no API for kind {other}"),
+    }
+}
+
+fn object(value: Value) -> DynamicObject {
+    serde_json::from_value(value).expect("a valid object")
+}
+
+async fn crds_are_established_and_reapply_cleanly(env: Arc<TestEnv>) {
+    let out = env.kubectl_ok(&["apply", "-f", &repo().join("crds").display().to_string()]);
+    assert_eq!(
+        out.matches("unchanged").count(),
+        2,
+        "re-applying crds/ changed something: {out}"
+    );
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    for name in [
+        "agenttasks.sandcastle.dev",
+        "sandboxtemplates.sandcastle.dev",
+    ] {
+        let crd = crds.get(name).await.expect("the CRD exists");
+        let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+        for wanted in ["Established", "NamesAccepted"] {
+            assert!(
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == wanted && c.status == "True"),
+                "{name} lacks {wanted}=True: {conditions:?}"
+            );
+        }
+    }
+}
+
+async fn names_short_names_and_category_resolve(env: Arc<TestEnv>) {
+    let ns = env.namespace("names").await;
+    env.kubectl_ok(&[
+        "apply",
+        "-n",
+        &ns,
+        "-f",
+        &repo().join("examples").display().to_string(),
+    ]);
+    let by_category = env.kubectl_ok(&["get", "sandcastle", "-n", &ns, "-o", "name"]);
+    for expected in [
+        "agenttask.sandcastle.dev/hello-command",
+        "sandboxtemplate.sandcastle.dev/python",
+    ] {
+        assert!(
+            by_category.contains(expected),
+            "`get sandcastle` lacks {expected}: {by_category}"
+        );
+    }
+    assert!(
+        env.kubectl_ok(&["get", "at", "-n", &ns, "-o", "name"])
+            .contains("agenttask.sandcastle.dev/fizzbuzz")
+    );
+    assert!(
+        env.kubectl_ok(&["get", "sbt", "-n", &ns, "-o", "name"])
+            .contains("sandboxtemplate.sandcastle.dev/base")
+    );
+}
+
+async fn examples_are_accepted_with_defaults(env: Arc<TestEnv>) {
+    let ns = env.namespace("examples").await;
+    let out = env.kubectl_ok(&[
+        "apply",
+        "-n",
+        &ns,
+        "-f",
+        &repo().join("examples").display().to_string(),
+    ]);
+    let created = out.matches(" created").count();
+    let expected: usize = cases::examples().iter().map(|(_, docs)| docs.len()).sum();
+    assert_eq!(created, expected, "not every example was created: {out}");
+
+    // The apiserver fills in the schema defaults, so the operator reads complete specs.
+    let tasks: Api<AgentTask> = Api::namespaced(env.client.clone(), &ns);
+    let task = tasks.get("fizzbuzz").await.expect("the example task");
+    assert_eq!(task.spec.active_deadline_seconds, 1800);
+    assert_eq!(task.spec.backoff_limit, 2);
+    assert_eq!(task.spec.workspace.path, "/home/user/workspace");
+    let command = tasks.get("hello-command").await.expect("the command task");
+    assert_eq!(command.spec.outputs.max_files, 500);
+    assert_eq!(
+        command.spec.outputs.exclude,
+        [".git/**", "node_modules/**", "__pycache__/**"]
+    );
+    let templates: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
+    let e2b = templates.get("node-e2b").await.expect("the e2b template");
+    let provider = e2b
+        .spec
+        .provider
+        .and_then(|p| p.e2b)
+        .expect("an e2b provider");
+    assert_eq!(provider.api_key_secret_ref.key, "E2B_API_KEY");
+    let base = templates.get("base").await.expect("the base template");
+    assert_eq!(
+        base.spec.deletion_policy,
+        sandcastle::crd::DeletionPolicy::Delete
+    );
+    let build = templates
+        .get("python")
+        .await
+        .expect("the python template")
+        .spec
+        .build
+        .expect("a build");
+    assert_eq!((build.cpu_count, build.memory_mb), (2, 2048));
+}
+
+async fn invalid_manifests_are_rejected_with_their_message(env: Arc<TestEnv>) {
+    let ns = env.namespace("invalid").await;
+    let cases = cases::invalid_cases();
+    assert!(cases.len() >= 40, "the table lost cases");
+    let mut failures = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let api = api_for_kind(&env, &ns, &case.kind);
+        let name = format!("case-{i}");
+        let result = match case.updated_object(&name) {
+            None => api
+                .create(&PostParams::default(), &object(case.object(&name)))
+                .await
+                .map(drop),
+            Some(updated) => {
+                api.create(&PostParams::default(), &object(case.object(&name)))
+                    .await
+                    .unwrap_or_else(|err| {
+                        panic!("case {:?}: the original is valid: {err}", case.name)
+                    });
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&updated))
+                    .await
+                    .map(drop)
+            }
+        };
+        match result {
+            Ok(()) => failures.push(format!("{:?} was accepted", case.name)),
+            Err(kube::Error::Api(status)) => {
+                let text = &status.message;
+                if status.code != 422
+                    || !text.contains(&case.field)
+                    || !text.contains(&case.message)
+                {
+                    failures.push(format!(
+                        "{:?} ({:?} check): expected 422 with {:?} and {:?}, got {}: {text}",
+                        case.name, case.check, case.field, case.message, status.code
+                    ));
+                }
+            }
+            Err(other) => failures.push(format!("{:?}: unexpected error {other}", case.name)),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+async fn kubectl_apply_shows_the_rejection_message(env: Arc<TestEnv>) {
+    let ns = env.namespace("kubectl-reject").await;
+    let manifest = repo().join("target").join("both-agents.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: sandcastle.dev/v1alpha1
+kind: AgentTask
+metadata: {name: both}
+spec:
+  templateRef: {name: base}
+  prompt: hi
+  agent: {claudeCode: {}, command: {command: [\"true\"]}}
+",
+    )
+    .expect("writing the manifest");
+    let out = env.kubectl(&["apply", "-n", &ns, "-f", &manifest.display().to_string()]);
+    assert!(
+        !out.status.success(),
+        "kubectl accepted a task with two agents"
+    );
+    let message = stderr(&out);
+    assert!(
+        message.contains("spec.agent: Invalid value")
+            && message.contains("set exactly one agent: claudeCode or command"),
+        "kubectl printed: {message}"
+    );
+}
+
+async fn write_status(api: &Api<DynamicObject>, name: &str, status: Value) {
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "status": status })),
+    )
+    .await
+    .unwrap_or_else(|err| panic!("writing the status of {name}: {err}"));
+}
+
+fn ready_condition(status: &str, reason: &str) -> Value {
+    json!({
+        "type": "Ready",
+        "status": status,
+        "reason": reason,
+        "message": "",
+        "lastTransitionTime": "2026-11-23T18:00:00Z",
+    })
+}
+
+async fn printer_columns_show_status(env: Arc<TestEnv>) {
+    let ns = env.namespace("columns").await;
+    env.kubectl_ok(&[
+        "apply",
+        "-n",
+        &ns,
+        "-f",
+        &repo().join("examples").display().to_string(),
+    ]);
+    let tasks = dynamic_api::<AgentTask>(&env, &ns);
+    write_status(
+        &tasks,
+        "fizzbuzz",
+        json!({
+            "phase": "Succeeded",
+            "sandboxId": "sbx-0123",
+            "reason": "Completed",
+            "progress": {"turns": 7},
+            "usage": {"inputTokens": 10, "outputTokens": 20, "costUSD": "0.0123"},
+        }),
+    )
+    .await;
+    let table = env.kubectl_ok(&["get", "agenttasks", "-n", &ns]);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "PHASE", "TEMPLATE", "TURNS", "COST", "AGE"],
+        "{table}"
+    );
+    let row: Vec<&str> = table
+        .lines()
+        .find(|line| line.starts_with("fizzbuzz "))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row[..5],
+        ["fizzbuzz", "Succeeded", "python", "7", "0.0123"],
+        "{table}"
+    );
+
+    let wide = env.kubectl_ok(&["get", "agenttasks", "-n", &ns, "-o", "wide"]);
+    let header = wide.lines().next().unwrap_or_default();
+    assert!(
+        header.contains("SANDBOX ID") && header.contains("REASON"),
+        "{wide}"
+    );
+    let row = wide
+        .lines()
+        .find(|line| line.starts_with("fizzbuzz "))
+        .unwrap_or_default();
+    assert!(
+        row.contains("sbx-0123") && row.contains("Completed"),
+        "{wide}"
+    );
+
+    let templates = dynamic_api::<SandboxTemplate>(&env, &ns);
+    write_status(
+        &templates,
+        "python",
+        json!({
+            "phase": "Ready",
+            "templateId": "tpl-42",
+            "buildId": "build-7",
+            "conditions": [ready_condition("True", "BuildSucceeded")],
+        }),
+    )
+    .await;
+    let table = env.kubectl_ok(&["get", "sandboxtemplates", "-n", &ns, "-o", "wide"]);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split("  ")
+        .filter(|c| !c.is_empty())
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "PHASE", "TEMPLATE ID", "AGE", "BUILD ID", "REASON"],
+        "{table}"
+    );
+    let row = table
+        .lines()
+        .find(|line| line.starts_with("python "))
+        .unwrap_or_default();
+    for value in ["Ready", "tpl-42", "build-7", "BuildSucceeded"] {
+        assert!(row.contains(value), "{value} missing: {table}");
+    }
+}
+
+async fn explain_shows_the_field_docs(env: Arc<TestEnv>) {
+    let agent = env.kubectl_ok(&["explain", "agenttask.spec.agent"]);
+    for text in [
+        "The agent to run. Absent means `claudeCode` with its defaults.",
+        "The Claude Code CLI in headless mode.",
+        "A plain command; success is exit code 0.",
+    ] {
+        assert!(
+            agent.contains(text),
+            "explain agenttask.spec.agent lacks {text:?}:\n{agent}"
+        );
+    }
+    let steps = env.kubectl_ok(&["explain", "sandboxtemplate.spec.build.steps"]);
+    assert!(
+        steps.contains("Files copied into the template from a ConfigMap's data."),
+        "{steps}"
+    );
+    let root = env.kubectl_ok(&["explain", "agenttask"]);
+    assert!(root.contains("A coding-agent run in a sandbox"), "{root}");
+}
+
+async fn status_is_a_subresource_with_conditions_merged_by_type(env: Arc<TestEnv>) {
+    let ns = env.namespace("status").await;
+    env.kubectl_ok(&[
+        "apply",
+        "-n",
+        &ns,
+        "-f",
+        &repo()
+            .join("examples/agenttask-command.yaml")
+            .display()
+            .to_string(),
+    ]);
+    let tasks = dynamic_api::<AgentTask>(&env, &ns);
+
+    // A status sent to the main resource is dropped, and status writes keep the generation.
+    tasks
+        .patch(
+            "hello-command",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {"phase": "Running"}})),
+        )
+        .await
+        .expect("a merge patch of the main resource");
+    let typed: Api<AgentTask> = Api::namespaced(env.client.clone(), &ns);
+    let task = typed.get("hello-command").await.expect("the task");
+    assert!(
+        task.status.is_none(),
+        "status changed through the main resource"
+    );
+    let generation = task.metadata.generation;
+
+    // Two field managers each own one condition; server-side apply merges them by type.
+    let apply = |manager: &'static str, condition: Value| {
+        let tasks = tasks.clone();
+        async move {
+            let patch = json!({
+                "apiVersion": "sandcastle.dev/v1alpha1",
+                "kind": "AgentTask",
+                "status": {"conditions": [condition]},
+            });
+            tasks
+                .patch_status(
+                    "hello-command",
+                    &PatchParams::apply(manager).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await
+                .unwrap_or_else(|err| panic!("apply as {manager}: {err}"));
+        }
+    };
+    apply("first", ready_condition("False", "Pending")).await;
+    let mut reconciling = ready_condition("True", "Provisioning");
+    reconciling["type"] = json!("Reconciling");
+    apply("second", reconciling).await;
+
+    let task = typed.get("hello-command").await.expect("the task");
+    assert_eq!(
+        task.metadata.generation, generation,
+        "a status write bumped the generation"
+    );
+    let types: Vec<String> = task
+        .status
+        .expect("a status")
+        .conditions
+        .into_iter()
+        .map(|c| c.type_)
+        .collect();
+    assert_eq!(types, ["Ready", "Reconciling"]);
+}
+
+async fn status_size_caps_are_enforced(env: Arc<TestEnv>) {
+    let ns = env.namespace("caps").await;
+    env.kubectl_ok(&[
+        "apply",
+        "-n",
+        &ns,
+        "-f",
+        &repo()
+            .join("examples/agenttask-command.yaml")
+            .display()
+            .to_string(),
+    ]);
+    let tasks = dynamic_api::<AgentTask>(&env, &ns);
+    let too_long = "x".repeat(4097);
+    let too_many: Vec<Value> = (0..5001)
+        .map(|i| json!({"path": format!("f{i}"), "size": 1}))
+        .collect();
+    for (what, status, field) in [
+        (
+            "result text",
+            json!({"result": {"text": too_long}}),
+            "status.result.text",
+        ),
+        ("file list", json!({"files": too_many}), "status.files"),
+    ] {
+        let err = tasks
+            .patch_status(
+                "hello-command",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "status": status })),
+            )
+            .await
+            .expect_err(&format!("an oversized {what} was stored"));
+        assert!(err.to_string().contains(field), "{what}: {err}");
+    }
+}

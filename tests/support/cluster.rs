@@ -1,0 +1,95 @@
+//! One real control plane per test binary, with a namespace per test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, ResourceExt};
+use sandcastle::localcluster::{LocalCluster, tools_bin_dir};
+
+pub struct TestEnv {
+    cluster: LocalCluster,
+    pub client: Client,
+    namespaces: AtomicUsize,
+}
+
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+impl TestEnv {
+    /// Starts etcd and kube-apiserver and installs the CRDs the way a user does, with
+    /// `kubectl apply -f crds/`.
+    pub async fn start() -> Result<Self, String> {
+        let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let cluster = LocalCluster::start(&tools_bin_dir(), &work)
+            .await
+            .map_err(|err| err.to_string())?;
+        let client = cluster.client().await.map_err(|err| err.to_string())?;
+        let env = Self {
+            cluster,
+            client,
+            namespaces: AtomicUsize::new(0),
+        };
+        let out = env.kubectl(&["apply", "-f", &repo().join("crds").display().to_string()]);
+        if !out.status.success() {
+            return Err(format!("kubectl apply -f crds/ failed: {}", stderr(&out)));
+        }
+        let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+        for crd in sandcastle::crd::all() {
+            let name = crd.name_any();
+            let established =
+                await_condition(crds.clone(), &name, conditions::is_crd_established());
+            tokio::time::timeout(Duration::from_secs(30), established)
+                .await
+                .map_err(|_| format!("CRD {name} was not established in 30 s"))?
+                .map_err(|err| err.to_string())?;
+        }
+        Ok(env)
+    }
+
+    /// Creates a fresh namespace for one test.
+    pub async fn namespace(&self, prefix: &str) -> String {
+        let n = self.namespaces.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{prefix}-{n}");
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name}
+        }))
+        .expect("a namespace object");
+        Api::<Namespace>::all(self.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap_or_else(|err| panic!("creating namespace {name}: {err}"));
+        name
+    }
+
+    /// Runs the real kubectl against this control plane.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new(tools_bin_dir().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(self.cluster.kubeconfig_path())
+            .args(args)
+            .output()
+            .expect("kubectl runs (scripts/setup installs it)")
+    }
+
+    /// Runs kubectl, failing the test with its stderr when it fails.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}",
+            stderr(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
