@@ -79,6 +79,11 @@ async fn dev(tools_bin: &std::path::Path, work_dir: &std::path::Path) -> Result<
     println!("  kubectl apply -f examples/");
     println!();
     println!("Press Ctrl-C to stop it (its data is removed).");
-    tokio::signal::ctrl_c().await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted?,
+        _ = terminate.recv() => {}
+    }
+    drop(cluster);
     Ok(())
 }
