@@ -2,5 +2,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod controller;
 pub mod crd;
 pub mod localcluster;
+pub mod status;

@@ -14,6 +14,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the operator against the cluster of the current kubeconfig (or in-cluster config).
+    Run {
+        /// Watch only this namespace instead of all namespaces.
+        #[arg(long, env = "SANDCASTLE_NAMESPACE")]
+        namespace: Option<String>,
+        /// Log filter, in `RUST_LOG` syntax.
+        #[arg(long, env = "SANDCASTLE_LOG", default_value = "info")]
+        log: String,
+    },
     /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
     Crd {
         /// Write one file per CRD into this directory instead of printing.
@@ -35,6 +44,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let result = match Cli::parse().command {
+        Command::Run { namespace, log } => run(namespace, &log).await,
         Command::Crd { out } => print_crds(out),
         Command::Dev {
             tools_bin,
@@ -51,6 +61,33 @@ async fn main() -> ExitCode {
 }
 
 type BoxError = Box<dyn std::error::Error>;
+
+async fn run(namespace: Option<String>, log: &str) -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(log)?)
+        .init();
+    let client = kube::Client::try_default().await?;
+    tracing::info!(
+        namespace = namespace.as_deref().unwrap_or("(all)"),
+        "starting"
+    );
+    sandcastle::controller::run(client, sandcastle::controller::Scope { namespace }, async {
+        let _ = terminated().await;
+    })
+    .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM (what Kubernetes sends to stop a pod).
+async fn terminated() -> std::io::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted,
+        _ = terminate.recv() => Ok(()),
+    }
+}
 
 fn print_crds(out: Option<PathBuf>) -> Result<(), BoxError> {
     let crds = crd::all();
@@ -79,11 +116,7 @@ async fn dev(tools_bin: &std::path::Path, work_dir: &std::path::Path) -> Result<
     println!("  kubectl apply -f examples/");
     println!();
     println!("Press Ctrl-C to stop it (its data is removed).");
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        interrupted = tokio::signal::ctrl_c() => interrupted?,
-        _ = terminate.recv() => {}
-    }
+    terminated().await?;
     drop(cluster);
     Ok(())
 }

@@ -54,6 +54,7 @@ fn main() -> ExitCode {
         explain_shows_the_field_docs,
         status_is_a_subresource_with_conditions_merged_by_type,
         status_size_caps_are_enforced,
+        operator_binary_writes_status_on_first_sight,
     ]
     .into_iter()
     .map(|(name, test)| {
@@ -510,5 +511,102 @@ async fn status_size_caps_are_enforced(env: Arc<TestEnv>) {
             .await
             .expect_err(&format!("an oversized {what} was stored"));
         assert!(err.to_string().contains(field), "{what}: {err}");
+    }
+}
+
+async fn operator_binary_writes_status_on_first_sight(env: Arc<TestEnv>) {
+    let ns = env.namespace("operator").await;
+    env.kubectl_ok(&[
+        "apply",
+        "-n",
+        &ns,
+        "-f",
+        &repo().join("examples").display().to_string(),
+    ]);
+    let operator = std::process::Command::new(env!("CARGO_BIN_EXE_sandcastle"))
+        .args(["run", "--namespace", &ns])
+        .env("KUBECONFIG", env.kubeconfig_path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the operator starts");
+
+    let tasks: Api<AgentTask> = Api::namespaced(env.client.clone(), &ns);
+    let templates: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (task, template) = loop {
+        let task = tasks.get("hello-command").await.expect("the task");
+        let template = templates.get("python").await.expect("the template");
+        let seen = |generation: Option<i64>, observed: Option<i64>| {
+            generation.is_some() && generation == observed
+        };
+        if seen(
+            task.metadata.generation,
+            task.status.as_ref().and_then(|s| s.observed_generation),
+        ) && seen(
+            template.metadata.generation,
+            template.status.as_ref().and_then(|s| s.observed_generation),
+        ) {
+            break (task, template);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no status within 30 s: {task:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let status = task.status.expect("a status");
+    assert_eq!(status.phase, Some(sandcastle::crd::TaskPhase::Pending));
+    let summary: Vec<(String, String)> = status
+        .conditions
+        .iter()
+        .map(|c| (c.type_.clone(), c.status.clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("Ready".into(), "Unknown".into()),
+            ("Reconciling".into(), "True".into())
+        ]
+    );
+    assert_eq!(
+        template.status.expect("a status").phase,
+        Some(sandcastle::crd::TemplatePhase::Pending)
+    );
+
+    // Its own status write must not make it write again.
+    let version = tasks
+        .get("hello-command")
+        .await
+        .expect("the task")
+        .metadata
+        .resource_version;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let later = tasks
+        .get("hello-command")
+        .await
+        .expect("the task")
+        .metadata
+        .resource_version;
+    assert_eq!(version, later, "the operator rewrote an observed status");
+
+    let pid = operator.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs")
+            .success()
+    );
+    let out = operator.wait_with_output().expect("the operator stops");
+    assert!(
+        out.status.success(),
+        "the operator exited with {} on SIGTERM",
+        out.status
+    );
+    let logs = String::from_utf8_lossy(&out.stdout);
+    assert!(logs.lines().count() >= 2, "too few log lines: {logs}");
+    for line in logs.lines() {
+        serde_json::from_str::<Value>(line)
+            .unwrap_or_else(|err| panic!("log line is not JSON ({err}): {line}"));
     }
 }

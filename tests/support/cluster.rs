@@ -68,6 +68,10 @@ impl TestEnv {
         name
     }
 
+    pub fn kubeconfig_path(&self) -> &Path {
+        self.cluster.kubeconfig_path()
+    }
+
     /// Runs the real kubectl against this control plane.
     pub fn kubectl(&self, args: &[&str]) -> Output {
         Command::new(tools_bin_dir().join("kubectl"))

@@ -1,0 +1,222 @@
+//! The operator's control loops. Each reconciler fetches, computes with `crate::status`,
+//! and writes status with server-side apply.
+//!
+//! Today they record that an object was seen (so GitOps tools never mistake an empty
+//! status for a healthy one); building templates and running tasks extend them.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Client, CustomResourceExt, Resource, ResourceExt};
+use serde::Serialize;
+
+use crate::crd::{AgentTask, SandboxTemplate};
+use crate::status;
+
+/// The field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "sandcastle";
+
+/// Why the operator cannot run or a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "CRD {0} is not installed: apply crds/ (kubectl apply --server-side -f crds/) or install the Helm chart"
+    )]
+    CrdMissing(String),
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// Which objects the operator watches.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    /// One namespace, or every namespace when `None`.
+    pub namespace: Option<String>,
+}
+
+impl Scope {
+    fn api<K>(&self, client: &Client) -> Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+}
+
+struct Context {
+    client: Client,
+}
+
+/// Fails with a message that says what to do when the CRDs are missing.
+pub async fn check_crds(client: &Client) -> Result<(), Error> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for name in [AgentTask::crd_name(), SandboxTemplate::crd_name()] {
+        if crds.get_opt(name).await?.is_none() {
+            return Err(Error::CrdMissing(name.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the controllers until `shutdown` completes.
+pub async fn run(
+    client: Client,
+    scope: Scope,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), Error> {
+    check_crds(&client).await?;
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+    });
+    let (shutdown_tasks, shutdown_templates) = split_shutdown(shutdown);
+    let tasks = Controller::new(
+        scope.api::<DeserializeGuard<AgentTask>>(&client),
+        watcher::Config::default().any_semantic(),
+    )
+    .graceful_shutdown_on(shutdown_tasks)
+    .run(reconcile_task, error_policy, ctx.clone())
+    .for_each(|result| async move { log_result("AgentTask", result) });
+    let templates = Controller::new(
+        scope.api::<DeserializeGuard<SandboxTemplate>>(&client),
+        watcher::Config::default().any_semantic(),
+    )
+    .graceful_shutdown_on(shutdown_templates)
+    .run(reconcile_template, error_policy, ctx)
+    .for_each(|result| async move { log_result("SandboxTemplate", result) });
+    futures::join!(tasks, templates);
+    Ok(())
+}
+
+/// One shutdown signal for two controllers.
+fn split_shutdown(
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> (
+    impl Future<Output = ()> + Send + Sync + 'static,
+    impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let wait = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    };
+    (wait(rx.clone()), wait(rx))
+}
+
+fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(kind: &str, result: Result<T, E>) {
+    match result {
+        Ok(object) => tracing::debug!(kind, ?object, "reconciled"),
+        Err(err) => tracing::warn!(kind, error = %err, "reconcile failed"),
+    }
+}
+
+fn error_policy<K>(_object: Arc<DeserializeGuard<K>>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(%error, "will retry");
+    Action::requeue(Duration::from_secs(5))
+}
+
+#[tracing::instrument(skip_all, fields(namespace = guard_namespace(&guard), name = guard_name(&guard)))]
+async fn reconcile_task(
+    guard: Arc<DeserializeGuard<AgentTask>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let Some(task) = valid(&guard) else {
+        return Ok(Action::await_change());
+    };
+    let previous = task.status.as_ref();
+    if status::is_observed(
+        previous.and_then(|s| s.observed_generation),
+        task.metadata.generation,
+    ) {
+        return Ok(Action::await_change());
+    }
+    let conditions = previous
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let status = status::pending_task(conditions, task.metadata.generation, &now());
+    apply_status(&ctx.client, task, &status).await?;
+    Ok(Action::await_change())
+}
+
+#[tracing::instrument(skip_all, fields(namespace = guard_namespace(&guard), name = guard_name(&guard)))]
+async fn reconcile_template(
+    guard: Arc<DeserializeGuard<SandboxTemplate>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let Some(template) = valid(&guard) else {
+        return Ok(Action::await_change());
+    };
+    let previous = template.status.as_ref();
+    if status::is_observed(
+        previous.and_then(|s| s.observed_generation),
+        template.metadata.generation,
+    ) {
+        return Ok(Action::await_change());
+    }
+    let conditions = previous
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let status = status::pending_template(conditions, template.metadata.generation, &now());
+    apply_status(&ctx.client, template, &status).await?;
+    Ok(Action::await_change())
+}
+
+/// The object, or `None` (logged) when it does not match the types: one bad object must
+/// not stop the watch of all the others.
+fn valid<K>(guard: &DeserializeGuard<K>) -> Option<&K> {
+    match &guard.0 {
+        Ok(object) => Some(object),
+        Err(invalid) => {
+            tracing::warn!(error = %invalid.error, "object does not match the CRD types; skipped");
+            None
+        }
+    }
+}
+
+fn guard_namespace<K: Resource>(guard: &DeserializeGuard<K>) -> String {
+    guard.meta().namespace.clone().unwrap_or_default()
+}
+
+fn guard_name<K: Resource>(guard: &DeserializeGuard<K>) -> String {
+    guard.meta().name.clone().unwrap_or_default()
+}
+
+fn now() -> Time {
+    Time(jiff::Timestamp::now())
+}
+
+async fn apply_status<K, S>(client: &Client, object: &K, status: &S) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    S: Serialize,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), &object.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &object.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
