@@ -117,13 +117,7 @@ async fn crds_are_established_and_reapply_cleanly(env: Arc<TestEnv>) {
 
 async fn names_short_names_and_category_resolve(env: Arc<TestEnv>) {
     let ns = env.namespace("names").await;
-    env.kubectl_ok(&[
-        "apply",
-        "-n",
-        &ns,
-        "-f",
-        &repo().join("examples").display().to_string(),
-    ]);
+    env.apply(&ns, "examples");
     let by_category = env.kubectl_ok(&["get", "sandcastle", "-n", &ns, "-o", "name"]);
     for expected in [
         "agenttask.sandcastle.dev/hello-command",
@@ -146,13 +140,7 @@ async fn names_short_names_and_category_resolve(env: Arc<TestEnv>) {
 
 async fn examples_are_accepted_with_defaults(env: Arc<TestEnv>) {
     let ns = env.namespace("examples").await;
-    let out = env.kubectl_ok(&[
-        "apply",
-        "-n",
-        &ns,
-        "-f",
-        &repo().join("examples").display().to_string(),
-    ]);
+    let out = env.apply(&ns, "examples");
     let created = out.matches(" created").count();
     let expected: usize = cases::examples().iter().map(|(_, docs)| docs.len()).sum();
     assert_eq!(created, expected, "not every example was created: {out}");
@@ -292,13 +280,7 @@ fn ready_condition(status: &str, reason: &str) -> Value {
 
 async fn printer_columns_show_status(env: Arc<TestEnv>) {
     let ns = env.namespace("columns").await;
-    env.kubectl_ok(&[
-        "apply",
-        "-n",
-        &ns,
-        "-f",
-        &repo().join("examples").display().to_string(),
-    ]);
+    env.apply(&ns, "examples");
     let tasks = dynamic_api::<AgentTask>(&env, &ns);
     write_status(
         &tasks,
@@ -409,16 +391,7 @@ async fn explain_shows_the_field_docs(env: Arc<TestEnv>) {
 
 async fn status_is_a_subresource_with_conditions_merged_by_type(env: Arc<TestEnv>) {
     let ns = env.namespace("status").await;
-    env.kubectl_ok(&[
-        "apply",
-        "-n",
-        &ns,
-        "-f",
-        &repo()
-            .join("examples/agenttask-command.yaml")
-            .display()
-            .to_string(),
-    ]);
+    env.apply(&ns, "examples/agenttask-command.yaml");
     let tasks = dynamic_api::<AgentTask>(&env, &ns);
 
     // A status sent to the main resource is dropped, and status writes keep the generation.
@@ -479,16 +452,7 @@ async fn status_is_a_subresource_with_conditions_merged_by_type(env: Arc<TestEnv
 
 async fn status_size_caps_are_enforced(env: Arc<TestEnv>) {
     let ns = env.namespace("caps").await;
-    env.kubectl_ok(&[
-        "apply",
-        "-n",
-        &ns,
-        "-f",
-        &repo()
-            .join("examples/agenttask-command.yaml")
-            .display()
-            .to_string(),
-    ]);
+    env.apply(&ns, "examples/agenttask-command.yaml");
     let tasks = dynamic_api::<AgentTask>(&env, &ns);
     let too_long = "x".repeat(4097);
     let too_many: Vec<Value> = (0..5001)
@@ -516,13 +480,7 @@ async fn status_size_caps_are_enforced(env: Arc<TestEnv>) {
 
 async fn operator_binary_writes_status_on_first_sight(env: Arc<TestEnv>) {
     let ns = env.namespace("operator").await;
-    env.kubectl_ok(&[
-        "apply",
-        "-n",
-        &ns,
-        "-f",
-        &repo().join("examples").display().to_string(),
-    ]);
+    env.apply(&ns, "examples");
     let operator = std::process::Command::new(env!("CARGO_BIN_EXE_sandcastle"))
         .args(["run", "--namespace", &ns])
         .env("KUBECONFIG", env.kubeconfig_path())

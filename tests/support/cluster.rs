@@ -82,6 +82,17 @@ impl TestEnv {
             .expect("kubectl runs (scripts/setup installs it)")
     }
 
+    /// `kubectl apply -n NS -f PATH` for a path of this repository.
+    pub fn apply(&self, ns: &str, path: &str) -> String {
+        self.kubectl_ok(&[
+            "apply",
+            "-n",
+            ns,
+            "-f",
+            &repo().join(path).display().to_string(),
+        ])
+    }
+
     /// Runs kubectl, failing the test with its stderr when it fails.
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
         let out = self.kubectl(args);
