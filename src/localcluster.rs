@@ -221,11 +221,6 @@ impl LocalCluster {
     pub fn api_url(&self) -> &str {
         &self.api_url
     }
-
-    /// The directory holding data, logs and credentials.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
 }
 
 impl Drop for LocalCluster {

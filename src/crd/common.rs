@@ -7,10 +7,6 @@ use serde::{Deserialize, Serialize};
 pub const CONDITION_READY: &str = "Ready";
 /// kstatus: `True` while the operator is still working towards the desired state.
 pub const CONDITION_RECONCILING: &str = "Reconciling";
-/// kstatus: `True` when progress needs a change by the user (GitOps tools report Failed).
-pub const CONDITION_STALLED: &str = "Stalled";
-/// `AgentTask` only: the outcome of a bounded run (Unknown while it runs).
-pub const CONDITION_SUCCEEDED: &str = "Succeeded";
 
 /// The most conditions a status may hold: one per condition type Sandcastle defines,
 /// with room to add types without an API change.

@@ -18,9 +18,6 @@ pub use template::*;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-/// The API group of both resources.
-pub const GROUP: &str = "sandcastle.dev";
-
 /// Both CRDs, in the order of their file names under `crds/`, which is also the order
 /// `sandcastle crd` prints them.
 pub fn all() -> Vec<CustomResourceDefinition> {
