@@ -232,7 +232,7 @@ async fn invalid_manifests_are_rejected_with_their_message(env: Arc<TestEnv>) {
 
 async fn kubectl_apply_shows_the_rejection_message(env: Arc<TestEnv>) {
     let ns = env.namespace("kubectl-reject").await;
-    let manifest = repo().join("target").join("both-agents.yaml");
+    let manifest = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("both-agents.yaml");
     std::fs::write(
         &manifest,
         "apiVersion: sandcastle.dev/v1alpha1
