@@ -4,5 +4,6 @@
 
 pub mod controller;
 pub mod crd;
+pub mod e2b;
 pub mod localcluster;
 pub mod status;

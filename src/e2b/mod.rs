@@ -1,0 +1,4 @@
+//! The E2B sandbox protocol: wire types shared by the client and the embedded server.
+
+pub mod envd;
+pub mod models;
