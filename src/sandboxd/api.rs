@@ -518,9 +518,30 @@ struct ListQuery {
 fn metadata_filter(query: &ListQuery) -> Result<Vec<(String, String)>, Response> {
     match &query.metadata {
         None => Ok(Vec::new()),
-        Some(encoded) => serde_urlencoded::from_str(encoded)
-            .map_err(|_| error(StatusCode::BAD_REQUEST, "invalid metadata query")),
+        // The SDK percent-encodes each key and value before joining them, so after the
+        // query string's own decoding each still needs one more.
+        Some(encoded) => {
+            let invalid = || error(StatusCode::BAD_REQUEST, "invalid metadata query");
+            let pairs: Vec<(String, String)> =
+                serde_urlencoded::from_str(encoded).map_err(|_| invalid())?;
+            pairs
+                .into_iter()
+                .map(|(key, value)| {
+                    Ok((
+                        percent_decode(&key).ok_or_else(invalid)?,
+                        percent_decode(&value).ok_or_else(invalid)?,
+                    ))
+                })
+                .collect()
+        }
     }
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .ok()
+        .map(|decoded| decoded.into_owned())
 }
 
 fn matching(state: &State, filter: &[(String, String)]) -> Vec<Arc<SandboxRecord>> {
@@ -870,6 +891,23 @@ mod tests {
         assert!(constant_time_eq(b"e2b_key", b"e2b_key"));
         assert!(!constant_time_eq(b"e2b_key", b"e2b_kez"));
         assert!(!constant_time_eq(b"e2b_key", b"e2b_ke"));
+    }
+
+    #[test]
+    fn metadata_values_are_decoded_once_more_like_the_sdk_encodes_them() {
+        let query = ListQuery {
+            metadata: Some("role=a%20b%26c%3Dd%2F%C3%A9&suite=x".into()),
+            ..ListQuery::default()
+        };
+        let filter = metadata_filter(&query).unwrap();
+        assert_eq!(
+            filter,
+            vec![
+                ("role".into(), "a b&c=d/é".into()),
+                ("suite".into(), "x".into())
+            ]
+        );
+        assert_eq!(percent_decode("%FF"), None);
     }
 
     #[test]

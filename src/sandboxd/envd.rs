@@ -44,7 +44,7 @@ const MAX_REQUEST_MESSAGE: usize = 4 << 20;
 
 pub fn router(state: Shared) -> Router {
     Router::new()
-        .route("/health", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/health", get(health))
         .route("/process.Process/Start", post(start))
         .route("/process.Process/Connect", post(connect))
         .route("/process.Process/List", post(list))
@@ -60,6 +60,16 @@ pub fn router(state: Shared) -> Router {
         .fallback(|| async { rpc_error(ConnectError::new(Code::Unimplemented, "no such method")) })
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)
+}
+
+/// No token needed, but like the real proxy only a live sandbox answers: this is how the
+/// SDK tells a dead sandbox from a network blip.
+async fn health(Extract(state): Extract<Shared>, headers: HeaderMap) -> Response {
+    let id = sandbox_id(&headers).unwrap_or_default();
+    match state.sandbox(&id) {
+        Some(_) => StatusCode::NO_CONTENT.into_response(),
+        None => sandbox_not_found(&id),
+    }
 }
 
 fn rpc_error(error: ConnectError) -> Response {

@@ -2,6 +2,7 @@
 //! paths, the bubblewrap command line, and the table of processes with their output fan-out.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -22,8 +23,9 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 pub const EXIT_RETENTION: Duration = Duration::from_secs(30);
 /// Events buffered per subscriber before the process's output waits for the reader.
 const SUBSCRIBER_BUFFER: usize = 64;
-/// Larger reads than the pipe's 64 KiB would only ever come back short.
-const READ_CHUNK: usize = 64 * 1024;
+/// The pipe buffer asked for, and the largest read: one event per read.
+const PIPE_SIZE: i32 = 1 << 20;
+const READ_CHUNK: usize = PIPE_SIZE as usize;
 /// Host directories every sandbox sees read-only; the rest of its root is its own.
 const SYSTEM_DIRS: &[&str] = &[
     "usr", "etc", "bin", "sbin", "lib", "lib32", "lib64", "libx32",
@@ -439,6 +441,17 @@ impl ProcessTable {
             .ok_or_else(|| std::io::Error::other("process exited before it was tracked"))?;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
+        for pipe in [
+            stdout.as_ref().map(AsFd::as_fd),
+            stderr.as_ref().map(AsFd::as_fd),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            // Fewer, larger reads: each read becomes one event, one envelope and one base64
+            // pass. Best effort: the kernel caps it at /proc/sys/fs/pipe-max-size.
+            let _ = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+        }
         let process = Arc::new(Process {
             pid,
             config,
