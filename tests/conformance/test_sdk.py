@@ -26,7 +26,7 @@ from e2b import (
 )
 
 for variable in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY"):
-    assert os.environ.get(variable), f"{variable} is unset: run the suite via tests/sdk_conformance.rs"
+    assert os.environ.get(variable), f"{variable} is unset: run via tests/sdk_conformance.rs"
 assert "E2B_DEBUG" not in os.environ, "E2B_DEBUG makes the SDK skip the API; unset it"
 
 SCENARIOS = Path(__file__).with_name("scenarios.txt")
