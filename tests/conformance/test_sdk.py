@@ -1,0 +1,285 @@
+"""The official E2B Python SDK against an E2B-compatible server.
+
+tests/sdk_conformance.rs starts the server and runs this suite with E2B_API_URL,
+E2B_SANDBOX_URL and E2B_API_KEY pointing at it. Every test is one scenario of
+scenarios.txt, which the Rust client suite implements too.
+"""
+
+import os
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from e2b import (
+    AuthenticationException,
+    CommandExitException,
+    FileNotFoundException,
+    FileType,
+    Sandbox,
+    SandboxNotFoundException,
+    SandboxNotRunningException,
+    SandboxQuery,
+    SandboxState,
+    Template,
+)
+
+for variable in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY"):
+    assert os.environ.get(variable), f"{variable} is unset: run via tests/sdk_conformance.rs"
+assert "E2B_DEBUG" not in os.environ, "E2B_DEBUG makes the SDK skip the API; unset it"
+
+SCENARIOS = Path(__file__).with_name("scenarios.txt")
+# A well-formed sandbox ID (20 characters of [a-z0-9]) that no server has handed out.
+UNKNOWN_SANDBOX_ID = "0nosuchsandbox000000"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def assert_lifetime(info, seconds: int, since: datetime):
+    """The sandbox ends `seconds` after `since`, give or take clock granularity."""
+    expected = since + timedelta(seconds=seconds)
+    assert abs(info.end_at - expected) < timedelta(seconds=5), (info.end_at, expected)
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with Sandbox.create(timeout=600) as sbx:
+        yield sbx
+
+
+@pytest.fixture
+def workdir(sandbox):
+    path = f"/tmp/{unique('conformance')}"
+    assert sandbox.files.make_dir(path)
+    return path
+
+
+def test_every_scenario_has_one_test():
+    listed = SCENARIOS.read_text().split()
+    assert len(listed) == len(set(listed)), "scenarios.txt lists a scenario twice"
+    tests = {
+        name.removeprefix("test_")
+        for name, value in globals().items()
+        if name.startswith("test_") and callable(value)
+    }
+    assert tests - {"every_scenario_has_one_test"} == set(listed)
+
+
+def test_sandbox_create():
+    metadata = {"suite": "conformance", "case": unique("create")}
+    started = datetime.now(timezone.utc)
+    with Sandbox.create(
+        timeout=120, metadata=metadata, envs={"GREETING": "hello from create"}
+    ) as sbx:
+        assert sbx.sandbox_id
+        assert sbx.is_running()
+        info = sbx.get_info()
+        assert info.sandbox_id == sbx.sandbox_id
+        assert info.template_id
+        assert info.metadata == metadata
+        assert info.state == SandboxState.RUNNING
+        assert_lifetime(info, 120, started)
+        assert sbx.commands.run("echo $GREETING").stdout == "hello from create\n"
+
+
+def test_command_stdout(sandbox):
+    result = sandbox.commands.run("echo one; echo two")
+    assert (result.stdout, result.stderr, result.exit_code) == ("one\ntwo\n", "", 0)
+    many = sandbox.commands.run("seq 1 20000")
+    assert many.stdout == "".join(f"{i}\n" for i in range(1, 20001))
+
+
+def test_command_stderr(sandbox):
+    result = sandbox.commands.run("echo oops >&2")
+    assert (result.stdout, result.stderr, result.exit_code) == ("", "oops\n", 0)
+
+
+def test_command_exit_code(sandbox):
+    assert sandbox.commands.run("true").exit_code == 0
+    with pytest.raises(CommandExitException) as exited:
+        sandbox.commands.run("exit 7")
+    assert exited.value.exit_code == 7
+
+
+def test_command_env(sandbox):
+    result = sandbox.commands.run('echo "$FIRST-$SECOND"', envs={"FIRST": "a", "SECOND": "b c"})
+    assert result.stdout == "a-b c\n"
+
+
+def test_command_cwd(sandbox, workdir):
+    assert sandbox.commands.run("pwd", cwd=workdir).stdout == f"{workdir}\n"
+    sandbox.commands.run("echo here > relative.txt", cwd=workdir)
+    assert sandbox.files.read(f"{workdir}/relative.txt") == "here\n"
+
+
+def test_command_failure(sandbox):
+    with pytest.raises(CommandExitException) as failed:
+        sandbox.commands.run("echo partial; ls /definitely/missing")
+    assert failed.value.exit_code == 2
+    assert failed.value.stdout == "partial\n"
+    assert "No such file or directory" in failed.value.stderr
+
+
+def test_command_background_connect(sandbox):
+    handle = sandbox.commands.run("sleep 2; echo finished", background=True)
+    assert handle.pid > 0
+    assert handle.pid in {process.pid for process in sandbox.commands.list()}
+    handle.disconnect()
+    result = sandbox.commands.connect(handle.pid).wait()
+    assert (result.stdout, result.exit_code) == ("finished\n", 0)
+
+
+def test_files_write_read(sandbox, workdir):
+    path = f"{workdir}/nested/dir/hello.txt"
+    info = sandbox.files.write(path, "hello world\n")
+    assert (info.path, info.name, info.type) == (path, "hello.txt", FileType.FILE)
+    assert sandbox.files.read(path) == "hello world\n"
+    assert sandbox.commands.run(f"cat {path}").stdout == "hello world\n"
+
+    sandbox.files.write(path, "replaced")
+    assert sandbox.files.read(path) == "replaced"
+
+    binary = bytes(range(256)) * 64
+    sandbox.files.write(f"{workdir}/blob.bin", binary)
+    assert sandbox.files.read(f"{workdir}/blob.bin", format="bytes") == binary
+
+
+def test_files_list(sandbox, workdir):
+    sandbox.files.write(f"{workdir}/a.txt", "12345")
+    sandbox.files.make_dir(f"{workdir}/sub")
+    entries = {entry.name: entry for entry in sandbox.files.list(workdir)}
+    assert set(entries) == {"a.txt", "sub"}
+    assert (entries["a.txt"].type, entries["a.txt"].size) == (FileType.FILE, 5)
+    assert entries["a.txt"].path == f"{workdir}/a.txt"
+    assert entries["sub"].type == FileType.DIR
+
+
+def test_files_exists(sandbox, workdir):
+    sandbox.files.write(f"{workdir}/present.txt", "x")
+    assert sandbox.files.exists(f"{workdir}/present.txt")
+    assert sandbox.files.exists(workdir)
+    assert not sandbox.files.exists(f"{workdir}/absent.txt")
+
+
+def test_files_make_dir(sandbox, workdir):
+    path = f"{workdir}/x/y"
+    assert sandbox.files.make_dir(path)
+    assert not sandbox.files.make_dir(path), "make_dir on an existing directory reports False"
+    assert sandbox.files.get_info(path).type == FileType.DIR
+    sandbox.commands.run(f"test -d {path}")
+
+
+def test_files_remove(sandbox, workdir):
+    sandbox.files.write(f"{workdir}/gone.txt", "x")
+    sandbox.files.remove(f"{workdir}/gone.txt")
+    assert not sandbox.files.exists(f"{workdir}/gone.txt")
+
+    sandbox.files.write(f"{workdir}/tree/leaf.txt", "x")
+    sandbox.files.remove(f"{workdir}/tree")
+    assert not sandbox.files.exists(f"{workdir}/tree")
+    assert sandbox.files.list(workdir) == []
+
+
+def test_files_read_missing_not_found(sandbox, workdir):
+    with pytest.raises(FileNotFoundException):
+        sandbox.files.read(f"{workdir}/missing.txt")
+    with pytest.raises(FileNotFoundException):
+        sandbox.files.list(f"{workdir}/missing-dir")
+
+
+def test_sandbox_list_metadata_query():
+    suite = unique("list")
+    # Characters that need URL encoding, which the SDK applies twice.
+    odd = "a b&c=d/é"
+    with (
+        Sandbox.create(timeout=120, metadata={"suite": suite, "role": odd}) as first,
+        Sandbox.create(timeout=120, metadata={"suite": suite, "role": "second"}) as second,
+    ):
+        paginator = Sandbox.list(query=SandboxQuery(metadata={"suite": suite}))
+        listed = paginator.next_items()
+        assert not paginator.has_next
+        assert {info.sandbox_id for info in listed} == {first.sandbox_id, second.sandbox_id}
+        assert all(info.state == SandboxState.RUNNING for info in listed)
+
+        narrowed = Sandbox.list(query=SandboxQuery(metadata={"suite": suite, "role": odd}))
+        (only,) = narrowed.next_items()
+        assert only.sandbox_id == first.sandbox_id
+        assert only.metadata == {"suite": suite, "role": odd}
+
+        absent = Sandbox.list(query=SandboxQuery(metadata={"suite": unique("nobody")}))
+        assert absent.next_items() == []
+
+
+def test_sandbox_set_timeout():
+    with Sandbox.create(timeout=60) as sbx:
+        sbx.set_timeout(600)
+        assert_lifetime(sbx.get_info(), 600, datetime.now(timezone.utc))
+        Sandbox.set_timeout(sbx.sandbox_id, 30)
+        assert_lifetime(sbx.get_info(), 30, datetime.now(timezone.utc))
+
+        sbx.set_timeout(1)
+        deadline = time.monotonic() + 15
+        while sbx.is_running():
+            assert time.monotonic() < deadline, "sandbox outlived its timeout"
+            time.sleep(0.5)
+        with pytest.raises(SandboxNotFoundException):
+            sbx.get_info()
+
+
+def test_sandbox_kill():
+    sbx = Sandbox.create(timeout=120)
+    assert sbx.kill()
+    assert not sbx.is_running()
+    with pytest.raises(SandboxNotFoundException):
+        sbx.get_info()
+    with pytest.raises(SandboxNotRunningException):
+        sbx.files.read("/etc/hostname")
+    assert not Sandbox.kill(sbx.sandbox_id), "killing a killed sandbox reports False"
+
+
+def test_sandbox_unknown_not_found():
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.connect(UNKNOWN_SANDBOX_ID)
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_info(UNKNOWN_SANDBOX_ID)
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.set_timeout(UNKNOWN_SANDBOX_ID, 30)
+    assert not Sandbox.kill(UNKNOWN_SANDBOX_ID)
+
+
+def test_api_key_rejected():
+    wrong = os.environ["E2B_API_KEY"] + "-wrong"
+    with pytest.raises(AuthenticationException):
+        Sandbox.create(timeout=60, api_key=wrong)
+    with pytest.raises(AuthenticationException):
+        Sandbox.list(api_key=wrong).next_items()
+    with pytest.raises(AuthenticationException):
+        Template.build(Template().from_template("base"), unique("denied"), api_key=wrong)
+
+
+def test_template_build(tmp_path):
+    (tmp_path / "greeting.txt").write_text("copied from the context\n")
+    root = f"/opt/{unique('conformance')}"
+    template = (
+        Template(file_context_path=tmp_path)
+        .from_template("base")
+        .set_workdir(root)
+        .copy("greeting.txt", f"{root}/greeting.txt")
+        .set_envs({"BUILD_FLAVOUR": "vanilla"})
+        .run_cmd(['echo "$BUILD_FLAVOUR" > flavour.txt', "pwd > built-in.txt"])
+    )
+    name = unique("conformance")
+    build = Template.build(template, name, cpu_count=2, memory_mb=1024)
+    assert build.template_id
+    assert build.build_id
+    assert build.name == name
+
+    with Sandbox.create(template=build.template_id, timeout=120) as sbx:
+        assert sbx.get_info().template_id == build.template_id
+        assert sbx.files.read(f"{root}/greeting.txt") == "copied from the context\n"
+        assert sbx.files.read(f"{root}/flavour.txt") == "vanilla\n"
+        assert sbx.files.read(f"{root}/built-in.txt") == f"{root}\n"
+        assert sbx.commands.run("pwd").stdout == f"{root}\n"
