@@ -2,3 +2,6 @@
 
 pub mod envd;
 pub mod models;
+pub mod error;
+pub mod retry;
+pub mod secret;
