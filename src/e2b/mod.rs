@@ -5,3 +5,4 @@ pub mod models;
 pub mod error;
 pub mod retry;
 pub mod secret;
+pub mod template;
