@@ -284,7 +284,10 @@ mod tests {
             api_error(500, None, b"", &[]),
             api_error(401, None, b"", &[]),
             Error::StreamInterrupted("cut".into()),
-            Error::Envd(ConnectError::new(Code::Unavailable, "sandbox was not found")),
+            Error::Envd(ConnectError::new(
+                Code::Unavailable,
+                "sandbox was not found",
+            )),
         ];
         for error in &infra {
             assert!(error.is_infrastructure(), "{error}");
@@ -312,7 +315,10 @@ mod tests {
         let key = Secret::new("e2b_supersecret");
         let body = br#"{"code":401,"message":"Invalid API key e2b_supersecret"}"#;
         let error = api_error(401, None, body, &[&key]);
-        assert_eq!(error.to_string(), "unauthorized: Invalid API key <redacted>");
+        assert_eq!(
+            error.to_string(),
+            "unauthorized: Invalid API key <redacted>"
+        );
         let long = "x".repeat(5000);
         let error = api_error(502, None, long.as_bytes(), &[]);
         assert!(error.to_string().len() < 700);
@@ -351,8 +357,12 @@ mod tests {
         );
         let token = Secret::new("tok-123");
         assert_eq!(
-            envd_error(401, br#"{"code":"unauthenticated","message":"bad token tok-123"}"#, &[&token])
-                .message,
+            envd_error(
+                401,
+                br#"{"code":"unauthenticated","message":"bad token tok-123"}"#,
+                &[&token]
+            )
+            .message,
             "bad token <redacted>"
         );
     }

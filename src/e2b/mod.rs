@@ -1,8 +1,10 @@
 //! The E2B sandbox protocol: wire types shared by the client and the embedded server.
 
+pub mod client;
 pub mod envd;
-pub mod models;
+pub mod envd_client;
 pub mod error;
+pub mod models;
 pub mod retry;
 pub mod secret;
 pub mod template;

@@ -61,7 +61,9 @@ impl RetryPolicy {
 pub enum Verdict {
     Final,
     /// Retry, after the server's wait if it gave one, else after the backoff step.
-    Retry { retry_after: Option<Duration> },
+    Retry {
+        retry_after: Option<Duration>,
+    },
 }
 
 /// The verdict on an HTTP answer, from its status and the `Should-Retry` and `Retry-After`
@@ -136,7 +138,11 @@ mod tests {
             );
         }
         for status in [200, 400, 401, 404, 409, 500, 501] {
-            assert_eq!(classify_response(status, None, None), Verdict::Final, "{status}");
+            assert_eq!(
+                classify_response(status, None, None),
+                Verdict::Final,
+                "{status}"
+            );
         }
     }
 
@@ -153,7 +159,10 @@ mod tests {
             }
         );
         assert_eq!(classify_response(503, Some("false"), None), Verdict::Final);
-        assert_eq!(classify_response(429, Some("no"), Some("1")), Verdict::Final);
+        assert_eq!(
+            classify_response(429, Some("no"), Some("1")),
+            Verdict::Final
+        );
     }
 
     #[test]
@@ -186,7 +195,10 @@ mod tests {
             max_retries: 10,
             ..RetryPolicy::default()
         };
-        assert_eq!(long.backoff().last().map(|step| step.as_millis()), Some(10_000));
+        assert_eq!(
+            long.backoff().last().map(|step| step.as_millis()),
+            Some(10_000)
+        );
         assert_eq!(jittered(secs(2), 0.0), secs(1));
         assert_eq!(jittered(secs(2), 0.5), Duration::from_millis(1500));
         let verdict = Verdict::Retry { retry_after: None };
@@ -223,8 +235,14 @@ mod tests {
             next_delay(verdict, Some(secs(0)), 0.5, secs(4), &policy),
             Some(secs(5))
         );
-        assert_eq!(next_delay(verdict, Some(secs(0)), 0.5, secs(5), &policy), None);
+        assert_eq!(
+            next_delay(verdict, Some(secs(0)), 0.5, secs(5), &policy),
+            None
+        );
         let verdict = classify_response(429, None, Some("60"));
-        assert_eq!(next_delay(verdict, Some(secs(0)), 0.5, secs(0), &policy), None);
+        assert_eq!(
+            next_delay(verdict, Some(secs(0)), 0.5, secs(0), &policy),
+            None
+        );
     }
 }

@@ -65,7 +65,9 @@ impl CopyLayer {
         }
         check_relative(&src)?;
         if files.is_empty() {
-            return Err(Error::InvalidArgument(format!("no files to copy from {src}")));
+            return Err(Error::InvalidArgument(format!(
+                "no files to copy from {src}"
+            )));
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
         let mut seen = BTreeSet::new();
@@ -150,7 +152,11 @@ impl CopyLayer {
         let mut args = vec![self.src.clone(), self.dest.clone()];
         if self.owner.is_some() || self.mode.is_some() {
             args.push(self.owner.clone().unwrap_or_default());
-            args.push(self.mode.map(|mode| format!("{mode:04o}")).unwrap_or_default());
+            args.push(
+                self.mode
+                    .map(|mode| format!("{mode:04o}"))
+                    .unwrap_or_default(),
+            );
         }
         TemplateStep {
             kind: "COPY".into(),
@@ -251,7 +257,11 @@ mod tests {
             seen,
             vec![
                 ("files/a.txt".to_owned(), 0o644, "hello\n".to_owned()),
-                ("files/run.sh".to_owned(), 0o755, "#!/bin/sh\necho hi\n".to_owned()),
+                (
+                    "files/run.sh".to_owned(),
+                    0o755,
+                    "#!/bin/sh\necho hi\n".to_owned()
+                ),
             ]
         );
         assert_eq!(layer().tar_gz().unwrap(), archive, "deterministic");
