@@ -6,4 +6,5 @@ pub mod controller;
 pub mod crd;
 pub mod e2b;
 pub mod localcluster;
+pub mod sandboxd;
 pub mod status;

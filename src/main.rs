@@ -39,6 +39,30 @@ enum Command {
         #[arg(long, default_value = "target/dev")]
         work_dir: PathBuf,
     },
+    /// Run the embedded E2B-compatible sandbox server on its own.
+    Sandboxd {
+        /// Directory for templates, sandboxes and uploads.
+        #[arg(long, default_value = "target/sandboxd")]
+        root: PathBuf,
+        #[arg(long, default_value = "127.0.0.1")]
+        listen: std::net::IpAddr,
+        /// Port of the control-plane API (what E2B_API_URL points at).
+        #[arg(long, default_value_t = 3000)]
+        api_port: u16,
+        /// Port of envd for every sandbox (what E2B_SANDBOX_URL points at).
+        #[arg(long, default_value_t = 49983)]
+        envd_port: u16,
+        /// Accept only this API key (otherwise any non-empty key).
+        #[arg(long, env = "SANDCASTLE_SANDBOXD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        isolation: sandcastle::sandboxd::Isolation,
+        /// Give sandboxes a private network namespace with only loopback.
+        #[arg(long)]
+        no_network: bool,
+        #[arg(long, env = "SANDCASTLE_LOG", default_value = "info")]
+        log: String,
+    },
 }
 
 #[tokio::main]
@@ -50,6 +74,25 @@ async fn main() -> ExitCode {
             tools_bin,
             work_dir,
         } => dev(&tools_bin, &work_dir).await,
+        Command::Sandboxd {
+            root,
+            listen,
+            api_port,
+            envd_port,
+            api_key,
+            isolation,
+            no_network,
+            log,
+        } => {
+            let mut config = sandcastle::sandboxd::Config::new(root);
+            config.listen = listen;
+            config.api_port = api_port;
+            config.envd_port = envd_port;
+            config.api_key = api_key;
+            config.isolation = isolation;
+            config.network = !no_network;
+            sandboxd(config, &log).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -61,6 +104,19 @@ async fn main() -> ExitCode {
 }
 
 type BoxError = Box<dyn std::error::Error>;
+
+async fn sandboxd(config: sandcastle::sandboxd::Config, log: &str) -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(log)?)
+        .init();
+    let server = sandcastle::sandboxd::Sandboxd::start(config).await?;
+    println!("E2B_API_URL={}", server.api_url());
+    println!("E2B_SANDBOX_URL={}", server.sandbox_url());
+    let _ = terminated().await;
+    server.stop().await;
+    Ok(())
+}
 
 async fn run(namespace: Option<String>, log: &str) -> Result<(), BoxError> {
     tracing_subscriber::fmt()

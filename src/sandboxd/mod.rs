@@ -3,7 +3,7 @@
 //! with bubblewrap when it is installed.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// How sandboxes are isolated from the host.
@@ -70,4 +70,337 @@ pub struct FaultPlan {
     pub cut_streams: u32,
     /// The next N creates make a sandbox that vanishes this long after it starts.
     pub vanish_after: Option<(u32, Duration)>,
+}
+
+mod api;
+mod envd;
+mod runtime;
+mod templates;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use rand::Rng;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::e2b::models::SandboxState;
+use runtime::{Launcher, ProcessTable, User};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bubblewrap (bwrap) is required by --isolation=bubblewrap but is not on PATH")]
+    BubblewrapMissing,
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running embedded server. Dropping it without [`Sandboxd::stop`] leaves the sandboxes'
+/// processes to die with the process (they are started with a parent-death signal).
+pub struct Sandboxd {
+    api_addr: SocketAddr,
+    envd_addr: SocketAddr,
+    state: Arc<State>,
+    shutdown: watch::Sender<bool>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Sandboxd {
+    pub async fn start(config: Config) -> Result<Sandboxd, Error> {
+        let launcher = match (config.isolation, find_on_path("bwrap")) {
+            (Isolation::None, _) => Launcher::Host,
+            (_, Some(bwrap)) => Launcher::Bubblewrap {
+                bwrap,
+                network: config.network,
+            },
+            (Isolation::Bubblewrap, None) => return Err(Error::BubblewrapMissing),
+            (Isolation::Auto, None) => Launcher::Host,
+        };
+        if !launcher.is_isolated() {
+            tracing::warn!(
+                "sandboxes run WITHOUT isolation: bubblewrap (bwrap) is not in use, so sandbox processes see the host filesystem and network"
+            );
+        }
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        for dir in ["sandboxes", "templates", "uploads"] {
+            let path = config.root.join(dir);
+            std::fs::create_dir_all(&path).map_err(io(&path))?;
+        }
+        // Sandboxes do not outlive the server that ran their processes.
+        let sandboxes_dir = config.root.join("sandboxes");
+        std::fs::remove_dir_all(&sandboxes_dir).map_err(io(&sandboxes_dir))?;
+        std::fs::create_dir_all(&sandboxes_dir).map_err(io(&sandboxes_dir))?;
+        let templates = templates::Registry::load(&config.root).map_err(io(&config.root))?;
+
+        let api_listener = bind(config.listen, config.api_port).await?;
+        let envd_listener = bind(config.listen, config.envd_port).await?;
+        let api_addr = api_listener.local_addr().map_err(|source| Error::Listen {
+            addr: SocketAddr::new(config.listen, config.api_port),
+            source,
+        })?;
+        let envd_addr = envd_listener.local_addr().map_err(|source| Error::Listen {
+            addr: SocketAddr::new(config.listen, config.envd_port),
+            source,
+        })?;
+        let state = Arc::new(State {
+            api_url: format!("http://{api_addr}"),
+            config,
+            launcher,
+            faults: Faults::default(),
+            sandboxes: Mutex::new(HashMap::new()),
+            templates,
+            upload_secret: random_token(32),
+        });
+        let (shutdown, stopped) = watch::channel(false);
+        let servers = vec![
+            serve(api_listener, api::router(state.clone()), stopped.clone()),
+            serve(envd_listener, envd::router(state.clone()), stopped.clone()),
+            tokio::spawn(reap_expired(state.clone(), stopped)),
+        ];
+        state.templates.resume_interrupted(&state);
+        tracing::info!(api = %api_addr, envd = %envd_addr, isolated = state.launcher.is_isolated(), "embedded sandbox server listening");
+        Ok(Sandboxd {
+            api_addr,
+            envd_addr,
+            state,
+            shutdown,
+            servers,
+        })
+    }
+
+    /// The control-plane base URL (what `E2B_API_URL` points at).
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.api_addr)
+    }
+
+    /// The envd base URL shared by every sandbox (what `E2B_SANDBOX_URL` points at); requests
+    /// name their sandbox with the `E2b-Sandbox-Id` header.
+    pub fn sandbox_url(&self) -> String {
+        format!("http://{}", self.envd_addr)
+    }
+
+    pub fn is_isolated(&self) -> bool {
+        self.state.launcher.is_isolated()
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.state.faults.clone()
+    }
+
+    /// Stops listening and kills every sandbox.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for server in self.servers {
+            let _ = server.await;
+        }
+        let ids: Vec<String> = self
+            .state
+            .sandboxes
+            .lock()
+            .expect("sandboxes")
+            .keys()
+            .cloned()
+            .collect();
+        for id in ids {
+            self.state.kill_sandbox(&id).await;
+        }
+    }
+}
+
+/// The switch tests use to inject faults into a running server.
+#[derive(Clone, Debug, Default)]
+pub struct Faults(Arc<Mutex<FaultPlan>>);
+
+impl Faults {
+    pub fn set(&self, plan: FaultPlan) {
+        *self.0.lock().expect("fault plan") = plan;
+    }
+
+    pub fn clear(&self) {
+        self.set(FaultPlan::default());
+    }
+
+    fn take(&self, pick: impl FnOnce(&mut FaultPlan) -> &mut u32) -> bool {
+        let mut plan = self.0.lock().expect("fault plan");
+        let counter = pick(&mut plan);
+        if *counter > 0 {
+            *counter -= 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn latency(&self) -> Duration {
+        self.0.lock().expect("fault plan").latency
+    }
+
+    fn retry_after(&self) -> u32 {
+        self.0.lock().expect("fault plan").retry_after_secs.max(1)
+    }
+
+    fn take_vanish(&self) -> Option<Duration> {
+        let mut plan = self.0.lock().expect("fault plan");
+        match &mut plan.vanish_after {
+            Some((count, after)) if *count > 0 => {
+                *count -= 1;
+                Some(*after)
+            }
+            _ => None,
+        }
+    }
+}
+
+pub(crate) struct State {
+    config: Config,
+    api_url: String,
+    launcher: Launcher,
+    faults: Faults,
+    sandboxes: Mutex<HashMap<String, Arc<SandboxRecord>>>,
+    templates: templates::Registry,
+    /// Signs the upload links handed out for COPY sources, in place of a storage bucket's
+    /// presigned URLs.
+    upload_secret: String,
+}
+
+/// A live sandbox: its root directory, identity and processes.
+pub(crate) struct SandboxRecord {
+    id: String,
+    template_id: String,
+    alias: Option<String>,
+    started_at: jiff::Timestamp,
+    end_at: Mutex<jiff::Timestamp>,
+    metadata: BTreeMap<String, String>,
+    env_vars: BTreeMap<String, String>,
+    access_token: Option<String>,
+    default_user: User,
+    default_workdir: Option<String>,
+    cpu_count: u32,
+    memory_mb: u32,
+    dir: PathBuf,
+    processes: Arc<ProcessTable>,
+}
+
+impl SandboxRecord {
+    fn fs(&self) -> PathBuf {
+        self.dir.join("fs")
+    }
+
+    fn accounts(&self) -> PathBuf {
+        self.dir.join("accounts")
+    }
+
+    fn state(&self) -> SandboxState {
+        SandboxState::Running
+    }
+}
+
+impl State {
+    fn sandbox(&self, id: &str) -> Option<Arc<SandboxRecord>> {
+        self.sandboxes.lock().expect("sandboxes").get(id).cloned()
+    }
+
+    /// Removes the sandbox, kills its processes and deletes its files. False if unknown.
+    async fn kill_sandbox(&self, id: &str) -> bool {
+        let Some(sandbox) = self.sandboxes.lock().expect("sandboxes").remove(id) else {
+            return false;
+        };
+        sandbox.processes.kill_all();
+        let dir = sandbox.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        tracing::info!(sandbox = id, "sandbox killed");
+        true
+    }
+}
+
+async fn bind(ip: IpAddr, port: u16) -> Result<TcpListener, Error> {
+    let addr = SocketAddr::new(ip, port);
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen { addr, source })
+}
+
+fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    mut stopped: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            })
+            .await;
+    })
+}
+
+async fn reap_expired(state: Arc<State>, mut stopped: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        let now = jiff::Timestamp::now();
+        let expired: Vec<String> = state
+            .sandboxes
+            .lock()
+            .expect("sandboxes")
+            .values()
+            .filter(|sandbox| *sandbox.end_at.lock().expect("end") <= now)
+            .map(|sandbox| sandbox.id.clone())
+            .collect();
+        for id in expired {
+            tracing::info!(sandbox = %id, "sandbox timed out");
+            state.kill_sandbox(&id).await;
+        }
+    }
+}
+
+fn find_on_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+    })
+}
+
+/// Lower-case alphanumerics, the alphabet of E2B's sandbox and template IDs.
+fn random_id(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+fn random_token(len: usize) -> String {
+    random_id(len)
+}
+
+/// A version-4 UUID, the shape of E2B's build IDs.
+fn random_uuid() -> String {
+    let mut bytes: [u8; 16] = rand::rng().random();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
