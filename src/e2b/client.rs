@@ -50,7 +50,7 @@ pub struct ClientConfig {
     /// A process stream that delivers nothing (not even a keepalive) for this long is
     /// considered cut. envd sends keepalives every 50 s when asked, as this client does.
     pub stream_idle_timeout: Duration,
-    /// Upper bound for one presigned tar upload.
+    /// Upper bound for one upload: a presigned tar or a file written into a sandbox.
     pub upload_timeout: Duration,
     pub connect_timeout: Duration,
     pub retry: RetryPolicy,
@@ -234,6 +234,8 @@ pub enum AliasLookup {
 #[derive(Clone)]
 pub struct E2bClient {
     config: std::sync::Arc<ClientConfig>,
+    /// Marked sensitive so HTTP-level debug output masks it too.
+    api_key: HeaderValue,
     http: reqwest::Client,
     /// envd downloads go over HTTP/1.1 only: the E2B proxy pads streams with empty DATA
     /// frames that make hyper's HTTP/2 tear down the whole connection after about a hundred.
@@ -253,9 +255,10 @@ impl E2bClient {
         if config.api_key.expose().is_empty() {
             return Err(Error::InvalidArgument("the API key is empty".into()));
         }
-        HeaderValue::from_str(config.api_key.expose()).map_err(|_| {
+        let mut api_key = HeaderValue::from_str(config.api_key.expose()).map_err(|_| {
             Error::InvalidArgument("the API key is not a valid header value".into())
         })?;
+        api_key.set_sensitive(true);
         let user_agent = concat!("sandcastle/", env!("CARGO_PKG_VERSION"));
         let http = reqwest::Client::builder()
             .user_agent(user_agent)
@@ -271,6 +274,7 @@ impl E2bClient {
             .map_err(Error::Transport)?;
         Ok(E2bClient {
             config: std::sync::Arc::new(config),
+            api_key,
             http,
             http1,
         })
@@ -584,16 +588,12 @@ impl E2bClient {
             .transpose()
             .map_err(|error| Error::InvalidArgument(format!("request body: {error}")))?
             .map(Bytes::from);
-        let mut key = HeaderValue::from_str(self.config.api_key.expose()).map_err(|_| {
-            Error::InvalidArgument("the API key is not a valid header value".into())
-        })?;
-        key.set_sensitive(true);
         let build = || {
             let mut request = self
                 .http
                 .request(method.clone(), &url)
                 .timeout(self.config.request_timeout)
-                .header(API_KEY_HEADER, key.clone())
+                .header(API_KEY_HEADER, self.api_key.clone())
                 .header(http::header::ACCEPT, "application/json");
             if !query.is_empty() {
                 request = request.query(query);

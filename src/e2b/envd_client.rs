@@ -361,6 +361,7 @@ pub struct EnvdClient {
     access: SandboxAccess,
     user: Option<String>,
     request_timeout: Duration,
+    upload_timeout: Duration,
     stream_idle_timeout: Duration,
 }
 
@@ -381,6 +382,7 @@ impl EnvdClient {
             access,
             user,
             request_timeout: config.request_timeout,
+            upload_timeout: config.upload_timeout,
             stream_idle_timeout: config.stream_idle_timeout,
         }
     }
@@ -510,7 +512,7 @@ impl EnvdClient {
         let request = self
             .request(&self.http, Method::POST, "/files")
             .query(&self.file_query(path))
-            .timeout(self.request_timeout)
+            .timeout(self.upload_timeout)
             .header(CONTENT_TYPE, "application/octet-stream")
             .header(ACCEPT, "application/json")
             .body(contents.into());
@@ -547,6 +549,8 @@ impl EnvdClient {
             .request(method, format!("{}{path}", self.base_url))
             .header(SANDBOX_ID_HEADER, &self.access.sandbox_id)
             .header(SANDBOX_PORT_HEADER, ENVD_PORT.to_string());
+        // A token or user that cannot be a header value is left off; envd then answers
+        // unauthenticated, which names the problem better than a local error would.
         if let Some(token) = &self.access.access_token
             && let Ok(mut value) = HeaderValue::from_str(token.expose())
         {
@@ -817,7 +821,7 @@ mod tests {
         ))
         .unwrap();
         let envd = client.envd(&sandbox);
-        let text = format!("{envd:?}");
+        let text = format!("{envd:?} {sandbox:?}");
         assert!(
             !text.contains("tok-secret") && !text.contains("key-secret"),
             "{text}"
