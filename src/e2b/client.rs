@@ -634,7 +634,13 @@ impl E2bClient {
             let Some(delay) =
                 next_delay(verdict, steps.next(), fraction, started.elapsed(), policy)
             else {
-                return outcome.map_err(Error::Transport);
+                return outcome.map_err(|mut error| {
+                    // Presigned upload URLs carry their grant in the query string.
+                    if let Some(url) = error.url_mut() {
+                        url.set_query(None);
+                    }
+                    Error::Transport(error)
+                });
             };
             match &outcome {
                 Ok(response) => {
