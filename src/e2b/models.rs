@@ -32,8 +32,8 @@ pub struct NewSandbox {
     pub env_vars: Option<BTreeMap<String, String>>,
 }
 
-/// Returned by create and connect.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+/// Returned by create and connect. `Debug` leaves the tokens out.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Sandbox {
     #[serde(rename = "sandboxID")]
@@ -70,8 +70,9 @@ impl SandboxState {
     }
 }
 
-/// `GET /sandboxes/{id}` (and, without the token, each entry of a list).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// `GET /sandboxes/{id}` (and, without the token, each entry of a list). `Debug` leaves
+/// the token out.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxDetail {
     #[serde(rename = "sandboxID")]
@@ -97,6 +98,50 @@ pub struct SandboxDetail {
     pub domain: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// Stands in for a token in `Debug` output, which ends up in logs and error reports.
+fn redacted(token: &Option<String>) -> Option<&'static str> {
+    token.as_ref().map(|_| "<redacted>")
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("sandbox_id", &self.sandbox_id)
+            .field("template_id", &self.template_id)
+            .field("client_id", &self.client_id)
+            .field("envd_version", &self.envd_version)
+            .field("alias", &self.alias)
+            .field("envd_access_token", &redacted(&self.envd_access_token))
+            .field(
+                "traffic_access_token",
+                &redacted(&self.traffic_access_token),
+            )
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for SandboxDetail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxDetail")
+            .field("sandbox_id", &self.sandbox_id)
+            .field("template_id", &self.template_id)
+            .field("client_id", &self.client_id)
+            .field("alias", &self.alias)
+            .field("started_at", &self.started_at)
+            .field("end_at", &self.end_at)
+            .field("cpu_count", &self.cpu_count)
+            .field("memory_mb", &self.memory_mb)
+            .field("disk_size_mb", &self.disk_size_mb)
+            .field("state", &self.state)
+            .field("envd_version", &self.envd_version)
+            .field("envd_access_token", &redacted(&self.envd_access_token))
+            .field("domain", &self.domain)
+            .field("metadata", &self.metadata)
+            .finish()
+    }
 }
 
 /// `POST /sandboxes/{id}/timeout`.
