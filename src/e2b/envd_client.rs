@@ -22,8 +22,8 @@ use super::envd::{
     FILESYSTEM_MAKE_DIR, FILESYSTEM_MOVE, FILESYSTEM_REMOVE, FILESYSTEM_STAT, ListDirRequest,
     ListDirResponse, ListResponse, MoveRequest, PROCESS_CONNECT, PROCESS_LIST, PROCESS_SEND_INPUT,
     PROCESS_SEND_SIGNAL, PROCESS_START, PathRequest, ProcessConfig, ProcessEvent,
-    ProcessEventMessage, ProcessInfo, ProcessSelector, SendInputRequest, SendSignalRequest, Signal,
-    StartRequest, WrittenFile, message_envelope,
+    ProcessInfo, ProcessSelector, SendInputRequest, SendSignalRequest, Signal,
+    StartRequest, WrittenFile, decode_process_event, message_envelope,
 };
 use super::error::{Error, envd_error};
 use super::models::{Sandbox, SandboxDetail};
@@ -320,9 +320,9 @@ impl ProcessStream {
                     }
                     return Ok(None);
                 }
-                let message: ProcessEventMessage = serde_json::from_slice(&envelope.payload)
+                let event = decode_process_event(&envelope.payload)
                     .map_err(|error| Error::Protocol(format!("process event: {error}")))?;
-                return Ok(Some(message.event));
+                return Ok(Some(event));
             }
             let chunk = tokio::time::timeout(self.idle_timeout, self.body.next())
                 .await

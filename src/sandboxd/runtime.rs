@@ -346,8 +346,11 @@ impl Process {
             .subscribers
             .clone();
         let mut gone = false;
-        for subscriber in &subscribers {
-            gone |= subscriber.send(event.clone()).await.is_err();
+        if let Some((last, others)) = subscribers.split_last() {
+            for subscriber in others {
+                gone |= subscriber.send(event.clone()).await.is_err();
+            }
+            gone |= last.send(event).await.is_err();
         }
         if gone {
             self.state
@@ -515,15 +518,12 @@ async fn pump(
     process: Arc<Process>,
     wrap: fn(Vec<u8>) -> DataEvent,
 ) {
-    let mut buffer = vec![0u8; READ_CHUNK];
     loop {
-        match pipe.read(&mut buffer).await {
+        // Each read lands in its own buffer, which becomes the event without a copy.
+        let mut chunk = Vec::with_capacity(READ_CHUNK);
+        match pipe.read_buf(&mut chunk).await {
             Ok(0) | Err(_) => return,
-            Ok(read) => {
-                process
-                    .publish(ProcessEvent::Data(wrap(buffer[..read].to_vec())))
-                    .await
-            }
+            Ok(_) => process.publish(ProcessEvent::Data(wrap(chunk))).await,
         }
     }
 }
