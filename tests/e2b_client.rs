@@ -559,7 +559,7 @@ async fn sandbox_kill() {
     let read = envd.read_file("/etc/hostname").await;
     // The proxy's 502 for a sandbox that is gone, which the SDK reports as not running.
     assert!(
-        matches!(&read, Err(Error::Envd(error)) if error.code == Code::Unavailable),
+        matches!(&read, Err(error) if error.is_sandbox_gone() && !error.is_retryable()),
         "envd of a killed sandbox answered {read:?}"
     );
     assert!(

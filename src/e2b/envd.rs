@@ -371,7 +371,8 @@ pub fn decode_process_event(payload: &[u8]) -> Result<ProcessEvent, serde_json::
     if let Some(rest) = payload.strip_prefix(PREFIX)
         && let Some(rest) = rest.strip_suffix(SUFFIX)
     {
-        let fields: [(&[u8], fn(Vec<u8>) -> DataEvent); 3] = [
+        type Field = (&'static [u8], fn(Vec<u8>) -> DataEvent);
+        let fields: [Field; 3] = [
             (b"stdout\":\"", DataEvent::Stdout),
             (b"stderr\":\"", DataEvent::Stderr),
             (b"pty\":\"", DataEvent::Pty),

@@ -21,9 +21,9 @@ use super::envd::{
     Empty, EndEvent, EndStream, EntryInfo, EntryResponse, EnvelopeDecoder, FILESYSTEM_LIST_DIR,
     FILESYSTEM_MAKE_DIR, FILESYSTEM_MOVE, FILESYSTEM_REMOVE, FILESYSTEM_STAT, ListDirRequest,
     ListDirResponse, ListResponse, MoveRequest, PROCESS_CONNECT, PROCESS_LIST, PROCESS_SEND_INPUT,
-    PROCESS_SEND_SIGNAL, PROCESS_START, PathRequest, ProcessConfig, ProcessEvent,
-    ProcessInfo, ProcessSelector, SendInputRequest, SendSignalRequest, Signal,
-    StartRequest, WrittenFile, decode_process_event, message_envelope,
+    PROCESS_SEND_SIGNAL, PROCESS_START, PathRequest, ProcessConfig, ProcessEvent, ProcessInfo,
+    ProcessSelector, SendInputRequest, SendSignalRequest, Signal, StartRequest, WrittenFile,
+    decode_process_event, message_envelope,
 };
 use super::error::{Error, envd_error};
 use super::models::{Sandbox, SandboxDetail};
@@ -650,7 +650,7 @@ fn found<T>(outcome: Result<T, Error>) -> Result<bool, Error> {
 #[cfg(test)]
 mod tests {
     use super::super::envd::{
-        Code, ConnectError, StartEvent, encode_envelope, end_stream_envelope,
+        Code, ConnectError, ProcessEventMessage, StartEvent, encode_envelope, end_stream_envelope,
     };
     use super::*;
 

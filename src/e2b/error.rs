@@ -78,6 +78,7 @@ impl Error {
             | Error::StreamInterrupted(_)
             | Error::Timeout(_) => true,
             Error::Transport(error) => !error.is_builder() && !error.is_decode(),
+            _ if self.is_sandbox_gone() => false,
             Error::Envd(error) => matches!(
                 error.code,
                 Code::Unavailable | Code::ResourceExhausted | Code::Aborted
@@ -125,6 +126,14 @@ impl Error {
             | Error::TemplateInUse { .. }
             | Error::InvalidArgument(_) => false,
         }
+    }
+
+    /// Whether envd's proxy said the sandbox no longer exists (killed, timed out, lost):
+    /// retrying cannot help, only a new sandbox can. The proxy says so with a 502 whose
+    /// message is "The sandbox was not found", which the SDK reads the same way.
+    pub fn is_sandbox_gone(&self) -> bool {
+        matches!(self, Error::Envd(error)
+            if error.code == Code::Unavailable && error.message.contains("was not found"))
     }
 
     /// The wait the server asked for, if it did.
@@ -344,6 +353,13 @@ mod tests {
             proxy,
             ConnectError::new(Code::Unavailable, "The sandbox was not found")
         );
+        let gone = Error::Envd(proxy);
+        assert!(gone.is_sandbox_gone() && !gone.is_retryable());
+        let blip = Error::Envd(ConnectError::new(
+            Code::Unavailable,
+            "upstream connect error",
+        ));
+        assert!(!blip.is_sandbox_gone() && blip.is_retryable());
         let files = envd_error(404, br#"{"code":404,"message":"path not found"}"#, &[]);
         assert_eq!(files.code, Code::NotFound);
         let text = envd_error(429, b"too many connections", &[]);
