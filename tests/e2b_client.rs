@@ -61,6 +61,12 @@ const EXTRA_SCENARIOS: &[&str] = &[
     "retry_rate_limited_honours_retry_after",
     "retry_service_unavailable",
     "stream_cut_is_an_error",
+    "sandbox_vanishes_mid_run",
+    "latency_is_added_to_every_call",
+    "bad_requests_answer_like_the_service",
+    "envd_refuses_a_missing_access_token",
+    "paths_outside_the_sandbox_are_refused",
+    "sandboxes_are_isolated",
 ];
 
 const API_KEY: &str = "sandcastle-test-key";
@@ -995,5 +1001,152 @@ async fn stream_cut_is_an_error() {
     }
     let after = envd.run("echo whole").await.unwrap();
     assert_eq!(after.stdout, "whole\n");
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn sandbox_vanishes_mid_run() {
+    let harness = Harness::start().await;
+    harness.server.faults().set(FaultPlan {
+        vanish_after: Some((1, Duration::from_millis(500))),
+        ..FaultPlan::default()
+    });
+    let envd = harness.sandbox().await;
+    let outcome = envd.run("sleep 30").await;
+    let error = outcome.expect_err("the command cannot finish in a vanished sandbox");
+    assert!(error.is_sandbox_gone(), "{error:?}");
+    let after = envd.run("true").await.expect_err("the sandbox is gone");
+    assert!(after.is_sandbox_gone(), "{after:?}");
+    assert_not_found(harness.client.get_sandbox(envd.sandbox_id()).await);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn latency_is_added_to_every_call() {
+    let harness = Harness::start().await;
+    let latency = Duration::from_millis(300);
+    harness.server.faults().set(FaultPlan {
+        latency,
+        ..FaultPlan::default()
+    });
+    let started = Instant::now();
+    assert_not_found(harness.client.get_sandbox(UNKNOWN_SANDBOX_ID).await);
+    assert!(started.elapsed() >= latency);
+    harness.stop().await;
+}
+
+/// Requests the client would never send, answered with the service's codes and its
+/// `{code, message}` body.
+#[tokio::test]
+async fn bad_requests_answer_like_the_service() {
+    let harness = Harness::start().await;
+    let http = reqwest::Client::new();
+    let api = harness.server.api_url();
+    let cases: [(&str, &str, u16, &str); 5] = [
+        ("/sandboxes", "{not json", 400, ""),
+        ("/sandboxes", r#"{"timeout":60}"#, 400, "templateID"),
+        (
+            "/sandboxes",
+            r#"{"templateID":"base","timeout":999999}"#,
+            400,
+            "Timeout cannot be greater than",
+        ),
+        (
+            "/sandboxes",
+            r#"{"templateID":"no-such-template","timeout":60}"#,
+            404,
+            "not found",
+        ),
+        (
+            "/v3/templates",
+            r#"{"name":"Bad Name!"}"#,
+            400,
+            "invalid template name",
+        ),
+    ];
+    for (path, body, status, message) in cases {
+        let response = http
+            .post(format!("{api}{path}"))
+            .header("x-api-key", API_KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{path} {body}");
+        let error: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(error["code"], status, "{error}");
+        let text = error["message"].as_str().unwrap();
+        assert!(text.contains(message), "{path} {body}: {text}");
+    }
+    let missing_key = http
+        .get(format!("{api}/v2/sandboxes"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing_key.status().as_u16(), 401);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn envd_refuses_a_missing_access_token() {
+    let harness = Harness::start().await;
+    let mut sandbox = harness.create(&SandboxSpec::new("base", LIFETIME)).await;
+    assert!(
+        sandbox.envd_access_token.is_some(),
+        "sandboxes are secured by default"
+    );
+    sandbox.envd_access_token = None;
+    let outcome = harness.client.envd(&sandbox).run("true").await;
+    assert!(
+        matches!(&outcome, Err(Error::Envd(error)) if error.code == Code::Unauthenticated),
+        "{outcome:?}"
+    );
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn paths_outside_the_sandbox_are_refused() {
+    let harness = Harness::start().await;
+    let envd = harness.sandbox().await;
+    let read = envd.read_file("/etc/shadow").await;
+    assert!(read.is_err(), "{read:?}");
+    for path in ["/proc/1/environ", "../../../usr/bin/env"] {
+        let stat = envd.stat(path).await;
+        assert!(
+            matches!(&stat, Err(Error::Envd(error)) if error.code == Code::PermissionDenied),
+            "{path}: {stat:?}"
+        );
+    }
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn sandboxes_are_isolated() {
+    let harness = Harness::start().await;
+    assert!(
+        harness.server.is_isolated(),
+        "bubblewrap must be installed for this suite (scripts/setup installs it)"
+    );
+    let first = harness.sandbox().await;
+    let second = harness.sandbox().await;
+    first
+        .write_file("/home/user/mine.txt", b"first".to_vec())
+        .await
+        .unwrap();
+    assert!(!second.exists("/home/user/mine.txt").await.unwrap());
+    let system = first.run("touch /usr/bin/sandcastle-probe").await.unwrap();
+    assert_ne!(
+        system.exit_code, 0,
+        "the host's system directories are read-only"
+    );
+    let processes = first.run("ls /proc | grep -c '^[0-9]'").await.unwrap();
+    let visible: u32 = processes.stdout.trim().parse().unwrap();
+    assert!(
+        visible < 10,
+        "a sandbox sees only its own processes, saw {visible}"
+    );
+    let user = first.run("id -un; echo $HOME").await.unwrap();
+    assert_eq!(user.stdout, "user\n/home/user\n");
     harness.stop().await;
 }

@@ -273,7 +273,7 @@ fn event_stream(
                     }
                 }
                 Ok(Ok(None)) => {
-                    let error = ConnectError::new(Code::Unavailable, "the sandbox was stopped");
+                    let error = ConnectError::new(Code::Unavailable, "The sandbox was not found");
                     let _ = sender.send(Ok(end_stream_envelope(Some(&error)))).await;
                     return;
                 }

@@ -361,6 +361,12 @@ impl Process {
         }
     }
 
+    fn abandon(&self) {
+        let mut state = self.state.lock().expect("process state");
+        state.subscribers.clear();
+        state.stdin = None;
+    }
+
     fn finish(&self, end: EndEvent) {
         let subscribers = {
             let mut state = self.state.lock().expect("process state");
@@ -386,6 +392,9 @@ fn kill_group(pid: u32, signal: i32) -> nix::Result<()> {
 #[derive(Default)]
 pub struct ProcessTable {
     processes: Mutex<HashMap<u32, Arc<Process>>>,
+    /// Set when the sandbox goes away: its processes' streams then break off instead of
+    /// reporting an ordinary end, as they do when a real sandbox disappears.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl ProcessTable {
@@ -489,6 +498,13 @@ impl ProcessTable {
                     error: Some(error.to_string()),
                 },
             };
+            if table
+                .upgrade()
+                .is_some_and(|table| table.stopped.load(std::sync::atomic::Ordering::SeqCst))
+            {
+                running.abandon();
+                return;
+            }
             running.finish(end);
             tokio::time::sleep(EXIT_RETENTION).await;
             if let Some(table) = table.upgrade() {
@@ -500,6 +516,8 @@ impl ProcessTable {
 
     /// Kills every process of the sandbox.
     pub fn kill_all(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let processes: Vec<_> = self
             .processes
             .lock()
