@@ -89,7 +89,9 @@ use runtime::{Launcher, ProcessTable, User};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("bubblewrap (bwrap) is required by --isolation=bubblewrap but is not on PATH")]
+    #[error(
+        "bubblewrap (bwrap) is required by --isolation=bubblewrap but is not on PATH or cannot create namespaces here"
+    )]
     BubblewrapMissing,
     #[error("cannot prepare {path}: {source}")]
     Io {
@@ -115,7 +117,8 @@ pub struct Sandboxd {
 
 impl Sandboxd {
     pub async fn start(config: Config) -> Result<Sandboxd, Error> {
-        let launcher = match (config.isolation, find_on_path("bwrap")) {
+        let bwrap = find_on_path("bwrap").filter(|bwrap| bubblewrap_works(bwrap));
+        let launcher = match (config.isolation, bwrap) {
             (Isolation::None, _) => Launcher::Host,
             (_, Some(bwrap)) => Launcher::Bubblewrap {
                 bwrap,
@@ -366,6 +369,28 @@ async fn reap_expired(state: Arc<State>, mut stopped: watch::Receiver<bool>) {
             state.kill_sandbox(&id).await;
         }
     }
+}
+
+/// Hosts can forbid unprivileged user namespaces; a sandbox that cannot start is worse
+/// than a warning, so bubblewrap is tried once before it is relied on.
+fn bubblewrap_works(bwrap: &Path) -> bool {
+    let works = std::process::Command::new(bwrap)
+        .args([
+            "--unshare-user",
+            "--unshare-pid",
+            "--ro-bind",
+            "/",
+            "/",
+            "true",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !works {
+        tracing::warn!(bwrap = %bwrap.display(), "bubblewrap is installed but cannot create namespaces here");
+    }
+    works
 }
 
 fn find_on_path(program: &str) -> Option<PathBuf> {
