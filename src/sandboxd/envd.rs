@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Query, Request, State as Extract};
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State as Extract};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -309,15 +309,79 @@ fn tokio_stream_from(
     futures::stream::poll_fn(move |context| receiver.poll_recv(context))
 }
 
-async fn start(Extract(state): Extract<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let caller = match caller(&state, &headers, None) {
-        Ok(caller) => caller,
-        Err(response) => return response,
-    };
-    let request: StartRequest = match parse_stream_request(&body) {
-        Ok(request) => request,
-        Err(response) => return response,
-    };
+/// An envd call: the caller (sandbox, user, checked token) and the decoded request, a bare
+/// JSON message for unary calls or a single envelope for server-streaming ones.
+struct Call<T> {
+    caller: Caller,
+    request: T,
+    headers: HeaderMap,
+}
+
+impl<T: DeserializeOwned> FromRequest<Shared> for Call<T> {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &Shared) -> Result<Self, Response> {
+        let (parts, body) = request.into_parts();
+        let caller = caller(state, &parts.headers, None)?;
+        let body = axum::body::to_bytes(body, MAX_REQUEST_MESSAGE)
+            .await
+            .map_err(|error| {
+                rpc_error(ConnectError::new(Code::InvalidArgument, error.to_string()))
+            })?;
+        let streaming = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|value| value.as_bytes().starts_with(CONTENT_TYPE_STREAM.as_bytes()));
+        let request = if streaming {
+            parse_stream_request(&body)?
+        } else if body.is_empty() {
+            parse(b"{}")?
+        } else {
+            parse(&body)?
+        };
+        Ok(Call {
+            caller,
+            request,
+            headers: parts.headers,
+        })
+    }
+}
+
+fn reply<T: serde::Serialize>(result: Result<T, ConnectError>) -> Response {
+    match result {
+        Ok(answer) => Json(answer).into_response(),
+        Err(error) => rpc_error(error),
+    }
+}
+
+/// The response stream of `Start` and `Connect`: the start event, then the process's events.
+fn process_stream(
+    state: &Shared,
+    headers: &HeaderMap,
+    process: &Arc<runtime::Process>,
+    events: mpsc::Receiver<ProcessEvent>,
+    deadline: Option<Duration>,
+) -> Response {
+    let keepalive = header_number(headers, "keepalive-ping-interval")
+        .map_or(DEFAULT_KEEPALIVE, Duration::from_secs)
+        .max(Duration::from_secs(1));
+    let first = ProcessEvent::Start(StartEvent { pid: process.pid });
+    let deadline = deadline.map(|after| (after, process.clone()));
+    stream_response(event_stream(
+        state,
+        Some(first),
+        events,
+        keepalive,
+        deadline,
+    ))
+}
+
+async fn start(Extract(state): Extract<Shared>, call: Call<StartRequest>) -> Response {
+    let Call {
+        caller,
+        request,
+        headers,
+    } = call;
     if request.pty.is_some() {
         return rpc_error(ConnectError::new(
             Code::Unimplemented,
@@ -368,116 +432,68 @@ async fn start(Extract(state): Extract<Shared>, headers: HeaderMap, body: Bytes)
         stdin: request.stdin.unwrap_or(false),
     };
     let command = state.launcher.command(&launch);
-    let (process, events) =
-        match sandbox
-            .processes
-            .spawn(command, request.process.clone(), request.tag.clone())
-        {
-            Ok(started) => started,
-            Err(error) => {
-                return rpc_error(ConnectError::new(
-                    Code::InvalidArgument,
-                    format!("cannot start process: {error}"),
-                ));
-            }
-        };
-    let keepalive = header_number(&headers, "keepalive-ping-interval")
-        .map_or(DEFAULT_KEEPALIVE, Duration::from_secs);
-    let deadline = header_number(&headers, "connect-timeout-ms")
-        .map(|ms| (Duration::from_millis(ms), process.clone()));
-    let first = ProcessEvent::Start(StartEvent { pid: process.pid });
-    stream_response(event_stream(
-        &state,
-        Some(first),
-        events,
-        keepalive.max(Duration::from_secs(1)),
-        deadline,
-    ))
+    let spawned = sandbox
+        .processes
+        .spawn(command, request.process.clone(), request.tag.clone());
+    let (process, events) = match spawned {
+        Ok(started) => started,
+        Err(error) => {
+            return rpc_error(ConnectError::new(
+                Code::InvalidArgument,
+                format!("cannot start process: {error}"),
+            ));
+        }
+    };
+    let deadline = header_number(&headers, "connect-timeout-ms").map(Duration::from_millis);
+    process_stream(&state, &headers, &process, events, deadline)
 }
 
-async fn connect(Extract(state): Extract<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let caller = match caller(&state, &headers, None) {
-        Ok(caller) => caller,
-        Err(response) => return response,
-    };
-    let request: ConnectRequest = match parse_stream_request(&body) {
-        Ok(request) => request,
-        Err(response) => return response,
-    };
-    let process = match caller.sandbox.processes.find(&request.process) {
-        Ok(process) => process,
-        Err(error) => return rpc_error(error),
-    };
-    let events = process.subscribe();
-    let keepalive = header_number(&headers, "keepalive-ping-interval")
-        .map_or(DEFAULT_KEEPALIVE, Duration::from_secs);
-    let first = ProcessEvent::Start(StartEvent { pid: process.pid });
-    stream_response(event_stream(
-        &state,
-        Some(first),
-        events,
-        keepalive.max(Duration::from_secs(1)),
-        None,
-    ))
-}
-
-async fn list(Extract(state): Extract<Shared>, headers: HeaderMap) -> Response {
-    match caller(&state, &headers, None) {
-        Ok(caller) => Json(ListResponse {
-            processes: caller.sandbox.processes.running(),
-        })
-        .into_response(),
-        Err(response) => response,
+async fn connect(Extract(state): Extract<Shared>, call: Call<ConnectRequest>) -> Response {
+    match call.caller.sandbox.processes.find(&call.request.process) {
+        Ok(process) => {
+            let events = process.subscribe();
+            process_stream(&state, &call.headers, &process, events, None)
+        }
+        Err(error) => rpc_error(error),
     }
 }
 
-async fn send_signal(Extract(state): Extract<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let caller = match caller(&state, &headers, None) {
-        Ok(caller) => caller,
-        Err(response) => return response,
-    };
-    let request: SendSignalRequest = match parse(&body) {
-        Ok(request) => request,
-        Err(response) => return response,
-    };
-    let process = match caller.sandbox.processes.find(&request.process) {
-        Ok(process) if !process.has_ended() => process,
-        Ok(_) => {
-            return rpc_error(ConnectError::new(
+async fn list(call: Call<Empty>) -> Response {
+    reply(Ok(ListResponse {
+        processes: call.caller.sandbox.processes.running(),
+    }))
+}
+
+async fn send_signal(call: Call<SendSignalRequest>) -> Response {
+    reply((|| {
+        let process = call.caller.sandbox.processes.find(&call.request.process)?;
+        if process.has_ended() {
+            return Err(ConnectError::new(
                 Code::NotFound,
                 "process has already exited",
             ));
         }
-        Err(error) => return rpc_error(error),
-    };
-    let signal = match request.signal {
-        Signal::Sigkill => libc::SIGKILL,
-        Signal::Sigterm => libc::SIGTERM,
-        Signal::Unspecified => {
-            return rpc_error(ConnectError::new(
-                Code::InvalidArgument,
-                "a signal is required",
-            ));
-        }
-    };
-    process.signal(signal);
-    Json(Empty {}).into_response()
+        let signal = match call.request.signal {
+            Signal::Sigkill => libc::SIGKILL,
+            Signal::Sigterm => libc::SIGTERM,
+            Signal::Unspecified => {
+                return Err(ConnectError::new(
+                    Code::InvalidArgument,
+                    "a signal is required",
+                ));
+            }
+        };
+        process.signal(signal);
+        Ok(Empty {})
+    })())
 }
 
-async fn send_input(Extract(state): Extract<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let caller = match caller(&state, &headers, None) {
-        Ok(caller) => caller,
-        Err(response) => return response,
-    };
-    let request: SendInputRequest = match parse(&body) {
-        Ok(request) => request,
-        Err(response) => return response,
-    };
-    let process = match caller.sandbox.processes.find(&request.process) {
+async fn send_input(call: Call<SendInputRequest>) -> Response {
+    let process = match call.caller.sandbox.processes.find(&call.request.process) {
         Ok(process) => process,
         Err(error) => return rpc_error(error),
     };
-    let DataInput::Stdin(bytes) = request.input else {
+    let DataInput::Stdin(bytes) = call.request.input else {
         return rpc_error(ConnectError::new(
             Code::InvalidArgument,
             "the process has no pty",
@@ -491,13 +507,11 @@ async fn send_input(Extract(state): Extract<Shared>, headers: HeaderMap, body: B
     };
     let written = stdin.write_all(&bytes).await;
     process.return_stdin(stdin);
-    match written {
-        Ok(()) => Json(Empty {}).into_response(),
-        Err(error) => rpc_error(ConnectError::new(
-            Code::Internal,
-            format!("cannot write stdin: {error}"),
-        )),
-    }
+    reply(
+        written.map(|()| Empty {}).map_err(|error| {
+            ConnectError::new(Code::Internal, format!("cannot write stdin: {error}"))
+        }),
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -587,42 +601,37 @@ fn entry_info(
     })
 }
 
-fn fs_call<T: serde::Serialize>(
-    state: &State,
-    headers: &HeaderMap,
-    body: &[u8],
-    call: impl FnOnce(&Caller, PathRequest) -> Result<T, ConnectError>,
-) -> Response {
-    let caller = match caller(state, headers, None) {
-        Ok(caller) => caller,
-        Err(response) => return response,
-    };
-    let request: PathRequest = match parse(body) {
-        Ok(request) => request,
-        Err(response) => return response,
-    };
-    match call(&caller, request) {
-        Ok(answer) => Json(answer).into_response(),
-        Err(error) => rpc_error(error),
-    }
-}
-
 fn host_path(caller: &Caller, path: &str) -> Result<std::path::PathBuf, ConnectError> {
     runtime::resolve(&caller.sandbox.fs(), caller.user.home, path).map_err(path_error)
 }
 
-async fn stat(Extract(state): Extract<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    fs_call(&state, &headers, &body, |caller, request| {
-        let host = host_path(caller, &request.path)?;
-        let entry = entry_info(&caller.sandbox.fs(), &host, &caller.sandbox)
-            .map_err(|error| io_error(&request.path, error))?;
-        Ok(EntryResponse { entry })
-    })
+fn entry_of(
+    caller: &Caller,
+    host: &std::path::Path,
+    path: &str,
+) -> Result<EntryInfo, ConnectError> {
+    entry_info(&caller.sandbox.fs(), host, &caller.sandbox).map_err(|error| io_error(path, error))
 }
 
-async fn make_dir(Extract(state): Extract<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    fs_call(&state, &headers, &body, |caller, request| {
-        let host = host_path(caller, &request.path)?;
+async fn stat(
+    Call {
+        caller, request, ..
+    }: Call<PathRequest>,
+) -> Response {
+    reply((|| {
+        let host = host_path(&caller, &request.path)?;
+        let entry = entry_of(&caller, &host, &request.path)?;
+        Ok(EntryResponse { entry })
+    })())
+}
+
+async fn make_dir(
+    Call {
+        caller, request, ..
+    }: Call<PathRequest>,
+) -> Response {
+    reply((|| {
+        let host = host_path(&caller, &request.path)?;
         if host.exists() {
             return Err(ConnectError::new(
                 Code::AlreadyExists,
@@ -630,15 +639,18 @@ async fn make_dir(Extract(state): Extract<Shared>, headers: HeaderMap, body: Byt
             ));
         }
         std::fs::create_dir_all(&host).map_err(|error| io_error(&request.path, error))?;
-        let entry = entry_info(&caller.sandbox.fs(), &host, &caller.sandbox)
-            .map_err(|error| io_error(&request.path, error))?;
+        let entry = entry_of(&caller, &host, &request.path)?;
         Ok(EntryResponse { entry })
-    })
+    })())
 }
 
-async fn remove(Extract(state): Extract<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    fs_call(&state, &headers, &body, |caller, request| {
-        let host = host_path(caller, &request.path)?;
+async fn remove(
+    Call {
+        caller, request, ..
+    }: Call<PathRequest>,
+) -> Response {
+    reply((|| {
+        let host = host_path(&caller, &request.path)?;
         let removed = match std::fs::symlink_metadata(&host) {
             Ok(metadata) if metadata.is_dir() => std::fs::remove_dir_all(&host),
             Ok(_) => std::fs::remove_file(&host),
@@ -647,19 +659,15 @@ async fn remove(Extract(state): Extract<Shared>, headers: HeaderMap, body: Bytes
         };
         removed.map_err(|error| io_error(&request.path, error))?;
         Ok(Empty {})
-    })
+    })())
 }
 
-async fn list_dir(Extract(state): Extract<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let caller = match caller(&state, &headers, None) {
-        Ok(caller) => caller,
-        Err(response) => return response,
-    };
-    let request: ListDirRequest = match parse(&body) {
-        Ok(request) => request,
-        Err(response) => return response,
-    };
-    let listed = (|| {
+async fn list_dir(
+    Call {
+        caller, request, ..
+    }: Call<ListDirRequest>,
+) -> Response {
+    reply((|| {
         let host = host_path(&caller, &request.path)?;
         let metadata = std::fs::metadata(&host).map_err(|error| io_error(&request.path, error))?;
         if !metadata.is_dir() {
@@ -672,11 +680,7 @@ async fn list_dir(Extract(state): Extract<Shared>, headers: HeaderMap, body: Byt
         walk(&caller, &host, request.depth.max(1), &mut entries)
             .map_err(|error| io_error(&request.path, error))?;
         Ok(ListDirResponse { entries })
-    })();
-    match listed {
-        Ok(answer) => Json(answer).into_response(),
-        Err(error) => rpc_error(error),
-    }
+    })())
 }
 
 fn walk(
@@ -698,16 +702,12 @@ fn walk(
     Ok(())
 }
 
-async fn move_entry(Extract(state): Extract<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let caller = match caller(&state, &headers, None) {
-        Ok(caller) => caller,
-        Err(response) => return response,
-    };
-    let request: MoveRequest = match parse(&body) {
-        Ok(request) => request,
-        Err(response) => return response,
-    };
-    let moved = (|| {
+async fn move_entry(
+    Call {
+        caller, request, ..
+    }: Call<MoveRequest>,
+) -> Response {
+    reply((|| {
         let source = host_path(&caller, &request.source)?;
         let destination = host_path(&caller, &request.destination)?;
         if let Some(parent) = destination.parent() {
@@ -715,14 +715,9 @@ async fn move_entry(Extract(state): Extract<Shared>, headers: HeaderMap, body: B
                 .map_err(|error| io_error(&request.destination, error))?;
         }
         std::fs::rename(&source, &destination).map_err(|error| io_error(&request.source, error))?;
-        let entry = entry_info(&caller.sandbox.fs(), &destination, &caller.sandbox)
-            .map_err(|error| io_error(&request.destination, error))?;
+        let entry = entry_of(&caller, &destination, &request.destination)?;
         Ok(EntryResponse { entry })
-    })();
-    match moved {
-        Ok(answer) => Json(answer).into_response(),
-        Err(error) => rpc_error(error),
-    }
+    })())
 }
 
 // ---------------------------------------------------------------------------------------
