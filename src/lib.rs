@@ -8,3 +8,4 @@ pub mod e2b;
 pub mod localcluster;
 pub mod sandboxd;
 pub mod status;
+pub mod template_build;

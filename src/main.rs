@@ -22,6 +22,11 @@ enum Command {
         /// Log filter, in `RUST_LOG` syntax.
         #[arg(long, env = "SANDCASTLE_LOG", default_value = "info")]
         log: String,
+        #[command(flatten)]
+        embedded: EmbeddedArgs,
+        /// Template builds allowed to run at once; more wait in the `Queued` state.
+        #[arg(long, env = "SANDCASTLE_MAX_CONCURRENT_BUILDS", default_value_t = 4)]
+        max_concurrent_builds: usize,
     },
     /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
     Crd {
@@ -68,7 +73,12 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Command::Run { namespace, log } => run(namespace, &log).await,
+        Command::Run {
+            namespace,
+            log,
+            embedded,
+            max_concurrent_builds,
+        } => run(namespace, &log, embedded, max_concurrent_builds).await,
         Command::Crd { out } => print_crds(out),
         Command::Dev {
             tools_bin,
@@ -118,7 +128,35 @@ async fn sandboxd(config: sandcastle::sandboxd::Config, log: &str) -> Result<(),
     Ok(())
 }
 
-async fn run(namespace: Option<String>, log: &str) -> Result<(), BoxError> {
+/// The embedded sandbox server the operator starts as its default provider.
+#[derive(clap::Args)]
+struct EmbeddedArgs {
+    /// Directory for the embedded server's templates, sandboxes and uploads.
+    #[arg(
+        long,
+        env = "SANDCASTLE_SANDBOXD_ROOT",
+        default_value = "/var/lib/sandcastle/sandboxd"
+    )]
+    sandboxd_root: PathBuf,
+    /// Port of its control-plane API on 127.0.0.1 (0 picks a free one).
+    #[arg(long, env = "SANDCASTLE_SANDBOXD_API_PORT", default_value_t = 0)]
+    sandboxd_api_port: u16,
+    /// Port of its envd on 127.0.0.1 (0 picks a free one).
+    #[arg(long, env = "SANDCASTLE_SANDBOXD_ENVD_PORT", default_value_t = 0)]
+    sandboxd_envd_port: u16,
+    /// The API key it accepts; a random one when unset (only the operator needs it).
+    #[arg(long, env = "SANDCASTLE_SANDBOXD_API_KEY", hide_env_values = true)]
+    sandboxd_api_key: Option<String>,
+    #[arg(long, value_enum, default_value = "auto")]
+    sandboxd_isolation: sandcastle::sandboxd::Isolation,
+}
+
+async fn run(
+    namespace: Option<String>,
+    log: &str,
+    embedded: EmbeddedArgs,
+    max_concurrent_builds: usize,
+) -> Result<(), BoxError> {
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(log)?)
@@ -128,10 +166,32 @@ async fn run(namespace: Option<String>, log: &str) -> Result<(), BoxError> {
         namespace = namespace.as_deref().unwrap_or("(all)"),
         "starting"
     );
-    sandcastle::controller::run(client, sandcastle::controller::Scope { namespace }, async {
+    let mut config = sandcastle::sandboxd::Config::new(embedded.sandboxd_root);
+    config.api_port = embedded.sandboxd_api_port;
+    config.envd_port = embedded.sandboxd_envd_port;
+    config.isolation = embedded.sandboxd_isolation;
+    let api_key = embedded
+        .sandboxd_api_key
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    config.api_key = Some(api_key.clone());
+    let server = sandcastle::sandboxd::Sandboxd::start(config).await?;
+    let embedded =
+        sandcastle::e2b::client::E2bClient::new(sandcastle::e2b::client::ClientConfig::with_urls(
+            server.api_url(),
+            server.sandbox_url(),
+            api_key,
+        ))?;
+    let settings = sandcastle::controller::Settings {
+        embedded,
+        max_concurrent_builds,
+    };
+    let scope = sandcastle::controller::Scope { namespace };
+    let result = sandcastle::controller::run(client, scope, settings, async {
         let _ = terminated().await;
     })
-    .await?;
+    .await;
+    server.stop().await;
+    result?;
     tracing::info!("stopped");
     Ok(())
 }

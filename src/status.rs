@@ -2,10 +2,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{
-    AgentTaskStatus, CONDITION_READY, CONDITION_RECONCILING, SandboxTemplateStatus, TaskPhase,
-    TemplatePhase,
-};
+use crate::crd::{AgentTaskStatus, CONDITION_READY, CONDITION_RECONCILING, TaskPhase};
 
 /// The reason of the conditions written when the operator first sees an object.
 pub const REASON_PENDING: &str = "Pending";
@@ -84,20 +81,6 @@ pub fn pending_task(
     }
 }
 
-/// The status of a template the operator has just seen.
-pub fn pending_template(
-    previous: &[Condition],
-    generation: Option<i64>,
-    now: &Time,
-) -> SandboxTemplateStatus {
-    SandboxTemplateStatus {
-        phase: Some(TemplatePhase::Pending),
-        conditions: pending_conditions(previous, generation, now),
-        observed_generation: generation,
-        ..SandboxTemplateStatus::default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,9 +138,6 @@ mod tests {
                 .iter()
                 .all(|c| c.observed_generation == Some(3))
         );
-        let template = pending_template(&[], Some(1), &now);
-        assert_eq!(template.phase, Some(TemplatePhase::Pending));
-        assert_eq!(template.conditions.len(), 2);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The CRDs on a real kube-apiserver: installation, admission, defaults, status,
-//! printer columns and `kubectl explain`.
+//! printer columns and `kubectl explain`; and the operator binary's controllers.
 //!
 //! One control plane serves the whole binary (a custom harness, so it is torn down
 //! after the last test even when tests fail); each test works in its own namespace.
@@ -8,6 +8,10 @@
 mod cases;
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/operator.rs"]
+mod operator;
+#[path = "controlplane/templates.rs"]
+mod templates;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,6 +24,7 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams}
 use libtest_mimic::{Arguments, Trial};
 use sandcastle::crd::{AgentTask, SandboxTemplate};
 use serde_json::{Value, json};
+use templates::*;
 
 type TestFn = fn(Arc<TestEnv>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -55,6 +60,12 @@ fn main() -> ExitCode {
         status_is_a_subresource_with_conditions_merged_by_type,
         status_size_caps_are_enforced,
         operator_binary_writes_status_on_first_sight,
+        builds_record_ids_early_and_rebuild_only_on_change,
+        a_failed_step_is_reported_with_its_log,
+        existing_templates_are_adopted_or_reported_missing,
+        missing_credentials_are_retried_once_the_secret_exists,
+        deletion_follows_the_policy_and_waits_for_users,
+        a_restart_mid_build_follows_the_same_build,
     ]
     .into_iter()
     .map(|(name, test)| {
@@ -482,7 +493,8 @@ async fn operator_binary_writes_status_on_first_sight(env: Arc<TestEnv>) {
     let ns = env.namespace("operator").await;
     env.apply(&ns, "examples");
     let operator = std::process::Command::new(env!("CARGO_BIN_EXE_sandcastle"))
-        .args(["run", "--namespace", &ns])
+        .args(["run", "--namespace", &ns, "--sandboxd-root"])
+        .arg(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("sandboxd-{ns}")))
         .env("KUBECONFIG", env.kubeconfig_path())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -526,9 +538,10 @@ async fn operator_binary_writes_status_on_first_sight(env: Arc<TestEnv>) {
             ("Reconciling".into(), "True".into())
         ]
     );
-    assert_eq!(
-        template.status.expect("a status").phase,
-        Some(sandcastle::crd::TemplatePhase::Pending)
+    let template = template.status.expect("a status");
+    assert!(
+        template.template_id.is_some() && template.build_id.is_some(),
+        "the build's IDs are recorded as soon as it is requested: {template:?}"
     );
 
     // Its own status write must not make it write again.

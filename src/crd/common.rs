@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 pub const CONDITION_READY: &str = "Ready";
 /// kstatus: `True` while the operator is still working towards the desired state.
 pub const CONDITION_RECONCILING: &str = "Reconciling";
+/// kstatus: `True` when the operator cannot make progress until something changes.
+pub const CONDITION_STALLED: &str = "Stalled";
 
 /// The most conditions a status may hold: one per condition type Sandcastle defines,
 /// with room to add types without an API change.

@@ -1,24 +1,32 @@
-//! The operator's control loops. Each reconciler fetches, computes with `crate::status`,
-//! and writes status with server-side apply.
+//! The operator's control loops. Each reconciler fetches, computes with `crate::status`
+//! and `crate::template_build`, and writes status with server-side apply.
 //!
-//! Today they record that an object was seen (so GitOps tools never mistake an empty
-//! status for a healthy one); building templates and running tasks extend them.
+//! Templates are built on their provider (`template`); tasks so far record that they were
+//! seen, so GitOps tools never mistake an empty status for a healthy one.
 
+mod template;
+
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::DeserializeGuard;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, CustomResourceExt, Resource, ResourceExt};
 use serde::Serialize;
 
 use crate::crd::{AgentTask, SandboxTemplate};
+use crate::e2b::client::E2bClient;
 use crate::status;
 
 /// The field manager of every write the operator makes.
@@ -33,6 +41,10 @@ pub enum Error {
     CrdMissing(String),
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("{0}")]
+    CleanupBlocked(String),
 }
 
 /// Which objects the operator watches.
@@ -54,8 +66,88 @@ impl Scope {
     }
 }
 
+/// What the operator is configured with beyond the cluster it watches.
+#[derive(Clone)]
+pub struct Settings {
+    /// The client of the default provider (the embedded server, usually).
+    pub embedded: E2bClient,
+    /// Template builds allowed to run at once.
+    pub max_concurrent_builds: usize,
+}
+
 struct Context {
     client: Client,
+    recorder: Recorder,
+    embedded: E2bClient,
+    builds: BuildTracker,
+}
+
+/// Which templates are building (bounded by the operator setting) and how far each build's
+/// log has been read. In memory: after a restart a build is picked up from its status and
+/// its log read again from the start.
+struct BuildTracker {
+    limit: usize,
+    running: Mutex<HashSet<String>>,
+    log_offsets: Mutex<HashMap<String, usize>>,
+}
+
+impl BuildTracker {
+    fn new(limit: usize) -> Self {
+        BuildTracker {
+            limit: limit.max(1),
+            running: Mutex::default(),
+            log_offsets: Mutex::default(),
+        }
+    }
+
+    fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Takes a slot for the template unless all are taken by others.
+    fn try_start(&self, key: &str) -> bool {
+        let mut running = self.running.lock().expect("build slots");
+        if running.contains(key) || running.len() < self.limit {
+            running.insert(key.to_string());
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A build found running (after a restart) holds its slot whatever the limit.
+    fn resume(&self, key: &str) {
+        self.running
+            .lock()
+            .expect("build slots")
+            .insert(key.to_string());
+    }
+
+    fn finish(&self, key: &str) {
+        self.running.lock().expect("build slots").remove(key);
+    }
+
+    fn log_offset(&self, build_id: &str) -> Option<usize> {
+        self.log_offsets
+            .lock()
+            .expect("log offsets")
+            .get(build_id)
+            .copied()
+    }
+
+    fn set_log_offset(&self, build_id: &str, offset: usize) {
+        self.log_offsets
+            .lock()
+            .expect("log offsets")
+            .insert(build_id.to_string(), offset);
+    }
+
+    fn forget_logs(&self, build_id: &str) {
+        self.log_offsets
+            .lock()
+            .expect("log offsets")
+            .insert(build_id.to_string(), 0);
+    }
 }
 
 /// Fails with a message that says what to do when the CRDs are missing.
@@ -73,11 +165,15 @@ pub async fn check_crds(client: &Client) -> Result<(), Error> {
 pub async fn run(
     client: Client,
     scope: Scope,
+    settings: Settings,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), Error> {
     check_crds(&client).await?;
     let ctx = Arc::new(Context {
         client: client.clone(),
+        recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
+        embedded: settings.embedded,
+        builds: BuildTracker::new(settings.max_concurrent_builds),
     });
     let (shutdown_tasks, shutdown_templates) = split_shutdown(shutdown);
     let tasks = Controller::new(
@@ -90,12 +186,63 @@ pub async fn run(
     let templates = Controller::new(
         scope.api::<DeserializeGuard<SandboxTemplate>>(&client),
         watcher::Config::default().any_semantic(),
-    )
-    .graceful_shutdown_on(shutdown_templates)
-    .run(reconcile_template, error_policy, ctx)
-    .for_each(|result| async move { log_result("SandboxTemplate", result) });
+    );
+    let store = templates.store();
+    let config_map_store = store.clone();
+    // Metadata only: a data change bumps the resourceVersion, and Secret values never
+    // enter the operator's cache.
+    let templates = templates
+        .watches(
+            scope.api::<PartialObjectMeta<ConfigMap>>(&client),
+            watcher::Config::default().any_semantic(),
+            move |config_map| {
+                referring_templates(&config_map_store, &config_map, |template, name| {
+                    template.spec.build.as_ref().is_some_and(|build| {
+                        crate::template_build::referenced_config_maps(build)
+                            .iter()
+                            .any(|used| used == name)
+                    })
+                })
+            },
+        )
+        .watches(
+            scope.api::<PartialObjectMeta<Secret>>(&client),
+            watcher::Config::default().any_semantic(),
+            move |secret| {
+                referring_templates(&store, &secret, |template, name| {
+                    template
+                        .spec
+                        .provider
+                        .as_ref()
+                        .and_then(|provider| provider.e2b.as_ref())
+                        .is_some_and(|e2b| e2b.api_key_secret_ref.name == name)
+                })
+            },
+        )
+        .graceful_shutdown_on(shutdown_templates)
+        .run(reconcile_template, error_policy, ctx)
+        .for_each(|result| async move { log_result("SandboxTemplate", result) });
     futures::join!(tasks, templates);
     Ok(())
+}
+
+/// The templates in the object's namespace that `uses` says refer to it by name.
+fn referring_templates<K: Resource>(
+    store: &Store<DeserializeGuard<SandboxTemplate>>,
+    object: &K,
+    uses: impl Fn(&SandboxTemplate, &str) -> bool,
+) -> Vec<ObjectRef<DeserializeGuard<SandboxTemplate>>> {
+    let namespace = object.meta().namespace.clone();
+    let name = object.meta().name.clone().unwrap_or_default();
+    store
+        .state()
+        .iter()
+        .filter_map(|guard| guard.0.as_ref().ok())
+        .filter(|template| template.metadata.namespace == namespace && uses(template, &name))
+        .map(|template| {
+            ObjectRef::new(&template.name_any()).within(namespace.as_deref().unwrap_or_default())
+        })
+        .collect()
 }
 
 /// One shutdown signal for two controllers.
@@ -156,22 +303,10 @@ async fn reconcile_template(
     guard: Arc<DeserializeGuard<SandboxTemplate>>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    let Some(template) = valid(&guard) else {
-        return Ok(Action::await_change());
-    };
-    let previous = template.status.as_ref();
-    if status::is_observed(
-        previous.and_then(|s| s.observed_generation),
-        template.metadata.generation,
-    ) {
-        return Ok(Action::await_change());
+    match valid(&guard) {
+        Some(template) => template::reconcile(Arc::new(template.clone()), ctx).await,
+        None => Ok(Action::await_change()),
     }
-    let conditions = previous
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
-    let status = status::pending_template(conditions, template.metadata.generation, &now());
-    apply_status(&ctx.client, template, &status).await?;
-    Ok(Action::await_change())
 }
 
 /// The object, or `None` (logged) when it does not match the types: one bad object must

@@ -1,0 +1,117 @@
+//! The operator binary run as in production against the test control plane, with its
+//! embedded sandbox server, and a client of that server to check what the operator did.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use sandcastle::e2b::client::{ClientConfig, E2bClient};
+
+const API_KEY: &str = "operator-test-key";
+
+pub struct Operator {
+    child: Child,
+    root: PathBuf,
+    namespace: String,
+    kubeconfig: PathBuf,
+    api_url: String,
+    sandbox_url: String,
+}
+
+impl Operator {
+    /// Starts `sandcastle run` for one namespace, with the embedded server's state under a
+    /// directory of that namespace, and waits until the server listens.
+    pub fn start(kubeconfig: &std::path::Path, namespace: &str) -> Operator {
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sandboxd-{namespace}"));
+        let _ = std::fs::remove_dir_all(&root);
+        let (child, api_url, sandbox_url) = spawn(kubeconfig, namespace, &root);
+        Operator {
+            child,
+            root,
+            namespace: namespace.to_string(),
+            kubeconfig: kubeconfig.to_path_buf(),
+            api_url,
+            sandbox_url,
+        }
+    }
+
+    /// A client of the operator's embedded server, to look at the provider's side.
+    pub fn provider(&self) -> E2bClient {
+        E2bClient::new(ClientConfig::with_urls(
+            self.api_url.clone(),
+            self.sandbox_url.clone(),
+            API_KEY,
+        ))
+        .expect("client")
+    }
+
+    pub fn api_url(&self) -> &str {
+        &self.api_url
+    }
+
+    pub fn api_key(&self) -> &str {
+        API_KEY
+    }
+
+    /// Kills the operator without warning (SIGKILL) and starts it again on the same state.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, api_url, sandbox_url) = spawn(&self.kubeconfig, &self.namespace, &self.root);
+        self.child = child;
+        self.api_url = api_url;
+        self.sandbox_url = sandbox_url;
+    }
+}
+
+/// Starts the operator and reads the embedded server's URLs from its JSON log; warnings
+/// and errors are echoed to the test output.
+fn spawn(
+    kubeconfig: &std::path::Path,
+    namespace: &str,
+    root: &std::path::Path,
+) -> (Child, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sandcastle"))
+        .args(["run", "--namespace", namespace, "--sandboxd-root"])
+        .arg(root)
+        .env("KUBECONFIG", kubeconfig)
+        .env("SANDCASTLE_SANDBOXD_API_KEY", API_KEY)
+        .env("SANDCASTLE_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the operator starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (urls, found) = mpsc::channel();
+    let name = namespace.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let fields = &entry["fields"];
+            if fields["message"] == "embedded sandbox server listening" {
+                let _ = urls.send((
+                    fields["api"].as_str().unwrap_or_default().to_string(),
+                    fields["envd"].as_str().unwrap_or_default().to_string(),
+                ));
+            }
+            if entry["level"] == "WARN" || entry["level"] == "ERROR" {
+                eprintln!("operator[{name}]: {line}");
+            }
+        }
+    });
+    let (api, envd) = found
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the embedded server listens within 30 s");
+    (child, format!("http://{api}"), format!("http://{envd}"))
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
