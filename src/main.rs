@@ -27,6 +27,10 @@ enum Command {
         /// Template builds allowed to run at once; more wait in the `Queued` state.
         #[arg(long, env = "SANDCASTLE_MAX_CONCURRENT_BUILDS", default_value_t = 4)]
         max_concurrent_builds: usize,
+        /// Seconds between checks that a Ready template still exists on its provider (one
+        /// cheap call each); a vanished template is built again.
+        #[arg(long, env = "SANDCASTLE_VERIFY_TEMPLATES_EVERY", default_value_t = 600)]
+        verify_templates_every: u64,
     },
     /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
     Crd {
@@ -78,7 +82,14 @@ async fn main() -> ExitCode {
             log,
             embedded,
             max_concurrent_builds,
-        } => run(namespace, &log, embedded, max_concurrent_builds).await,
+            verify_templates_every,
+        } => {
+            let settings = Limits {
+                max_concurrent_builds,
+                verify_templates_every: std::time::Duration::from_secs(verify_templates_every),
+            };
+            run(namespace, &log, embedded, settings).await
+        }
         Command::Crd { out } => print_crds(out),
         Command::Dev {
             tools_bin,
@@ -151,11 +162,17 @@ struct EmbeddedArgs {
     sandboxd_isolation: sandcastle::sandboxd::Isolation,
 }
 
+/// The operator's pacing settings.
+struct Limits {
+    max_concurrent_builds: usize,
+    verify_templates_every: std::time::Duration,
+}
+
 async fn run(
     namespace: Option<String>,
     log: &str,
     embedded: EmbeddedArgs,
-    max_concurrent_builds: usize,
+    limits: Limits,
 ) -> Result<(), BoxError> {
     tracing_subscriber::fmt()
         .json()
@@ -183,7 +200,8 @@ async fn run(
         ))?;
     let settings = sandcastle::controller::Settings {
         embedded,
-        max_concurrent_builds,
+        max_concurrent_builds: limits.max_concurrent_builds,
+        verify_templates_every: limits.verify_templates_every,
     };
     let scope = sandcastle::controller::Scope { namespace };
     let result = sandcastle::controller::run(client, scope, settings, async {

@@ -66,6 +66,7 @@ fn main() -> ExitCode {
         missing_credentials_are_retried_once_the_secret_exists,
         deletion_follows_the_policy_and_waits_for_users,
         a_restart_mid_build_follows_the_same_build,
+        a_template_deleted_behind_the_operators_back_is_rebuilt,
     ]
     .into_iter()
     .map(|(name, test)| {

@@ -73,6 +73,8 @@ pub struct Settings {
     pub embedded: E2bClient,
     /// Template builds allowed to run at once.
     pub max_concurrent_builds: usize,
+    /// How often a Ready template is checked to still exist on its provider.
+    pub verify_templates_every: Duration,
 }
 
 struct Context {
@@ -80,6 +82,7 @@ struct Context {
     recorder: Recorder,
     embedded: E2bClient,
     builds: BuildTracker,
+    verify_templates_every: Duration,
 }
 
 /// Which templates are building (bounded by the operator setting) and how far each build's
@@ -89,6 +92,7 @@ struct BuildTracker {
     limit: usize,
     running: Mutex<HashSet<String>>,
     log_offsets: Mutex<HashMap<String, usize>>,
+    last_checked: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl BuildTracker {
@@ -97,6 +101,7 @@ impl BuildTracker {
             limit: limit.max(1),
             running: Mutex::default(),
             log_offsets: Mutex::default(),
+            last_checked: Mutex::default(),
         }
     }
 
@@ -125,6 +130,23 @@ impl BuildTracker {
 
     fn finish(&self, key: &str) {
         self.running.lock().expect("build slots").remove(key);
+    }
+
+    /// Whether a Ready template is due for a check on its provider: never checked by this
+    /// process, or not within `every`.
+    fn check_due(&self, key: &str, every: Duration) -> bool {
+        self.last_checked
+            .lock()
+            .expect("checks")
+            .get(key)
+            .is_none_or(|at| at.elapsed() >= every)
+    }
+
+    fn checked(&self, key: &str) {
+        self.last_checked
+            .lock()
+            .expect("checks")
+            .insert(key.to_string(), std::time::Instant::now());
     }
 
     fn log_offset(&self, build_id: &str) -> Option<usize> {
@@ -174,6 +196,7 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
         embedded: settings.embedded,
         builds: BuildTracker::new(settings.max_concurrent_builds),
+        verify_templates_every: settings.verify_templates_every,
     });
     let (shutdown_tasks, shutdown_templates) = split_shutdown(shutdown);
     let tasks = Controller::new(

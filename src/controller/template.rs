@@ -371,15 +371,38 @@ async fn build(template: &SandboxTemplate, ctx: &Context) -> Outcome {
     let current = status.spec_hash.as_deref() == Some(hash.as_str());
     let key = object_key(template);
     match (current, status.phase) {
-        (true, Some(TemplatePhase::Ready | TemplatePhase::Failed)) => {
+        (true, Some(phase @ (TemplatePhase::Ready | TemplatePhase::Failed))) => {
             ctx.builds.finish(&key);
             if status.observed_generation != template.metadata.generation {
                 // A change that does not touch the build (say, the deletion policy).
-                let mut status = status;
+                let mut status = status.clone();
                 status.observed_generation = template.metadata.generation;
                 write(ctx, template, status).await.map_err(kube_failure)?;
             }
-            Ok(Action::await_change())
+            if phase == TemplatePhase::Failed {
+                return Ok(Action::await_change());
+            }
+            if ctx.builds.check_due(&key, ctx.verify_templates_every)
+                && let Some(template_id) = &status.template_id
+                && !still_on_provider(template, ctx, template_id).await?
+            {
+                let message = format!(
+                    "template {template_id} disappeared from the provider; building it again"
+                );
+                publish(
+                    ctx,
+                    template,
+                    EventType::Warning,
+                    "TemplateVanished",
+                    message,
+                )
+                .await;
+                let mut status = status;
+                status.spec_hash = None;
+                write(ctx, template, status).await.map_err(kube_failure)?;
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+            Ok(Action::requeue(ctx.verify_templates_every))
         }
         (true, Some(TemplatePhase::Building)) if status.build_id.is_some() => {
             let provider = resolve_provider(ctx, template)
@@ -393,6 +416,26 @@ async fn build(template: &SandboxTemplate, ctx: &Context) -> Outcome {
                 .map_err(|blocked| (blocked, None))?;
             start(template, ctx, &provider, spec, &maps, hash).await
         }
+    }
+}
+
+/// Whether a Ready template still exists where it was built. Only a definite "not found"
+/// counts as gone; anything else is looked at again next time.
+async fn still_on_provider(
+    template: &SandboxTemplate,
+    ctx: &Context,
+    template_id: &str,
+) -> Result<bool, (Blocked, Option<Duration>)> {
+    let Ok(provider) = resolve_provider(ctx, template).await else {
+        return Ok(true);
+    };
+    match provider.client.get_template(template_id).await {
+        Ok(_) => {
+            ctx.builds.checked(&object_key(template));
+            Ok(true)
+        }
+        Err(error) if error.is_not_found() => Ok(false),
+        Err(_) => Ok(true),
     }
 }
 
@@ -598,6 +641,7 @@ async fn follow(
         }
         BuildStatus::Ready => {
             ctx.builds.finish(&key);
+            ctx.builds.checked(&key);
             let message = format!("template {template_id} built (build {build_id})");
             record(
                 ctx,

@@ -455,3 +455,40 @@ pub async fn a_restart_mid_build_follows_the_same_build(env: Arc<TestEnv>) {
         ready.log_tail
     );
 }
+
+pub async fn a_template_deleted_behind_the_operators_back_is_rebuilt(env: Arc<TestEnv>) {
+    let ns = env.namespace("vanished").await;
+    let operator = Operator::start(env.kubeconfig_path(), &ns);
+    let api: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
+    create_template(
+        &api,
+        "fragile",
+        json!({"build": {
+            "fromTemplate": "base",
+            "steps": [{"run": "true"}],
+        }}),
+    )
+    .await;
+    let first = wait_for(&api, "fragile", "ready", is_ready).await;
+    let first_id = first.template_id.clone().expect("ID");
+    assert!(
+        operator
+            .provider()
+            .delete_template(&first_id)
+            .await
+            .expect("delete")
+    );
+    let rebuilt = wait_for(&api, "fragile", "rebuilt", |status| {
+        is_ready(status) && status.build_id != first.build_id
+    })
+    .await;
+    let rebuilt_id = rebuilt.template_id.expect("ID");
+    assert!(operator.provider().get_template(&rebuilt_id).await.is_ok());
+    let reasons = event_reasons(&env, &ns).await;
+    assert!(
+        reasons
+            .iter()
+            .any(|(reason, _)| reason == "TemplateVanished"),
+        "{reasons:?}"
+    );
+}

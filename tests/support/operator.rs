@@ -79,6 +79,7 @@ fn spawn(
         .env("KUBECONFIG", kubeconfig)
         .env("SANDCASTLE_SANDBOXD_API_KEY", API_KEY)
         .env("SANDCASTLE_LOG", "info")
+        .env("SANDCASTLE_VERIFY_TEMPLATES_EVERY", "2")
         .stdout(Stdio::piped())
         .spawn()
         .expect("the operator starts");
