@@ -67,6 +67,7 @@ fn main() -> ExitCode {
         deletion_follows_the_policy_and_waits_for_users,
         a_restart_mid_build_follows_the_same_build,
         a_template_deleted_behind_the_operators_back_is_rebuilt,
+        builds_wait_for_a_slot_and_for_their_config_map,
     ]
     .into_iter()
     .map(|(name, test)| {

@@ -492,3 +492,60 @@ pub async fn a_template_deleted_behind_the_operators_back_is_rebuilt(env: Arc<Te
         "{reasons:?}"
     );
 }
+
+pub async fn builds_wait_for_a_slot_and_for_their_config_map(env: Arc<TestEnv>) {
+    let ns = env.namespace("queue").await;
+    let _operator = Operator::start_with(
+        env.kubeconfig_path(),
+        &ns,
+        &[("SANDCASTLE_MAX_CONCURRENT_BUILDS", "1")],
+    );
+    let api: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
+    let slow = json!({"fromTemplate": "base", "steps": [{"run": "sleep 3"}]});
+    create_template(&api, "first", json!({"build": slow})).await;
+    wait_for(&api, "first", "building", |status| {
+        status.phase == Some(TemplatePhase::Building)
+    })
+    .await;
+    create_template(&api, "second", json!({"build": slow})).await;
+    let queued = wait_for(&api, "second", "queued", |status| {
+        condition(status, "Ready").1 == "Queued"
+    })
+    .await;
+    assert_eq!(condition(&queued, "Reconciling").0, "True");
+    assert!(
+        queued.build_id.is_none(),
+        "a queued template has not asked for a build"
+    );
+    wait_for(&api, "first", "ready", is_ready).await;
+    wait_for(&api, "second", "ready once the slot is free", is_ready).await;
+
+    create_template(
+        &api,
+        "needs-files",
+        json!({"build": {
+            "fromTemplate": "base",
+            "steps": [{"copy": {"configMapRef": {"name": "files"}, "dest": "/opt/files"}}],
+        }}),
+    )
+    .await;
+    let missing = wait_for(&api, "needs-files", "waiting for its ConfigMap", |status| {
+        condition(status, "Stalled") == ("True", "MissingConfigMap")
+    })
+    .await;
+    assert!(
+        missing
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("files")
+    );
+    put_config_map(&env, &ns, "files", "a.txt", "content").await;
+    wait_for(
+        &api,
+        "needs-files",
+        "ready once the ConfigMap exists",
+        is_ready,
+    )
+    .await;
+}

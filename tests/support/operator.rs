@@ -16,6 +16,7 @@ pub struct Operator {
     root: PathBuf,
     namespace: String,
     kubeconfig: PathBuf,
+    settings: Vec<(String, String)>,
     api_url: String,
     sandbox_url: String,
 }
@@ -24,14 +25,28 @@ impl Operator {
     /// Starts `sandcastle run` for one namespace, with the embedded server's state under a
     /// directory of that namespace, and waits until the server listens.
     pub fn start(kubeconfig: &std::path::Path, namespace: &str) -> Operator {
+        Operator::start_with(kubeconfig, namespace, &[])
+    }
+
+    /// Like [`Operator::start`], with extra environment (the operator's settings).
+    pub fn start_with(
+        kubeconfig: &std::path::Path,
+        namespace: &str,
+        settings: &[(&str, &str)],
+    ) -> Operator {
         let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sandboxd-{namespace}"));
         let _ = std::fs::remove_dir_all(&root);
-        let (child, api_url, sandbox_url) = spawn(kubeconfig, namespace, &root);
+        let settings: Vec<(String, String)> = settings
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect();
+        let (child, api_url, sandbox_url) = spawn(kubeconfig, namespace, &root, &settings);
         Operator {
             child,
             root,
             namespace: namespace.to_string(),
             kubeconfig: kubeconfig.to_path_buf(),
+            settings,
             api_url,
             sandbox_url,
         }
@@ -59,7 +74,12 @@ impl Operator {
     pub fn crash_and_restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, api_url, sandbox_url) = spawn(&self.kubeconfig, &self.namespace, &self.root);
+        let (child, api_url, sandbox_url) = spawn(
+            &self.kubeconfig,
+            &self.namespace,
+            &self.root,
+            &self.settings,
+        );
         self.child = child;
         self.api_url = api_url;
         self.sandbox_url = sandbox_url;
@@ -72,6 +92,7 @@ fn spawn(
     kubeconfig: &std::path::Path,
     namespace: &str,
     root: &std::path::Path,
+    settings: &[(String, String)],
 ) -> (Child, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sandcastle"))
         .args(["run", "--namespace", namespace, "--sandboxd-root"])
@@ -80,6 +101,7 @@ fn spawn(
         .env("SANDCASTLE_SANDBOXD_API_KEY", API_KEY)
         .env("SANDCASTLE_LOG", "info")
         .env("SANDCASTLE_VERIFY_TEMPLATES_EVERY", "2")
+        .envs(settings.iter().map(|(key, value)| (key, value)))
         .stdout(Stdio::piped())
         .spawn()
         .expect("the operator starts");
