@@ -38,8 +38,8 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Start a local control plane (etcd + kube-apiserver) with the CRDs installed and
-    /// keep it running until interrupted.
+    /// Start a local control plane (etcd + kube-apiserver) with the CRDs installed, and run
+    /// the operator against it on the embedded sandbox server until interrupted.
     Dev {
         /// Directory holding the kube-apiserver and etcd binaries (see scripts/setup).
         #[arg(long, env = "SANDCASTLE_TOOLS_BIN", default_value_os_t = localcluster::tools_bin_dir())]
@@ -183,6 +183,24 @@ async fn run(
         namespace = namespace.as_deref().unwrap_or("(all)"),
         "starting"
     );
+    operate(
+        client,
+        sandcastle::controller::Scope { namespace },
+        embedded,
+        limits,
+    )
+    .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Starts the embedded sandbox server and runs the controllers until SIGTERM or Ctrl-C.
+async fn operate(
+    client: kube::Client,
+    scope: sandcastle::controller::Scope,
+    embedded: EmbeddedArgs,
+    limits: Limits,
+) -> Result<(), BoxError> {
     let mut config = sandcastle::sandboxd::Config::new(embedded.sandboxd_root);
     config.api_port = embedded.sandboxd_api_port;
     config.envd_port = embedded.sandboxd_envd_port;
@@ -203,15 +221,12 @@ async fn run(
         max_concurrent_builds: limits.max_concurrent_builds,
         verify_templates_every: limits.verify_templates_every,
     };
-    let scope = sandcastle::controller::Scope { namespace };
     let result = sandcastle::controller::run(client, scope, settings, async {
         let _ = terminated().await;
     })
     .await;
     server.stop().await;
-    result?;
-    tracing::info!("stopped");
-    Ok(())
+    Ok(result?)
 }
 
 /// Completes on Ctrl-C or SIGTERM (what Kubernetes sends to stop a pod).
@@ -239,18 +254,45 @@ fn print_crds(out: Option<PathBuf>) -> Result<(), BoxError> {
 }
 
 async fn dev(tools_bin: &std::path::Path, work_dir: &std::path::Path) -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(
+            "warn,sandcastle=info,kube_runtime=warn",
+        )?)
+        .init();
     let cluster = localcluster::LocalCluster::start(tools_bin, work_dir).await?;
-    crd::install(&cluster.client().await?).await?;
+    let client = cluster.client().await?;
+    crd::install(&client).await?;
     let kubeconfig = std::fs::canonicalize(cluster.kubeconfig_path())?;
-    println!("A local control plane is running at {}.", cluster.api_url());
-    println!("The Sandcastle CRDs are installed. Point kubectl at it with:");
+    println!(
+        "A local control plane is running at {}, with the Sandcastle CRDs",
+        cluster.api_url()
+    );
+    println!("installed and the operator running against it on the embedded sandbox server.");
+    println!("Point kubectl at it with:");
     println!();
     println!("  export KUBECONFIG={}", kubeconfig.display());
-    println!("  kubectl get crds");
     println!("  kubectl apply -f examples/");
+    println!("  kubectl get sandcastle -o wide");
     println!();
-    println!("Press Ctrl-C to stop it (its data is removed).");
-    terminated().await?;
+    println!("Press Ctrl-C to stop (the control plane's data is removed).");
+    let embedded = EmbeddedArgs {
+        sandboxd_root: std::fs::canonicalize(work_dir)?.join("sandboxd"),
+        sandboxd_api_port: 0,
+        sandboxd_envd_port: 0,
+        sandboxd_api_key: None,
+        sandboxd_isolation: sandcastle::sandboxd::Isolation::Auto,
+    };
+    let limits = Limits {
+        max_concurrent_builds: 4,
+        verify_templates_every: std::time::Duration::from_secs(600),
+    };
+    operate(
+        client,
+        sandcastle::controller::Scope::default(),
+        embedded,
+        limits,
+    )
+    .await?;
     drop(cluster);
     Ok(())
 }
