@@ -28,11 +28,6 @@ const QUEUE_INTERVAL: Duration = Duration::from_secs(10);
 /// Back-off while the provider is unreachable or busy.
 const UNAVAILABLE_INTERVAL: Duration = Duration::from_secs(15);
 
-/// The provider a template builds on, with the client to reach it.
-struct Provider {
-    client: E2bClient,
-}
-
 /// Which provider the spec names, as part of the spec hash: the same spec on another
 /// provider is another build. Needs no credentials, so an unchanged template is settled
 /// without reading its Secret.
@@ -75,6 +70,15 @@ impl Blocked {
             ProviderError::RateLimited { retry_after, .. } => (
                 Blocked::new(Reason::ProviderUnavailable, error.to_string()),
                 Some(retry_after.unwrap_or(UNAVAILABLE_INTERVAL)),
+            ),
+            // The provider refused what was asked (a name it does not accept, say): asking
+            // again will not help until the spec changes.
+            _ if !error.is_retryable() && !error.is_infrastructure() => (
+                Blocked::new(
+                    Reason::BuildFailed,
+                    format!("the provider refused the request: {error}"),
+                ),
+                None,
             ),
             _ => (
                 Blocked::new(Reason::ProviderUnavailable, error.to_string()),
@@ -190,16 +194,14 @@ async fn publish(
 
 /// The template's provider: the spec's E2B account (its API key from a Secret), else the
 /// operator's embedded server.
-async fn resolve_provider(ctx: &Context, template: &SandboxTemplate) -> Result<Provider, Blocked> {
+async fn resolve_provider(ctx: &Context, template: &SandboxTemplate) -> Result<E2bClient, Blocked> {
     let e2b = template
         .spec
         .provider
         .as_ref()
         .and_then(|provider| provider.e2b.as_ref());
     let Some(e2b) = e2b else {
-        return Ok(Provider {
-            client: ctx.embedded.clone(),
-        });
+        return Ok(ctx.embedded.clone());
     };
     let namespace = template.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -238,7 +240,7 @@ async fn resolve_provider(ctx: &Context, template: &SandboxTemplate) -> Result<P
     }
     let client = E2bClient::new(config)
         .map_err(|error| Blocked::new(Reason::ProviderUnavailable, error.to_string()))?;
-    Ok(Provider { client })
+    Ok(client)
 }
 
 async fn config_maps(
@@ -297,10 +299,6 @@ async fn apply(template: &SandboxTemplate, ctx: &Context) -> Result<Action, Erro
 
 type Outcome = Result<Action, (Blocked, Option<Duration>)>;
 
-fn provider_failure(error: &ProviderError) -> (Blocked, Option<Duration>) {
-    Blocked::from_provider(error)
-}
-
 /// An `existing` template is checked and recorded, never built or deleted.
 async fn adopt(template: &SandboxTemplate, ctx: &Context) -> Outcome {
     let Some(existing) = &template.spec.existing else {
@@ -315,10 +313,10 @@ async fn adopt(template: &SandboxTemplate, ctx: &Context) -> Outcome {
     let provider = resolve_provider(ctx, template)
         .await
         .map_err(|blocked| (blocked, None))?;
-    let id = match provider.client.get_template(&existing.template_id).await {
+    let id = match provider.get_template(&existing.template_id).await {
         Ok(found) => found.template_id,
         Err(error) if error.is_not_found() => {
-            match provider.client.lookup_alias(&existing.template_id).await {
+            match provider.lookup_alias(&existing.template_id).await {
                 Ok(AliasLookup::Owned(alias)) => alias.template_id,
                 Ok(AliasLookup::Missing | AliasLookup::Foreign) => {
                     return Err((
@@ -332,10 +330,10 @@ async fn adopt(template: &SandboxTemplate, ctx: &Context) -> Outcome {
                         None,
                     ));
                 }
-                Err(error) => return Err(provider_failure(&error)),
+                Err(error) => return Err(Blocked::from_provider(&error)),
             }
         }
-        Err(error) => return Err(provider_failure(&error)),
+        Err(error) => return Err(Blocked::from_provider(&error)),
     };
     record(
         ctx,
@@ -429,7 +427,7 @@ async fn still_on_provider(
     let Ok(provider) = resolve_provider(ctx, template).await else {
         return Ok(true);
     };
-    match provider.client.get_template(template_id).await {
+    match provider.get_template(template_id).await {
         Ok(_) => {
             ctx.builds.checked(&object_key(template));
             Ok(true)
@@ -458,7 +456,7 @@ fn object_key(template: &SandboxTemplate) -> String {
 async fn start(
     template: &SandboxTemplate,
     ctx: &Context,
-    provider: &Provider,
+    provider: &E2bClient,
     spec: &crate::crd::TemplateBuild,
     maps: &ConfigMapData,
     hash: String,
@@ -498,11 +496,11 @@ async fn start(
             }
         }
     })?;
-    let requested = match provider.client.request_build(&plan.request).await {
+    let requested = match provider.request_build(&plan.request).await {
         Ok(requested) => requested,
         Err(error) => {
             ctx.builds.finish(&key);
-            return Err(provider_failure(&error));
+            return Err(Blocked::from_provider(&error));
         }
     };
     let message = format!(
@@ -537,20 +535,18 @@ async fn start(
 /// Uploads the COPY sources the provider lacks and starts the build. Safe to repeat: a
 /// present upload is skipped and only a waiting build can start.
 async fn launch(
-    provider: &Provider,
+    provider: &E2bClient,
     template_id: &str,
     build_id: &str,
     plan: &template_build::BuildPlan,
 ) -> Result<(), (Blocked, Option<Duration>)> {
     for layer in &plan.layers {
         provider
-            .client
             .upload_layer(template_id, layer)
             .await
-            .map_err(|error| provider_failure(&error))?;
+            .map_err(|error| Blocked::from_provider(&error))?;
     }
     provider
-        .client
         .start_build(template_id, build_id, &plan.start)
         .await
         .map_err(|error| match error {
@@ -561,7 +557,7 @@ async fn launch(
                 ),
                 None,
             ),
-            other => provider_failure(&other),
+            other => Blocked::from_provider(&other),
         })
 }
 
@@ -569,7 +565,7 @@ async fn launch(
 async fn follow(
     template: &SandboxTemplate,
     ctx: &Context,
-    provider: &Provider,
+    provider: &E2bClient,
     spec: &crate::crd::TemplateBuild,
     maps: &ConfigMapData,
 ) -> Outcome {
@@ -587,11 +583,7 @@ async fn follow(
     };
     let mut info;
     loop {
-        info = match provider
-            .client
-            .build_status(&template_id, &build_id, offset)
-            .await
-        {
+        info = match provider.build_status(&template_id, &build_id, offset).await {
             Ok(info) => info,
             Err(error) if error.is_not_found() => {
                 // Gone from the provider (deleted behind the operator's back): build again.
@@ -601,7 +593,7 @@ async fn follow(
                 write(ctx, template, status).await.map_err(kube_failure)?;
                 return Ok(Action::requeue(Duration::from_secs(1)));
             }
-            Err(error) => return Err(provider_failure(&error)),
+            Err(error) => return Err(Blocked::from_provider(&error)),
         };
         if info.log_entries.is_empty() {
             break;
@@ -713,7 +705,7 @@ async fn cleanup(template: &SandboxTemplate, ctx: &Context) -> Result<Action, Er
             return Err(Error::CleanupBlocked(blocked.message));
         }
     };
-    match provider.client.delete_template(&template_id).await {
+    match provider.delete_template(&template_id).await {
         Ok(_) => {
             publish(
                 ctx,
