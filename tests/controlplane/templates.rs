@@ -42,6 +42,31 @@ async fn wait_for(
     }
 }
 
+/// Waits for `Stalled=True` with `reason`, and checks the message names `subject`.
+async fn wait_stalled(api: &Api<SandboxTemplate>, name: &str, reason: &str, subject: &str) {
+    let stalled = wait_for(api, name, reason, |status| {
+        condition(status, "Stalled") == ("True", reason)
+    })
+    .await;
+    let message = stalled.message.unwrap_or_default();
+    assert!(
+        message.contains(subject),
+        "{name}: {message:?} does not name {subject}"
+    );
+}
+
+/// Waits until the object is gone (its finalizer released).
+async fn wait_gone(api: &Api<SandboxTemplate>, name: &str) {
+    let deadline = Instant::now() + WAIT;
+    while api.get_opt(name).await.expect("get").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "{name} was not removed within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn condition<'a>(status: &'a SandboxTemplateStatus, type_: &str) -> (&'a str, &'a str) {
     status
         .conditions
@@ -289,17 +314,7 @@ pub async fn missing_credentials_are_retried_once_the_secret_exists(env: Arc<Tes
         }),
     )
     .await;
-    let missing = wait_for(&api, "remote", "missing credentials", |status| {
-        condition(status, "Stalled") == ("True", "MissingCredentials")
-    })
-    .await;
-    assert!(
-        missing
-            .message
-            .as_deref()
-            .unwrap_or_default()
-            .contains("e2b")
-    );
+    wait_stalled(&api, "remote", "MissingCredentials", "e2b").await;
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &ns);
     let wrong_key = "wrong-key-value-7f3a";
     let secret = |key: &str| {
@@ -389,14 +404,7 @@ pub async fn deletion_follows_the_policy_and_waits_for_users(env: Arc<TestEnv>) 
             .await
             .expect("kill")
     );
-    let deadline = Instant::now() + WAIT;
-    while api.get_opt("deleted").await.expect("get").is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "the template was not deleted once unused"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_gone(&api, "deleted").await;
     let gone = provider.get_template(&deleted).await;
     assert!(
         gone.as_ref().is_err_and(|error| error.is_not_found()),
@@ -406,14 +414,7 @@ pub async fn deletion_follows_the_policy_and_waits_for_users(env: Arc<TestEnv>) 
     api.delete("kept", &DeleteParams::default())
         .await
         .expect("delete");
-    let deadline = Instant::now() + WAIT;
-    while api.get_opt("kept").await.expect("get").is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "the retained template's object was not removed"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_gone(&api, "kept").await;
     assert!(
         provider.get_template(&kept).await.is_ok(),
         "Retain keeps the provider's template"
@@ -529,17 +530,7 @@ pub async fn builds_wait_for_a_slot_and_for_their_config_map(env: Arc<TestEnv>) 
         }}),
     )
     .await;
-    let missing = wait_for(&api, "needs-files", "waiting for its ConfigMap", |status| {
-        condition(status, "Stalled") == ("True", "MissingConfigMap")
-    })
-    .await;
-    assert!(
-        missing
-            .message
-            .as_deref()
-            .unwrap_or_default()
-            .contains("files")
-    );
+    wait_stalled(&api, "needs-files", "MissingConfigMap", "files").await;
     put_config_map(&env, &ns, "files", "a.txt", "content").await;
     wait_for(
         &api,
