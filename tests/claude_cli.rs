@@ -22,7 +22,11 @@ fn repo() -> &'static Path {
 
 fn claude() -> PathBuf {
     let path = repo().join(".tools/bin/claude");
-    assert!(path.exists(), "{} is missing: run scripts/setup to install the pinned Claude Code CLI", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/setup to install the pinned Claude Code CLI",
+        path.display()
+    );
     path
 }
 
@@ -31,7 +35,8 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("sandcastle-claude-{}-{name}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("sandcastle-claude-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("work")).unwrap();
         std::fs::create_dir_all(dir.join("home")).unwrap();
@@ -59,7 +64,12 @@ struct Run {
 
 /// Runs the CLI headless in `scratch`, with nothing from this process's environment
 /// but PATH, so the run cannot reach anything but the scripted endpoint.
-async fn run_claude(model: &ScriptedModel, scratch: &Scratch, max_turns: u32, extra_env: &[(&str, &str)]) -> Run {
+async fn run_claude(
+    model: &ScriptedModel,
+    scratch: &Scratch,
+    max_turns: u32,
+    extra_env: &[(&str, &str)],
+) -> Run {
     let mut command = tokio::process::Command::new(claude());
     command
         .env_clear()
@@ -74,8 +84,19 @@ async fn run_claude(model: &ScriptedModel, scratch: &Scratch, max_turns: u32, ex
         // The CLI refuses bypassPermissions as root unless told it is sandboxed.
         .env("IS_SANDBOX", "1")
         .envs(extra_env.iter().copied())
-        .args(["-p", "Create hello.py and run it", "--output-format", "stream-json", "--verbose"])
-        .args(["--permission-mode", "bypassPermissions", "--max-turns", &max_turns.to_string()])
+        .args([
+            "-p",
+            "Create hello.py and run it",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+        ])
+        .args([
+            "--permission-mode",
+            "bypassPermissions",
+            "--max-turns",
+            &max_turns.to_string(),
+        ])
         .current_dir(scratch.work())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -96,7 +117,11 @@ async fn run_claude(model: &ScriptedModel, scratch: &Scratch, max_turns: u32, ex
         "stdout:\n{stdout}\nstderr:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Run { stdout, code: out.status.code(), parser }
+    Run {
+        stdout,
+        code: out.status.code(),
+        parser,
+    }
 }
 
 fn capture(name: &str, transcript: &str) {
@@ -114,7 +139,12 @@ async fn success_writes_and_runs_the_file() {
     let run = run_claude(&model, &scratch, 10, &[]).await;
     capture("success", &run.stdout);
     // A killed CLI: everything up to, but not including, the result line.
-    let killed: String = run.stdout.lines().filter(|l| !l.contains(r#""type":"result""#)).map(|l| format!("{l}\n")).collect();
+    let killed: String = run
+        .stdout
+        .lines()
+        .filter(|l| !l.contains(r#""type":"result""#))
+        .map(|l| format!("{l}\n"))
+        .collect();
     capture("killed", &killed);
 
     assert_eq!(run.code, Some(0), "{}", run.stdout);
@@ -124,26 +154,57 @@ async fn success_writes_and_runs_the_file() {
     assert_eq!(outcome.num_turns, Some(3));
     assert_eq!(outcome.permission_denials, 0);
     assert!(outcome.usage.input_tokens > 0 && outcome.usage.output_tokens > 0);
-    assert!(outcome.total_cost_usd.as_deref().is_some_and(|c| c.parse::<f64>().unwrap() > 0.0));
+    assert!(
+        outcome
+            .total_cost_usd
+            .as_deref()
+            .is_some_and(|c| c.parse::<f64>().unwrap() > 0.0)
+    );
     let progress = run.parser.progress();
     assert_eq!(progress.turns, 3);
     assert_eq!(progress.last_tool.as_deref(), Some("Bash"));
     assert_eq!(progress.session_id, outcome.session_id);
-    assert_eq!(std::fs::read_to_string(scratch.work().join("hello.py")).unwrap(), HELLO_PY);
+    assert_eq!(
+        std::fs::read_to_string(scratch.work().join("hello.py")).unwrap(),
+        HELLO_PY
+    );
     assert!(run.stdout.contains(HELLO_OUTPUT), "Bash ran hello.py");
     let absolute = format!(r#""file_path":"{}/hello.py""#, scratch.work().display());
-    assert!(run.stdout.contains(&absolute), "the model found the working directory in the request");
+    assert!(
+        run.stdout.contains(&absolute),
+        "the model found the working directory in the request"
+    );
 
     let requests = model.requests();
-    assert_eq!(requests.len(), 3, "one request per model turn, no side traffic: {requests:#?}");
+    assert_eq!(
+        requests.len(),
+        3,
+        "one request per model turn, no side traffic: {requests:#?}"
+    );
     for request in &requests {
-        assert_eq!((request.method.as_str(), request.path.as_str()), ("POST", "/v1/messages?beta=true"));
-        assert!(request.headers.iter().all(|(_, v)| !v.contains(API_KEY)), "the log masks credentials");
+        assert_eq!(
+            (request.method.as_str(), request.path.as_str()),
+            ("POST", "/v1/messages?beta=true")
+        );
+        assert!(
+            request.headers.iter().all(|(_, v)| !v.contains(API_KEY)),
+            "the log masks credentials"
+        );
         let body = request.body.as_ref().expect("JSON body");
-        assert!(body.model.is_some() && body.stream && body.tools.iter().any(|t| t == "Write"), "{body:?}");
+        assert!(
+            body.model.is_some() && body.stream && body.tools.iter().any(|t| t == "Write"),
+            "{body:?}"
+        );
     }
     let last = requests.last().unwrap().body.as_ref().unwrap();
-    assert!(last.messages.iter().filter(|m| m.contains("tool_result")).count() >= 2, "{last:?}");
+    assert!(
+        last.messages
+            .iter()
+            .filter(|m| m.contains("tool_result"))
+            .count()
+            >= 2,
+        "{last:?}"
+    );
 }
 
 #[tokio::test]
@@ -160,7 +221,11 @@ async fn unauthorized_is_an_api_error_with_status() {
     };
     assert_eq!(reason, FailureReason::ApiError { status: Some(401) });
     assert!(message.contains("scripted 401"), "{message}");
-    assert_eq!(run.parser.progress().turns, 0, "the synthetic error message is not a turn");
+    assert_eq!(
+        run.parser.progress().turns,
+        0,
+        "the synthetic error message is not a turn"
+    );
 }
 
 #[tokio::test]
@@ -200,13 +265,18 @@ async fn endless_tool_calls_stop_at_max_turns() {
 #[tokio::test]
 async fn echo_secret_leaks_the_value_into_text_and_file_name() {
     let model = ScriptedModel::start(Script::WriteAndRun).await;
-    model.set_mode(Mode::EchoSecret { marker: "SANDCASTLE_TEST_SECRET".into() });
+    model.set_mode(Mode::EchoSecret {
+        marker: "SANDCASTLE_TEST_SECRET".into(),
+    });
     let scratch = Scratch::new("echo_secret");
     let secret = "s3cr3t-4f9a";
     let run = run_claude(&model, &scratch, 10, &[("SANDCASTLE_TEST_SECRET", secret)]).await;
 
     assert_eq!(run.parser.verdict(), Verdict::Succeeded, "{}", run.stdout);
     let outcome = run.parser.outcome().unwrap();
-    assert_eq!(outcome.result.as_deref(), Some(format!("The secret is {secret}").as_str()));
+    assert_eq!(
+        outcome.result.as_deref(),
+        Some(format!("The secret is {secret}").as_str())
+    );
     assert!(scratch.work().join(format!("leak-{secret}.txt")).exists());
 }

@@ -93,7 +93,10 @@ pub enum FailureReason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Succeeded,
-    Failed { reason: FailureReason, message: String },
+    Failed {
+        reason: FailureReason,
+        message: String,
+    },
     /// No result line: the CLI was killed or crashed. The run says nothing about the
     /// task, so the caller treats it as an infrastructure failure and may retry.
     Incomplete,
@@ -140,10 +143,14 @@ impl StreamParser {
     /// Parses every complete line in `bytes`, keeping a trailing partial line until the
     /// rest of it arrives.
     pub fn feed(&mut self, bytes: &[u8]) {
+        // Only the new bytes can hold a newline: rescanning the pending part would make
+        // a long line arriving in small chunks quadratic.
+        let old_len = self.pending.len();
         self.pending.extend_from_slice(bytes);
-        let Some(last_newline) = self.pending.iter().rposition(|&b| b == b'\n') else {
+        let Some(found) = self.pending[old_len..].iter().rposition(|&b| b == b'\n') else {
             return;
         };
+        let last_newline = old_len + found;
         let complete: Vec<u8> = self.pending.drain(..=last_newline).collect();
         for line in complete.split(|&b| b == b'\n') {
             self.parse_bytes(line);
@@ -204,7 +211,8 @@ impl StreamParser {
         }
         // Synthetic messages are the CLI reporting an API error, not a model turn, and
         // subagent messages (with a parent tool use) are turns of a different agent.
-        let synthetic = line.is_api_error_message || message.model.as_deref() == Some("<synthetic>");
+        let synthetic =
+            line.is_api_error_message || message.model.as_deref() == Some("<synthetic>");
         if synthetic || line.parent_tool_use_id.is_some() {
             return;
         }
@@ -314,7 +322,10 @@ impl ResultLine {
             num_turns: self.num_turns,
             duration_ms: self.duration_ms,
             // `null` stays absent rather than becoming the string "null".
-            total_cost_usd: self.total_cost_usd.map(|raw| raw.get().to_string()).filter(|s| s != "null"),
+            total_cost_usd: self
+                .total_cost_usd
+                .map(|raw| raw.get().to_string())
+                .filter(|s| s != "null"),
             usage: self.usage.unwrap_or_default(),
             session_id: self.session_id,
             permission_denials: self.permission_denials.len(),
@@ -354,6 +365,161 @@ mod tests {
         .to_string()
     }
 
+    // Transcripts captured from the pinned CLI by tests/claude_cli.rs.
+    const SUCCESS: &str = include_str!("../../tests/fixtures/claude/success.jsonl");
+    const UNAUTHORIZED: &str = include_str!("../../tests/fixtures/claude/unauthorized.jsonl");
+    const SERVER_ERROR: &str = include_str!("../../tests/fixtures/claude/server_error.jsonl");
+    const MAX_TURNS: &str = include_str!("../../tests/fixtures/claude/max_turns.jsonl");
+    const KILLED: &str = include_str!("../../tests/fixtures/claude/killed.jsonl");
+
+    #[test]
+    fn success_transcript() {
+        let parser = parse(SUCCESS);
+        assert_eq!(parser.malformed_lines(), 0);
+        assert_eq!(parser.verdict(), Verdict::Succeeded);
+        let session = "75ed9f3a-e3f1-45f6-b262-7c4dc75e94c2";
+        assert_eq!(
+            parser.progress(),
+            &Progress {
+                turns: 3,
+                last_tool: Some("Bash".into()),
+                session_id: Some(session.into())
+            }
+        );
+        assert_eq!(
+            parser.outcome().unwrap(),
+            &Outcome {
+                subtype: "success".into(),
+                is_error: false,
+                result: Some("done".into()),
+                result_truncated: false,
+                terminal_reason: Some("completed".into()),
+                num_turns: Some(3),
+                duration_ms: Some(977),
+                total_cost_usd: Some("0.0024000000000000002".into()),
+                usage: Usage {
+                    input_tokens: 300,
+                    output_tokens: 60,
+                    cache_creation_input_tokens: 0,
+                    cache_read_input_tokens: 0
+                },
+                session_id: Some(session.into()),
+                permission_denials: 0,
+                api_error: None,
+                errors: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn success_transcript_fed_byte_by_byte() {
+        let mut parser = StreamParser::new();
+        for byte in SUCCESS.as_bytes() {
+            parser.feed(std::slice::from_ref(byte));
+        }
+        parser.finish();
+        assert_eq!(parser.outcome(), parse(SUCCESS).outcome());
+        assert_eq!(parser.progress().turns, 3);
+    }
+
+    #[test]
+    fn unauthorized_transcript() {
+        let parser = parse(UNAUTHORIZED);
+        assert_eq!(parser.malformed_lines(), 0);
+        let message = "Failed to authenticate. API Error: 401 scripted 401 authentication_error";
+        assert_eq!(
+            parser.verdict(),
+            Verdict::Failed {
+                reason: FailureReason::ApiError { status: Some(401) },
+                message: message.into()
+            }
+        );
+        let outcome = parser.outcome().unwrap();
+        assert_eq!(
+            outcome.api_error,
+            Some(ApiError {
+                status: Some(401),
+                kind: Some("authentication_error".into()),
+                message: message.into()
+            })
+        );
+        // The CLI reports an API error as subtype success with is_error set.
+        assert_eq!(
+            (outcome.subtype.as_str(), outcome.is_error),
+            ("success", true)
+        );
+        assert_eq!(outcome.terminal_reason.as_deref(), Some("api_error"));
+        assert_eq!(outcome.total_cost_usd.as_deref(), Some("0"));
+        assert_eq!(parser.progress().turns, 0);
+        assert!(parser.progress().session_id.is_some());
+    }
+
+    #[test]
+    fn server_error_transcript() {
+        let parser = parse(SERVER_ERROR);
+        assert_eq!(parser.malformed_lines(), 0);
+        let Verdict::Failed { reason, message } = parser.verdict() else {
+            panic!("{:?}", parser.verdict())
+        };
+        assert_eq!(reason, FailureReason::ApiError { status: Some(500) });
+        assert!(
+            message.starts_with("API Error: 500 scripted 500 api_error."),
+            "{message}"
+        );
+        assert_eq!(
+            parser
+                .outcome()
+                .unwrap()
+                .api_error
+                .as_ref()
+                .unwrap()
+                .kind
+                .as_deref(),
+            Some("api_error")
+        );
+    }
+
+    #[test]
+    fn max_turns_transcript() {
+        let parser = parse(MAX_TURNS);
+        assert_eq!(parser.malformed_lines(), 0);
+        assert_eq!(
+            parser.verdict(),
+            Verdict::Failed {
+                reason: FailureReason::MaxTurns,
+                message: "Reached maximum number of turns (2)".into()
+            }
+        );
+        let outcome = parser.outcome().unwrap();
+        assert_eq!(outcome.result, None, "max turns carries no result text");
+        assert_eq!(
+            outcome.num_turns,
+            Some(3),
+            "the CLI counts the refused turn too"
+        );
+        assert_eq!(outcome.terminal_reason.as_deref(), Some("max_turns"));
+        assert_eq!(outcome.api_error, None);
+        assert_eq!(outcome.total_cost_usd.as_deref(), Some("0.0016"));
+        assert_eq!(parser.progress().turns, 2);
+        assert_eq!(parser.progress().last_tool.as_deref(), Some("Bash"));
+    }
+
+    #[test]
+    fn killed_transcript_is_incomplete_but_shows_progress() {
+        let parser = parse(KILLED);
+        assert_eq!(parser.malformed_lines(), 0);
+        assert_eq!(parser.verdict(), Verdict::Incomplete);
+        assert_eq!(parser.outcome(), None);
+        assert_eq!(parser.progress().turns, 3);
+        assert_eq!(parser.progress().last_tool.as_deref(), Some("Bash"));
+
+        // Killed in the middle of writing a line: the half line is malformed, nothing more.
+        let cut = &SUCCESS[..SUCCESS.len() - 100];
+        let parser = parse(cut);
+        assert_eq!(parser.malformed_lines(), 1);
+        assert_eq!(parser.verdict(), Verdict::Incomplete);
+    }
+
     #[test]
     fn partial_lines_are_joined_across_chunks() {
         let text = format!(
@@ -389,7 +555,10 @@ mod tests {
         let parser = parse(&result_line(&text));
         let outcome = parser.outcome().unwrap();
         assert!(outcome.result_truncated);
-        assert_eq!(outcome.result.as_ref().unwrap().chars().count(), RESULT_TEXT_LIMIT);
+        assert_eq!(
+            outcome.result.as_ref().unwrap().chars().count(),
+            RESULT_TEXT_LIMIT
+        );
 
         let exact = "x".repeat(RESULT_TEXT_LIMIT);
         let outcome = parse(&result_line(&exact)).outcome().cloned().unwrap();
@@ -399,7 +568,10 @@ mod tests {
 
     #[test]
     fn unicode_survives() {
-        let outcome = parse(&result_line("fertig ✅ — 完成 🎉")).outcome().cloned().unwrap();
+        let outcome = parse(&result_line("fertig ✅ — 完成 🎉"))
+            .outcome()
+            .cloned()
+            .unwrap();
         assert_eq!(outcome.result.as_deref(), Some("fertig ✅ — 完成 🎉"));
     }
 
@@ -423,8 +595,12 @@ mod tests {
     fn cost_keeps_the_printed_digits() {
         let line = r#"{"type":"result","subtype":"success","is_error":false,"total_cost_usd":0.0024000000000000002}"#;
         let outcome = parse(line).outcome().cloned().unwrap();
-        assert_eq!(outcome.total_cost_usd.as_deref(), Some("0.0024000000000000002"));
-        let line = r#"{"type":"result","subtype":"success","is_error":false,"total_cost_usd":null}"#;
+        assert_eq!(
+            outcome.total_cost_usd.as_deref(),
+            Some("0.0024000000000000002")
+        );
+        let line =
+            r#"{"type":"result","subtype":"success","is_error":false,"total_cost_usd":null}"#;
         assert_eq!(parse(line).outcome().unwrap().total_cost_usd, None);
     }
 
@@ -439,11 +615,23 @@ mod tests {
     fn an_unknown_error_result_is_an_agent_error() {
         let line = r#"{"type":"result","subtype":"error_during_execution","is_error":true,"errors":["boom"]}"#;
         let verdict = parse(line).verdict();
-        assert_eq!(verdict, Verdict::Failed { reason: FailureReason::AgentError, message: "boom".into() });
+        assert_eq!(
+            verdict,
+            Verdict::Failed {
+                reason: FailureReason::AgentError,
+                message: "boom".into()
+            }
+        );
         // is_error without an API error is not a success even with subtype success.
         let line = r#"{"type":"result","subtype":"success","is_error":true,"result":"hmm"}"#;
         let verdict = parse(line).verdict();
-        assert_eq!(verdict, Verdict::Failed { reason: FailureReason::AgentError, message: "hmm".into() });
+        assert_eq!(
+            verdict,
+            Verdict::Failed {
+                reason: FailureReason::AgentError,
+                message: "hmm".into()
+            }
+        );
     }
 
     #[test]

@@ -93,13 +93,19 @@ impl ScriptedModel {
             requests: Mutex::new(Vec::new()),
             ids: AtomicU64::new(0),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind scripted model");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind scripted model");
         let addr = listener.local_addr().expect("scripted model address");
         let router = Router::new().fallback(handle).with_state(shared.clone());
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
-        ScriptedModel { addr, shared, server }
+        ScriptedModel {
+            addr,
+            shared,
+            server,
+        }
     }
 
     /// The server root, which is what `ANTHROPIC_BASE_URL` must be (not `/v1`).
@@ -124,7 +130,11 @@ impl Drop for ScriptedModel {
 
 async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let method = request.method().clone();
-    let path = request.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
     let headers = request
         .headers()
         .iter()
@@ -137,7 +147,9 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
             (name.to_string(), value)
         })
         .collect();
-    let bytes = to_bytes(request.into_body(), usize::MAX).await.unwrap_or_default();
+    let bytes = to_bytes(request.into_body(), usize::MAX)
+        .await
+        .unwrap_or_default();
     let body: Option<Value> = serde_json::from_slice(&bytes).ok();
     shared.requests.lock().unwrap().push(RequestRecord {
         method: method.to_string(),
@@ -151,21 +163,41 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
     }
     let route = path.split('?').next().unwrap_or_default();
     if method != Method::POST || route != "/v1/messages" {
-        return error(StatusCode::NOT_FOUND, "not_found_error", &format!("no route for {method} {route}"));
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            &format!("no route for {method} {route}"),
+        );
     }
     let Some(body) = body else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "body is not JSON");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "body is not JSON",
+        );
     };
     let mode = shared.mode.lock().unwrap().clone();
     let blocks = match mode {
         Mode::Unauthorized => {
-            return error(StatusCode::UNAUTHORIZED, "authentication_error", "scripted 401 authentication_error");
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "scripted 401 authentication_error",
+            );
         }
         Mode::ServerError => {
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "api_error", "scripted 500 api_error");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                "scripted 500 api_error",
+            );
         }
         // A request without tools is a side call (title, topic); it never drives the script.
-        _ if body.get("tools").and_then(Value::as_array).is_none_or(Vec::is_empty) => {
+        _ if body
+            .get("tools")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty) =>
+        {
             vec![Block::Text("ok".into())]
         }
         Mode::Ok => match shared.script {
@@ -173,11 +205,18 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         },
         Mode::LoopToolCalls => {
             let n = Conversation::of(&body).tool_uses.len() + 1;
-            vec![Block::Tool("Bash", json!({"command": format!("echo round {n}")}))]
+            vec![Block::Tool(
+                "Bash",
+                json!({"command": format!("echo round {n}")}),
+            )]
         }
         Mode::EchoSecret { marker } => echo_secret(&Conversation::of(&body), &marker),
     };
-    let model = body.get("model").and_then(Value::as_str).unwrap_or("claude-scripted").to_string();
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("claude-scripted")
+        .to_string();
     let id = shared.ids.fetch_add(1, Ordering::Relaxed);
     let reply = Reply { id, model, blocks };
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
@@ -213,7 +252,9 @@ impl Conversation {
         let mut tool_results = Vec::new();
         for block in blocks_of(body) {
             match block.get("type").and_then(Value::as_str) {
-                Some("tool_use") => tool_uses.push(block["name"].as_str().unwrap_or_default().to_string()),
+                Some("tool_use") => {
+                    tool_uses.push(block["name"].as_str().unwrap_or_default().to_string())
+                }
                 Some("tool_result") => {
                     let mut texts = Vec::new();
                     collect_strings(block.get("content").unwrap_or(&Value::Null), &mut texts);
@@ -222,7 +263,11 @@ impl Conversation {
                 _ => {}
             }
         }
-        Conversation { cwd, tool_uses, tool_results }
+        Conversation {
+            cwd,
+            tool_uses,
+            tool_results,
+        }
     }
 
     fn used(&self, tool: &str) -> bool {
@@ -234,10 +279,16 @@ fn write_and_run(conversation: &Conversation) -> Vec<Block> {
     if !conversation.used("Write") {
         vec![
             Block::Text("I'll create hello.py.".into()),
-            Block::Tool("Write", json!({"file_path": format!("{}/hello.py", conversation.cwd), "content": HELLO_PY})),
+            Block::Tool(
+                "Write",
+                json!({"file_path": format!("{}/hello.py", conversation.cwd), "content": HELLO_PY}),
+            ),
         ]
     } else if !conversation.used("Bash") {
-        vec![Block::Tool("Bash", json!({"command": "python3 hello.py", "description": "Run hello.py"}))]
+        vec![Block::Tool(
+            "Bash",
+            json!({"command": "python3 hello.py", "description": "Run hello.py"}),
+        )]
     } else {
         vec![Block::Text("done".into())]
     }
@@ -253,7 +304,10 @@ fn echo_secret(conversation: &Conversation, marker: &str) -> Vec<Block> {
         .map(str::to_string);
     match secret {
         None if !conversation.used("Bash") => {
-            vec![Block::Tool("Bash", json!({"command": format!("echo {marker}=${marker}")}))]
+            vec![Block::Tool(
+                "Bash",
+                json!({"command": format!("echo {marker}=${marker}")}),
+            )]
         }
         Some(secret) if !conversation.used("Write") => vec![Block::Tool(
             "Write",
@@ -293,16 +347,20 @@ fn summarize(body: &Value) -> BodySummary {
             let role = m.get("role").and_then(Value::as_str).unwrap_or("?");
             let kinds: Vec<&str> = match m.get("content") {
                 Some(Value::String(_)) => vec!["text"],
-                Some(Value::Array(blocks)) => {
-                    blocks.iter().map(|b| b.get("type").and_then(Value::as_str).unwrap_or("?")).collect()
-                }
+                Some(Value::Array(blocks)) => blocks
+                    .iter()
+                    .map(|b| b.get("type").and_then(Value::as_str).unwrap_or("?"))
+                    .collect(),
                 _ => Vec::new(),
             };
             format!("{role}:{}", kinds.join(","))
         })
         .collect();
     BodySummary {
-        model: body.get("model").and_then(Value::as_str).map(str::to_string),
+        model: body
+            .get("model")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
         tools: body
             .get("tools")
@@ -341,7 +399,11 @@ const OUTPUT_TOKENS: u64 = 20;
 
 impl Reply {
     fn stop_reason(&self) -> &'static str {
-        if self.blocks.iter().any(|b| matches!(b, Block::Tool(..))) { "tool_use" } else { "end_turn" }
+        if self.blocks.iter().any(|b| matches!(b, Block::Tool(..))) {
+            "tool_use"
+        } else {
+            "end_turn"
+        }
     }
 
     fn tool_id(&self, index: usize) -> String {
@@ -426,7 +488,10 @@ impl Reply {
                     }
                 }
             }
-            event("content_block_stop", json!({"type": "content_block_stop", "index": index}));
+            event(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": index}),
+            );
         }
         event(
             "message_delta",
