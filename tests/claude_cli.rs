@@ -280,3 +280,45 @@ async fn echo_secret_leaks_the_value_into_text_and_file_name() {
     );
     assert!(scratch.work().join(format!("leak-{secret}.txt")).exists());
 }
+
+/// The parts of the endpoint the CLI only uses when something goes wrong: the
+/// non-streaming fallback after a broken stream, HEAD probes and unknown routes.
+#[tokio::test]
+async fn scripted_model_fallbacks() {
+    let model = ScriptedModel::start(Script::WriteAndRun).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/messages?beta=true", model.base_url());
+    let request = serde_json::json!({
+        "model": "m", "stream": false, "tools": [{"name": "Write"}],
+        "messages": [{"role": "system", "content": [{"type": "text", "text": " - Primary working directory: /w\n"}]}],
+    });
+    let reply: serde_json::Value = client
+        .post(&url)
+        .json(&request)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reply["type"], "message");
+    assert_eq!(reply["stop_reason"], "tool_use");
+    assert_eq!(reply["content"][1]["input"]["file_path"], "/w/hello.py");
+
+    let head = client
+        .head(model.base_url() + "/api/hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    let missing = client
+        .get(model.base_url() + "/v1/models")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let error: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["type"], "not_found_error");
+    assert_eq!(model.requests().len(), 3);
+}
