@@ -2,6 +2,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod agent;
 pub mod controller;
 pub mod crd;
 pub mod e2b;

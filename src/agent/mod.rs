@@ -1,0 +1,3 @@
+//! Running AI coding agents: what the operator needs to know about each agent CLI.
+
+pub mod stream_json;
