@@ -322,3 +322,90 @@ async fn scripted_model_fallbacks() {
     assert_eq!(error["error"]["type"], "not_found_error");
     assert_eq!(model.requests().len(), 3);
 }
+
+/// The way the operator runs the agent: inside an embedded sandbox as its non-root user
+/// (so bypass mode needs no `IS_SANDBOX`), under the recorder, with the CLI's install
+/// directory mounted read-only; the outcome is read back from the recorder's files.
+#[tokio::test]
+async fn runs_in_an_embedded_sandbox_as_its_user() {
+    use sandcastle::agent::invocation::{RUN_DIR, claude_code, parse_exit, recorded};
+    use sandcastle::e2b::client::{ClientConfig, E2bClient, SandboxSpec};
+    use sandcastle::e2b::envd_client::CommandSpec;
+    use sandcastle::sandboxd::{Config, Sandboxd};
+
+    let binary = claude().canonicalize().unwrap();
+    let install = binary
+        .ancestors()
+        .find(|dir| dir.file_name().is_some_and(|name| name == "node_modules"))
+        .and_then(Path::parent)
+        .expect("the CLI lives in an npm prefix")
+        .to_path_buf();
+    let scratch = Scratch::new("sandboxed");
+    let mut config = Config::new(scratch.0.join("sandboxd"));
+    config.host_paths = vec![install];
+    let server = Sandboxd::start(config).await.unwrap();
+    assert!(
+        server.is_isolated(),
+        "bubblewrap is needed (scripts/setup installs it)"
+    );
+    let client = E2bClient::new(ClientConfig::with_urls(
+        server.api_url(),
+        server.sandbox_url(),
+        "key",
+    ))
+    .unwrap();
+    let sandbox = client
+        .create_sandbox(&SandboxSpec::new("base", Duration::from_secs(120)))
+        .await
+        .unwrap();
+    let envd = client.envd(&sandbox);
+    let workspace = "/home/user/workspace";
+    assert!(envd.make_dir(workspace).await.unwrap());
+
+    let model = ScriptedModel::start(Script::WriteAndRun).await;
+    let agent = serde_json::from_value(serde_json::json!({})).unwrap();
+    let mut invocation = claude_code(&agent, "Create hello.py and run it");
+    invocation.cmd = binary.display().to_string();
+    let invocation = recorded(invocation, RUN_DIR);
+    let mut spec = CommandSpec::new(invocation.cmd).cwd(workspace);
+    spec.args = invocation.args;
+    spec.envs = invocation.env;
+    spec.envs
+        .insert("ANTHROPIC_BASE_URL".into(), model.base_url());
+    spec.envs.insert("ANTHROPIC_API_KEY".into(), API_KEY.into());
+    spec.envs
+        .insert("CLAUDE_CODE_MAX_RETRIES".into(), "0".into());
+    let wrapper = envd.start(&spec).await.unwrap().wait().await.unwrap();
+    assert_eq!(wrapper.exit_code, 0, "{wrapper:?}");
+
+    let read = |name: &'static str| {
+        let envd = envd.clone();
+        async move { envd.read_file(&format!("{RUN_DIR}/{name}")).await.unwrap() }
+    };
+    let stdout = read("stdout").await;
+    let stderr = String::from_utf8_lossy(&read("stderr").await).into_owned();
+    assert_eq!(
+        parse_exit(&String::from_utf8_lossy(&read("exit").await)),
+        Some(0),
+        "{stderr}"
+    );
+    let mut parser = StreamParser::new();
+    parser.feed(&stdout);
+    parser.finish();
+    assert_eq!(parser.verdict(), Verdict::Succeeded, "{stderr}");
+    let written = envd
+        .read_file(&format!("{workspace}/hello.py"))
+        .await
+        .unwrap();
+    assert_eq!(written, HELLO_PY.as_bytes());
+    let who = envd
+        .run("stat -c %U /home/user/workspace/hello.py")
+        .await
+        .unwrap();
+    assert_eq!(
+        who.stdout.trim(),
+        "user",
+        "the CLI ran as the sandbox's user"
+    );
+    server.stop().await;
+}

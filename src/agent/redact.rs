@@ -12,9 +12,10 @@ pub struct Redactor {
 pub const MARKER: &str = "[redacted]";
 
 impl Redactor {
-    /// Every value with a visible character counts, however short: over-redacting a common word is a
-    /// nuisance, leaking a short secret is not acceptable. Surrounding whitespace (a
-    /// trailing newline in a Secret created from a file) is matched without it too.
+    /// Every value with a visible character counts, however short: over-redacting a
+    /// common word is a nuisance, leaking a short secret is not acceptable. Surrounding
+    /// whitespace (a trailing newline in a Secret created from a file) is matched without
+    /// it too.
     pub fn new(values: impl IntoIterator<Item = String>) -> Self {
         let mut values: Vec<String> = values
             .into_iter()

@@ -36,6 +36,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// The longest sandbox lifetime a create or set-timeout may ask for.
     pub max_timeout: Duration,
+    /// Host directories every sandbox sees read-only at the same path: agent CLIs
+    /// installed outside `/usr`, for instance.
+    pub host_paths: Vec<PathBuf>,
 }
 
 impl Config {
@@ -51,6 +54,7 @@ impl Config {
             max_sandboxes: 100,
             max_body_bytes: 512 << 20,
             max_timeout: Duration::from_secs(24 * 3600),
+            host_paths: Vec::new(),
         }
     }
 }
@@ -123,6 +127,7 @@ impl Sandboxd {
             (_, Some(bwrap)) => Launcher::Bubblewrap {
                 bwrap,
                 network: config.network,
+                host_paths: config.host_paths.clone(),
             },
             (Isolation::Bubblewrap, None) => return Err(Error::BubblewrapMissing),
             (Isolation::Auto, None) => Launcher::Host,

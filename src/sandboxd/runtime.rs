@@ -143,7 +143,11 @@ pub fn sandbox_path(fs: &Path, host: &Path) -> String {
 /// How processes are started: inside bubblewrap, or directly on the host.
 #[derive(Clone, Debug)]
 pub enum Launcher {
-    Bubblewrap { bwrap: PathBuf, network: bool },
+    Bubblewrap {
+        bwrap: PathBuf,
+        network: bool,
+        host_paths: Vec<PathBuf>,
+    },
     Host,
 }
 
@@ -166,7 +170,11 @@ impl Launcher {
 
     pub fn command(&self, launch: &Launch<'_>) -> Command {
         let mut command = match self {
-            Launcher::Bubblewrap { bwrap, network } => {
+            Launcher::Bubblewrap {
+                bwrap,
+                network,
+                host_paths,
+            } => {
                 let mut command = Command::new(bwrap);
                 command.args([
                     "--die-with-parent",
@@ -197,6 +205,9 @@ impl Launcher {
                         }
                         Err(_) => {}
                     }
+                }
+                for path in host_paths {
+                    command.arg("--ro-bind").arg(path).arg(path);
                 }
                 for (name, _) in account_files() {
                     command
