@@ -344,6 +344,12 @@ fn serve(
     router: axum::Router,
     mut stopped: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
+    use axum::serve::ListenerExt;
+    // Output streams end each envelope with a short segment; with Nagle on it would wait
+    // for the peer's delayed ACK.
+    let listener = listener.tap_io(|stream| {
+        let _ = stream.set_nodelay(true);
+    });
     tokio::spawn(async move {
         let _ = axum::serve(listener, router)
             .with_graceful_shutdown(async move {
