@@ -27,6 +27,9 @@ enum Command {
         /// Template builds allowed to run at once; more wait in the `Queued` state.
         #[arg(long, env = "SANDCASTLE_MAX_CONCURRENT_BUILDS", default_value_t = 4)]
         max_concurrent_builds: usize,
+        /// How sandboxes invoke the Claude Code CLI: a name on their PATH or an absolute path.
+        #[arg(long, env = "SANDCASTLE_CLAUDE_COMMAND", default_value = "claude")]
+        claude_command: String,
         /// Seconds between checks that a Ready template still exists on its provider (one
         /// cheap call each); a vanished template is built again.
         #[arg(long, env = "SANDCASTLE_VERIFY_TEMPLATES_EVERY", default_value_t = 600)]
@@ -82,11 +85,13 @@ async fn main() -> ExitCode {
             log,
             embedded,
             max_concurrent_builds,
+            claude_command,
             verify_templates_every,
         } => {
             let settings = Limits {
                 max_concurrent_builds,
                 verify_templates_every: std::time::Duration::from_secs(verify_templates_every),
+                claude_command,
             };
             run(namespace, &log, embedded, settings).await
         }
@@ -160,12 +165,17 @@ struct EmbeddedArgs {
     sandboxd_api_key: Option<String>,
     #[arg(long, value_enum, default_value = "auto")]
     sandboxd_isolation: sandcastle::sandboxd::Isolation,
+    /// Host directories mounted read-only at the same path in every embedded sandbox
+    /// (an agent CLI installed outside /usr, say); `:`-separated in the variable.
+    #[arg(long, env = "SANDCASTLE_SANDBOXD_HOST_PATHS", value_delimiter = ':')]
+    sandboxd_host_path: Vec<PathBuf>,
 }
 
-/// The operator's pacing settings.
+/// The operator's settings beyond the cluster and the embedded server.
 struct Limits {
     max_concurrent_builds: usize,
     verify_templates_every: std::time::Duration,
+    claude_command: String,
 }
 
 async fn run(
@@ -205,6 +215,7 @@ async fn operate(
     config.api_port = embedded.sandboxd_api_port;
     config.envd_port = embedded.sandboxd_envd_port;
     config.isolation = embedded.sandboxd_isolation;
+    config.host_paths = embedded.sandboxd_host_path;
     let api_key = embedded
         .sandboxd_api_key
         .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
@@ -220,6 +231,7 @@ async fn operate(
         embedded,
         max_concurrent_builds: limits.max_concurrent_builds,
         verify_templates_every: limits.verify_templates_every,
+        claude_command: limits.claude_command,
     };
     let result = sandcastle::controller::run(client, scope, settings, async {
         let _ = terminated().await;
@@ -281,10 +293,12 @@ async fn dev(tools_bin: &std::path::Path, work_dir: &std::path::Path) -> Result<
         sandboxd_envd_port: 0,
         sandboxd_api_key: None,
         sandboxd_isolation: sandcastle::sandboxd::Isolation::Auto,
+        sandboxd_host_path: Vec::new(),
     };
     let limits = Limits {
         max_concurrent_builds: 4,
         verify_templates_every: std::time::Duration::from_secs(600),
+        claude_command: "claude".into(),
     };
     operate(
         client,

@@ -4,6 +4,7 @@
 //! Templates are built on their provider (`template`); tasks so far record that they were
 //! seen, so GitOps tools never mistake an empty status for a healthy one.
 
+mod task;
 mod template;
 
 use std::collections::{HashMap, HashSet};
@@ -27,7 +28,6 @@ use serde::Serialize;
 
 use crate::crd::{AgentTask, SandboxTemplate};
 use crate::e2b::client::E2bClient;
-use crate::status;
 
 /// The field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "sandcastle";
@@ -75,6 +75,9 @@ pub struct Settings {
     pub max_concurrent_builds: usize,
     /// How often a Ready template is checked to still exist on its provider.
     pub verify_templates_every: Duration,
+    /// How the Claude Code CLI is invoked inside sandboxes (a name on the sandbox's PATH,
+    /// or an absolute path).
+    pub claude_command: String,
 }
 
 struct Context {
@@ -83,6 +86,7 @@ struct Context {
     embedded: E2bClient,
     builds: BuildTracker,
     verify_templates_every: Duration,
+    claude_command: String,
 }
 
 /// Which templates are building (bounded by the operator setting) and how far each build's
@@ -197,13 +201,41 @@ pub async fn run(
         embedded: settings.embedded,
         builds: BuildTracker::new(settings.max_concurrent_builds),
         verify_templates_every: settings.verify_templates_every,
+        claude_command: settings.claude_command,
     });
     let (shutdown_tasks, shutdown_templates) = split_shutdown(shutdown);
     let tasks = Controller::new(
         scope.api::<DeserializeGuard<AgentTask>>(&client),
         watcher::Config::default().any_semantic(),
-    )
-    .graceful_shutdown_on(shutdown_tasks)
+    );
+    let task_store = tasks.store();
+    let secret_task_store = task_store.clone();
+    let tasks = tasks
+        .watches(
+            scope.api::<PartialObjectMeta<SandboxTemplate>>(&client),
+            watcher::Config::default().any_semantic(),
+            move |template| {
+                referring(&task_store, &template, |task: &AgentTask, name| {
+                    task.spec.template_ref.name == name
+                })
+            },
+        )
+        .watches(
+            scope.api::<PartialObjectMeta<Secret>>(&client),
+            watcher::Config::default().any_semantic(),
+            move |secret| {
+                referring(&secret_task_store, &secret, |task: &AgentTask, name| {
+                    task.spec.env_from.iter().any(|source| source.secret_ref.name == name)
+                        || task.spec.env.iter().any(|variable| {
+                            variable
+                                .value_from
+                                .as_ref()
+                                .is_some_and(|source| source.secret_key_ref.name == name)
+                        })
+                })
+            },
+        )
+        .graceful_shutdown_on(shutdown_tasks)
     .run(reconcile_task, error_policy, ctx.clone())
     .for_each(|result| async move { log_result("AgentTask", result) });
     let templates = Controller::new(
@@ -219,7 +251,7 @@ pub async fn run(
             scope.api::<PartialObjectMeta<ConfigMap>>(&client),
             watcher::Config::default().any_semantic(),
             move |config_map| {
-                referring_templates(&config_map_store, &config_map, |template, name| {
+                referring(&config_map_store, &config_map, |template: &SandboxTemplate, name| {
                     template.spec.build.as_ref().is_some_and(|build| {
                         crate::template_build::referenced_config_maps(build)
                             .iter()
@@ -232,7 +264,7 @@ pub async fn run(
             scope.api::<PartialObjectMeta<Secret>>(&client),
             watcher::Config::default().any_semantic(),
             move |secret| {
-                referring_templates(&store, &secret, |template, name| {
+                referring(&store, &secret, |template: &SandboxTemplate, name| {
                     template
                         .spec
                         .provider
@@ -249,21 +281,26 @@ pub async fn run(
     Ok(())
 }
 
-/// The templates in the object's namespace that `uses` says refer to it by name.
-fn referring_templates<K: Resource>(
-    store: &Store<DeserializeGuard<SandboxTemplate>>,
-    object: &K,
-    uses: impl Fn(&SandboxTemplate, &str) -> bool,
-) -> Vec<ObjectRef<DeserializeGuard<SandboxTemplate>>> {
+/// The objects of `store` in the other object's namespace that `uses` says refer to it
+/// by name.
+fn referring<K, Other>(
+    store: &Store<DeserializeGuard<K>>,
+    object: &Other,
+    uses: impl Fn(&K, &str) -> bool,
+) -> Vec<ObjectRef<DeserializeGuard<K>>>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    Other: Resource,
+{
     let namespace = object.meta().namespace.clone();
     let name = object.meta().name.clone().unwrap_or_default();
     store
         .state()
         .iter()
         .filter_map(|guard| guard.0.as_ref().ok())
-        .filter(|template| template.metadata.namespace == namespace && uses(template, &name))
-        .map(|template| {
-            ObjectRef::new(&template.name_any()).within(namespace.as_deref().unwrap_or_default())
+        .filter(|referrer| referrer.meta().namespace == namespace && uses(referrer, &name))
+        .map(|referrer| {
+            ObjectRef::new(&referrer.name_any()).within(namespace.as_deref().unwrap_or_default())
         })
         .collect()
 }
@@ -303,22 +340,10 @@ async fn reconcile_task(
     guard: Arc<DeserializeGuard<AgentTask>>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    let Some(task) = valid(&guard) else {
-        return Ok(Action::await_change());
-    };
-    let previous = task.status.as_ref();
-    if status::is_observed(
-        previous.and_then(|s| s.observed_generation),
-        task.metadata.generation,
-    ) {
-        return Ok(Action::await_change());
+    match valid(&guard) {
+        Some(task) => task::reconcile(Arc::new(task.clone()), ctx).await,
+        None => Ok(Action::await_change()),
     }
-    let conditions = previous
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
-    let status = status::pending_task(conditions, task.metadata.generation, &now());
-    apply_status(&ctx.client, task, &status).await?;
-    Ok(Action::await_change())
 }
 
 #[tracing::instrument(skip_all, fields(namespace = guard_namespace(&guard), name = guard_name(&guard)))]

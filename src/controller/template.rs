@@ -44,9 +44,9 @@ fn provider_identity(template: &SandboxTemplate) -> String {
 }
 
 /// A reason the reconcile stops short, recorded in status rather than retried blindly.
-struct Blocked {
+pub(super) struct Blocked {
     reason: Reason,
-    message: String,
+    pub(super) message: String,
 }
 
 impl Blocked {
@@ -194,7 +194,10 @@ async fn publish(
 
 /// The template's provider: the spec's E2B account (its API key from a Secret), else the
 /// operator's embedded server.
-async fn resolve_provider(ctx: &Context, template: &SandboxTemplate) -> Result<E2bClient, Blocked> {
+pub(super) async fn resolve_provider(
+    ctx: &Context,
+    template: &SandboxTemplate,
+) -> Result<E2bClient, Blocked> {
     let e2b = template
         .spec
         .provider

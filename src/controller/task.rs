@@ -1,0 +1,769 @@
+//! The `AgentTask` reconciler. Each pass looks at where the task stands and takes one
+//! step: wait for the template and the Secrets, create (or adopt) the sandbox, start the
+//! agent under the recorder, follow it, and finish from the recorder's files. Everything
+//! it needs to resume lives in the status or in the sandbox, so a restart loses nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, DeleteParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+
+use super::{Context, Error, apply_status, now};
+use crate::agent::files::{self, Listed, Listing};
+use crate::agent::invocation::{self, AGENT_TAG, Invocation, RUN_DIR};
+use crate::agent::redact::Redactor;
+use crate::agent::stream_json::{FailureReason, StreamParser, Verdict};
+use crate::crd::{
+    AgentTask, AgentTaskStatus, CONDITION_READY, CONDITION_RECONCILING, CONDITION_STALLED,
+    OutputFile, Progress, SandboxTemplate, TaskPhase, TaskResult, TemplatePhase, Usage,
+};
+use crate::e2b::client::{E2bClient, ListQuery, SandboxSpec};
+use crate::e2b::envd::FileType;
+use crate::e2b::envd_client::{CommandSpec, EnvdClient};
+use crate::e2b::error::Error as ProviderError;
+use crate::status::condition;
+use crate::template_build::truncate;
+
+pub const FINALIZER: &str = "sandcastle.dev/task-cleanup";
+/// Metadata the operator stamps on every sandbox it creates, to find it again.
+pub const TASK_UID: &str = "sandcastle.dev/task-uid";
+const TASK_NAMESPACE: &str = "sandcastle.dev/task-namespace";
+const TASK_NAME: &str = "sandcastle.dev/task-name";
+const FOLLOW_INTERVAL: Duration = Duration::from_secs(2);
+const WAIT_INTERVAL: Duration = Duration::from_secs(5);
+/// The sandbox outlives the task's deadline by this much, as the provider's own dead-man
+/// switch should the operator be gone.
+const SANDBOX_GRACE: Duration = Duration::from_secs(120);
+/// The most of the agent's stdout the command agent's result keeps.
+const RESULT_TAIL: usize = 4096;
+/// Progress is written at most this often.
+const PROGRESS_INTERVAL: i64 = 5;
+const BEFORE_LISTING: &str = "before.json";
+const STARTED_MARKER: &str = "started";
+const CONDITION_SUCCEEDED: &str = "Succeeded";
+
+pub async fn reconcile(task: Arc<AgentTask>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = task.namespace().unwrap_or_default();
+    let api: Api<AgentTask> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&api, FINALIZER, task, |event| async {
+        match event {
+            Finalizer::Apply(task) => apply(&task, &ctx).await,
+            Finalizer::Cleanup(task) => cleanup(&task, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|error| Error::Finalizer(Box::new(error)))
+}
+
+fn previous(task: &AgentTask) -> AgentTaskStatus {
+    task.status.clone().unwrap_or_default()
+}
+
+fn is_terminal(phase: Option<TaskPhase>) -> bool {
+    matches!(phase, Some(TaskPhase::Succeeded | TaskPhase::Failed))
+}
+
+/// The status with phase, reason and conditions for `phase`, everything else kept.
+fn staged(
+    task: &AgentTask,
+    phase: TaskPhase,
+    reason: &str,
+    message: &str,
+    change: impl FnOnce(&mut AgentTaskStatus),
+) -> AgentTaskStatus {
+    let mut status = previous(task);
+    let generation = task.metadata.generation;
+    let at = now();
+    let message = truncate(message, 4096);
+    let flag = |value: bool| if value { "True" } else { "False" };
+    let terminal = is_terminal(Some(phase));
+    let mut conditions = vec![
+        condition(
+            &status.conditions,
+            CONDITION_READY,
+            flag(phase == TaskPhase::Succeeded),
+            reason,
+            &message,
+            generation,
+            &at,
+        ),
+        condition(
+            &status.conditions,
+            CONDITION_RECONCILING,
+            flag(!terminal),
+            reason,
+            &message,
+            generation,
+            &at,
+        ),
+        condition(
+            &status.conditions,
+            CONDITION_STALLED,
+            "False",
+            reason,
+            &message,
+            generation,
+            &at,
+        ),
+    ];
+    if terminal {
+        conditions.push(condition(
+            &status.conditions,
+            CONDITION_SUCCEEDED,
+            flag(phase == TaskPhase::Succeeded),
+            reason,
+            &message,
+            generation,
+            &at,
+        ));
+    }
+    status.conditions = conditions;
+    status.phase = Some(phase);
+    status.observed_generation = generation;
+    status.reason = Some(reason.to_string());
+    status.message = Some(message);
+    change(&mut status);
+    status
+}
+
+async fn write(ctx: &Context, task: &AgentTask, status: AgentTaskStatus) -> Result<(), Error> {
+    apply_status(&ctx.client, task, &status).await
+}
+
+/// Writes a waiting stage unless the status already says exactly that.
+async fn wait(
+    ctx: &Context,
+    task: &AgentTask,
+    reason: &str,
+    message: &str,
+    again: Duration,
+) -> Result<Action, Error> {
+    let status = previous(task);
+    if status.reason.as_deref() != Some(reason) || status.message.as_deref() != Some(message) {
+        let phase = status.phase.filter(|phase| *phase != TaskPhase::Queued).unwrap_or(TaskPhase::Pending);
+        write(ctx, task, staged(task, phase, reason, message, |_| {})).await?;
+    }
+    Ok(Action::requeue(again))
+}
+
+async fn publish(ctx: &Context, task: &AgentTask, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(truncate(&note, 1000)),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &task.object_ref(&())).await {
+        tracing::warn!(%error, reason, "cannot publish event");
+    }
+}
+
+/// The agent's environment from the spec, with the Secret values it used (for redaction).
+/// A missing Secret or key is named in the error, its value never.
+async fn resolve_env(
+    ctx: &Context,
+    task: &AgentTask,
+) -> Result<(BTreeMap<String, String>, Vec<String>), String> {
+    let namespace = task.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut cache: BTreeMap<String, Option<Secret>> = BTreeMap::new();
+    let mut env = BTreeMap::new();
+    let mut values = Vec::new();
+    for source in &task.spec.env_from {
+        let name = &source.secret_ref.name;
+        let secret = fetch(&secrets, &mut cache, name).await?;
+        match secret {
+            Some(secret) => {
+                for (key, value) in secret.data.unwrap_or_default() {
+                    let value = String::from_utf8_lossy(&value.0).into_owned();
+                    let prefix = source.prefix.clone().unwrap_or_default();
+                    values.push(value.clone());
+                    env.insert(format!("{prefix}{key}"), value);
+                }
+            }
+            None if source.secret_ref.optional => {}
+            None => return Err(format!("Secret {name} does not exist")),
+        }
+    }
+    for variable in &task.spec.env {
+        if let Some(value) = &variable.value {
+            env.insert(variable.name.clone(), value.clone());
+            continue;
+        }
+        let Some(source) = &variable.value_from else {
+            continue;
+        };
+        let selector = &source.secret_key_ref;
+        let secret = fetch(&secrets, &mut cache, &selector.name).await?;
+        let value = secret
+            .as_ref()
+            .and_then(|secret| secret.data.as_ref())
+            .and_then(|data| data.get(&selector.key))
+            .map(|value| String::from_utf8_lossy(&value.0).into_owned());
+        match value {
+            Some(value) => {
+                values.push(value.clone());
+                env.insert(variable.name.clone(), value);
+            }
+            None if selector.optional => {}
+            None if secret.is_none() => return Err(format!("Secret {} does not exist", selector.name)),
+            None => return Err(format!("Secret {} has no key {}", selector.name, selector.key)),
+        }
+    }
+    Ok((env, values))
+}
+
+async fn fetch(
+    secrets: &Api<Secret>,
+    cache: &mut BTreeMap<String, Option<Secret>>,
+    name: &str,
+) -> Result<Option<Secret>, String> {
+    if let Some(found) = cache.get(name) {
+        return Ok(found.clone());
+    }
+    let found = secrets
+        .get_opt(name)
+        .await
+        .map_err(|error| format!("cannot read Secret {name}: {error}"))?;
+    cache.insert(name.to_string(), found.clone());
+    Ok(found)
+}
+
+fn deadline(task: &AgentTask) -> Option<jiff::Timestamp> {
+    let status = previous(task);
+    let started = status
+        .start_time
+        .map(|time| time.0)
+        .or_else(|| task.metadata.creation_timestamp.as_ref().map(|time| time.0))?;
+    started.checked_add(jiff::SignedDuration::from_secs(task.spec.active_deadline_seconds)).ok()
+}
+
+async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
+    let status = previous(task);
+    if is_terminal(status.phase) {
+        return expire(task, ctx, &status).await;
+    }
+    if let Some(deadline) = deadline(task)
+        && jiff::Timestamp::now() >= deadline
+    {
+        kill_sandboxes(ctx, task, status.sandbox_id.as_deref()).await;
+        let message = format!("the task did not finish within {} s", task.spec.active_deadline_seconds);
+        return fail(ctx, task, "DeadlineExceeded", &message, |_| {}).await;
+    }
+    let namespace = task.namespace().unwrap_or_default();
+    let templates: Api<SandboxTemplate> = Api::namespaced(ctx.client.clone(), &namespace);
+    let template_name = &task.spec.template_ref.name;
+    let template = templates.get_opt(template_name).await?;
+    let ready = template.as_ref().and_then(|template| {
+        let status = template.status.as_ref()?;
+        (status.phase == Some(TemplatePhase::Ready)).then(|| status.clone())
+    });
+    let (Some(template), Some(template_status)) = (template, ready) else {
+        let message = format!("waiting for SandboxTemplate {template_name} to be Ready");
+        return wait(ctx, task, "TemplateNotReady", &message, WAIT_INTERVAL).await;
+    };
+    let (env, secret_values) = match resolve_env(ctx, task).await {
+        Ok(resolved) => resolved,
+        Err(message) => return wait(ctx, task, "MissingSecret", &message, WAIT_INTERVAL * 2).await,
+    };
+    let redactor = Redactor::new(secret_values);
+    let provider = match super::template::resolve_provider(ctx, &template).await {
+        Ok(provider) => provider,
+        Err(blocked) => {
+            return wait(ctx, task, "ProviderUnavailable", &blocked.message, WAIT_INTERVAL * 3).await;
+        }
+    };
+    let Some(sandbox_id) = status.sandbox_id.clone() else {
+        return provision(task, ctx, &provider, &template_status).await;
+    };
+    let detail = match provider.get_sandbox(&sandbox_id).await {
+        Ok(detail) => detail,
+        Err(error) if error.is_not_found() => {
+            return retry(task, ctx, &provider, "SandboxLost", "the sandbox disappeared").await;
+        }
+        Err(error) => {
+            return wait(ctx, task, "ProviderUnavailable", &redactor.redact(&error.to_string()), WAIT_INTERVAL * 3).await;
+        }
+    };
+    let envd = provider.envd(&detail);
+    run(task, ctx, &provider, &envd, env, &redactor).await
+}
+
+/// Creates the sandbox, or adopts the one an earlier pass created before it could record
+/// it: never two live sandboxes for one task.
+async fn provision(
+    task: &AgentTask,
+    ctx: &Context,
+    provider: &E2bClient,
+    template: &crate::crd::SandboxTemplateStatus,
+) -> Result<Action, Error> {
+    let uid = task.metadata.uid.clone().unwrap_or_default();
+    let query = ListQuery {
+        metadata: BTreeMap::from([(TASK_UID.to_string(), uid.clone())]),
+        ..ListQuery::default()
+    };
+    let existing = match provider.list_sandboxes(&query).await {
+        Ok(found) => found.into_iter().next().map(|sandbox| sandbox.sandbox_id),
+        Err(error) => return wait(ctx, task, "ProviderUnavailable", &error.to_string(), WAIT_INTERVAL * 3).await,
+    };
+    let attempts = previous(task).attempts.unwrap_or(0);
+    let (sandbox_id, attempts) = match existing {
+        Some(id) => (id, attempts.max(1)),
+        None => {
+            let remaining = deadline(task)
+                .map(|deadline| (deadline - jiff::Timestamp::now()).get_seconds().max(1) as u64)
+                .unwrap_or(task.spec.active_deadline_seconds as u64);
+            let mut spec = SandboxSpec::new(
+                template.template_id.clone().unwrap_or_default(),
+                Duration::from_secs(remaining) + SANDBOX_GRACE,
+            );
+            spec.metadata = BTreeMap::from([
+                (TASK_UID.to_string(), uid),
+                (TASK_NAMESPACE.to_string(), task.namespace().unwrap_or_default()),
+                (TASK_NAME.to_string(), task.name_any()),
+            ]);
+            match provider.create_sandbox(&spec).await {
+                Ok(sandbox) => (sandbox.sandbox_id, attempts + 1),
+                Err(error) if matches!(error, ProviderError::RateLimited { .. }) => {
+                    let again = error.retry_after().unwrap_or(WAIT_INTERVAL * 3);
+                    return wait(ctx, task, "ProviderBusy", &error.to_string(), again).await;
+                }
+                Err(error) => {
+                    return wait(ctx, task, "ProviderUnavailable", &error.to_string(), WAIT_INTERVAL * 3).await;
+                }
+            }
+        }
+    };
+    let message = format!("sandbox {sandbox_id} is being prepared");
+    let status = staged(task, TaskPhase::Provisioning, "Provisioning", &message, |status| {
+        status.sandbox_id = Some(sandbox_id.clone());
+        status.template_id = template.template_id.clone();
+        status.build_id = template.build_id.clone();
+        status.attempts = Some(attempts);
+        if status.start_time.is_none() {
+            status.start_time = Some(now());
+        }
+    });
+    write(ctx, task, status).await?;
+    publish(ctx, task, EventType::Normal, "SandboxCreated", message).await;
+    Ok(Action::requeue(Duration::from_millis(100)))
+}
+
+fn run_file(name: &str) -> String {
+    format!("{RUN_DIR}/{name}")
+}
+
+/// One step with a live sandbox: finish from the recorder's files, follow the agent, or
+/// start it.
+async fn run(
+    task: &AgentTask,
+    ctx: &Context,
+    provider: &E2bClient,
+    envd: &EnvdClient,
+    env: BTreeMap<String, String>,
+    redactor: &Redactor,
+) -> Result<Action, Error> {
+    match envd.read_file(&run_file("exit")).await {
+        Ok(exit) => return finish(task, ctx, provider, envd, &exit, redactor).await,
+        Err(error) if error.is_not_found() => {}
+        Err(error) if error.is_sandbox_gone() => {
+            return retry(task, ctx, provider, "SandboxLost", "the sandbox disappeared").await;
+        }
+        Err(error) => {
+            return wait(ctx, task, "ProviderUnavailable", &redactor.redact(&error.to_string()), WAIT_INTERVAL).await;
+        }
+    }
+    let running = envd
+        .list_processes()
+        .await
+        .map(|processes| processes.iter().any(|process| process.tag.as_deref() == Some(AGENT_TAG)))
+        .unwrap_or(false);
+    if running {
+        return follow(task, ctx, envd).await;
+    }
+    if envd.exists(&run_file(STARTED_MARKER)).await.unwrap_or(false) {
+        // Started, gone, and no exit recorded: the agent was killed from outside.
+        return retry(task, ctx, provider, "AgentLost", "the agent process ended without a recorded exit").await;
+    }
+    start(task, ctx, envd, env).await
+}
+
+fn workspace(task: &AgentTask) -> String {
+    task.spec.workspace.path.trim_end_matches('/').to_string()
+}
+
+async fn start(
+    task: &AgentTask,
+    ctx: &Context,
+    envd: &EnvdClient,
+    env: BTreeMap<String, String>,
+) -> Result<Action, Error> {
+    let workspace = workspace(task);
+    let prepared = async {
+        let _ = envd.make_dir(&workspace).await?;
+        let namespace = task.namespace().unwrap_or_default();
+        let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+        for file in &task.spec.workspace.files {
+            let content = match (&file.content, &file.config_map_key_ref) {
+                (Some(content), _) => content.clone().into_bytes(),
+                (None, Some(selector)) => {
+                    let config_map = config_maps.get_opt(&selector.name).await.ok().flatten();
+                    let data = config_map.and_then(|config_map| config_map.data).unwrap_or_default();
+                    match data.get(&selector.key) {
+                        Some(value) => value.clone().into_bytes(),
+                        None => {
+                            return Err(ProviderError::InvalidArgument(format!(
+                                "ConfigMap {} has no key {}",
+                                selector.name, selector.key
+                            )));
+                        }
+                    }
+                }
+                (None, None) => Vec::new(),
+            };
+            envd.write_file(&format!("{workspace}/{}", file.path), content).await?;
+        }
+        let before = listing(envd, &workspace).await?;
+        envd.write_file(&run_file(BEFORE_LISTING), serde_json::to_vec(&listing_json(&before)).expect("listing serializes"))
+            .await?;
+        envd.write_file(&run_file(STARTED_MARKER), Vec::new()).await?;
+        Ok::<_, ProviderError>(())
+    }
+    .await;
+    if let Err(error) = prepared {
+        if let ProviderError::InvalidArgument(message) = &error {
+            return fail(ctx, task, "InvalidWorkspace", message, |_| {}).await;
+        }
+        return wait(ctx, task, "ProviderUnavailable", &error.to_string(), WAIT_INTERVAL).await;
+    }
+    let agent = agent_invocation(task, ctx);
+    let mut invocation = invocation::recorded(agent, RUN_DIR);
+    invocation.env.extend(env);
+    let spec = CommandSpec {
+        cmd: invocation.cmd,
+        args: invocation.args,
+        envs: invocation.env,
+        cwd: Some(workspace),
+        tag: Some(AGENT_TAG.into()),
+        timeout: None,
+        stdin: false,
+    };
+    // The stream is dropped at once: the process keeps running and its outcome is read
+    // from the recorder's files, never from this stream.
+    if let Err(error) = envd.start(&spec).await {
+        return wait(ctx, task, "ProviderUnavailable", &error.to_string(), WAIT_INTERVAL).await;
+    }
+    let status = staged(task, TaskPhase::Running, "Running", "the agent is running", |_| {});
+    write(ctx, task, status).await?;
+    publish(ctx, task, EventType::Normal, "Started", "the agent started".into()).await;
+    Ok(Action::requeue(FOLLOW_INTERVAL))
+}
+
+fn agent_invocation(task: &AgentTask, ctx: &Context) -> Invocation {
+    let prompt = task.spec.prompt.as_deref();
+    match task.spec.agent.as_ref().and_then(|agent| agent.command.as_ref()) {
+        Some(command) => invocation::command(command, prompt),
+        None => {
+            let defaults = serde_json::from_value(serde_json::json!({})).expect("defaults");
+            let spec = task
+                .spec
+                .agent
+                .as_ref()
+                .and_then(|agent| agent.claude_code.clone())
+                .unwrap_or(defaults);
+            let mut invocation = invocation::claude_code(&spec, prompt.unwrap_or_default());
+            invocation.cmd = ctx.claude_command.clone();
+            invocation
+        }
+    }
+}
+
+fn is_claude(task: &AgentTask) -> bool {
+    task.spec.agent.as_ref().and_then(|agent| agent.command.as_ref()).is_none()
+}
+
+/// Progress from the transcript so far, written at most every few seconds.
+async fn follow(task: &AgentTask, ctx: &Context, envd: &EnvdClient) -> Result<Action, Error> {
+    let status = previous(task);
+    if status.phase != Some(TaskPhase::Running) {
+        write(ctx, task, staged(task, TaskPhase::Running, "Running", "the agent is running", |_| {})).await?;
+        return Ok(Action::requeue(FOLLOW_INTERVAL));
+    }
+    if !is_claude(task) {
+        return Ok(Action::requeue(FOLLOW_INTERVAL));
+    }
+    let due = status
+        .progress
+        .as_ref()
+        .and_then(|progress| progress.updated_at.as_ref())
+        .is_none_or(|at| (jiff::Timestamp::now() - at.0).get_seconds() >= PROGRESS_INTERVAL);
+    if due && let Ok(transcript) = envd.read_file(&run_file("stdout")).await {
+        let mut parser = StreamParser::new();
+        parser.feed(&transcript);
+        let seen = parser.progress();
+        let turns = i64::from(seen.turns);
+        let changed = status.progress.as_ref().is_none_or(|progress| {
+            progress.turns != turns || progress.last_tool != seen.last_tool
+        });
+        if changed {
+            let mut status = status;
+            status.progress = Some(Progress {
+                turns,
+                last_tool: seen.last_tool.clone(),
+                updated_at: Some(now()),
+            });
+            write(ctx, task, status).await?;
+        }
+    }
+    Ok(Action::requeue(FOLLOW_INTERVAL))
+}
+
+fn listing_json(listing: &Listing) -> BTreeMap<String, (i64, Option<String>)> {
+    listing
+        .iter()
+        .map(|(path, listed)| (path.clone(), (listed.size, listed.modified.clone())))
+        .collect()
+}
+
+fn listing_from_json(bytes: &[u8]) -> Listing {
+    serde_json::from_slice::<BTreeMap<String, (i64, Option<String>)>>(bytes)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(path, (size, modified))| (path, Listed { size, modified }))
+        .collect()
+}
+
+/// The regular files under the workspace, by path relative to it.
+async fn listing(envd: &EnvdClient, workspace: &str) -> Result<Listing, ProviderError> {
+    let entries = envd.list_dir(workspace, 64).await?;
+    let prefix = format!("{workspace}/");
+    Ok(entries
+        .into_iter()
+        .filter(|entry| entry.kind == FileType::File)
+        .filter_map(|entry| {
+            let relative = entry.path.strip_prefix(&prefix)?.to_string();
+            Some((
+                relative,
+                Listed {
+                    size: entry.size,
+                    modified: entry.modified_time,
+                },
+            ))
+        })
+        .collect())
+}
+
+/// Reads the outcome the recorder left, lists the changed files, kills the sandbox and
+/// records the verdict.
+async fn finish(
+    task: &AgentTask,
+    ctx: &Context,
+    provider: &E2bClient,
+    envd: &EnvdClient,
+    exit: &[u8],
+    redactor: &Redactor,
+) -> Result<Action, Error> {
+    let exit_code = invocation::parse_exit(&String::from_utf8_lossy(exit));
+    let stdout = envd.read_file(&run_file("stdout")).await.unwrap_or_default();
+    let stderr = envd.read_file(&run_file("stderr")).await.unwrap_or_default();
+    let workspace = workspace(task);
+    let before = envd
+        .read_file(&run_file(BEFORE_LISTING))
+        .await
+        .map(|bytes| listing_from_json(&bytes))
+        .unwrap_or_default();
+    let after = listing(envd, &workspace).await.unwrap_or_default();
+    let outputs = &task.spec.outputs;
+    let changes = match files::exclusions(&outputs.exclude) {
+        Ok(exclude) => files::changes(&before, &after, &exclude, outputs.max_files.max(0) as usize),
+        Err(error) => return fail(ctx, task, "InvalidOutputs", &error.to_string(), |_| {}).await,
+    };
+    let mut result = TaskResult {
+        exit_code,
+        ..TaskResult::default()
+    };
+    let mut usage = None;
+    let verdict = if is_claude(task) {
+        let mut parser = StreamParser::new();
+        parser.feed(&stdout);
+        parser.finish();
+        if let Some(outcome) = parser.outcome() {
+            let text = redactor.redact(outcome.result.as_deref().unwrap_or_default());
+            result.text = truncate(&text, RESULT_TAIL);
+            result.truncated = outcome.result_truncated || text.chars().count() > RESULT_TAIL;
+            result.is_error = outcome.is_error;
+            result.subtype = Some(outcome.subtype.clone());
+            result.num_turns = outcome.num_turns.map(i64::from);
+            result.duration_ms = outcome.duration_ms.map(|ms| ms as i64);
+            result.session_id = outcome.session_id.clone();
+            result.permission_denials = Some(outcome.permission_denials as i64);
+            usage = Some(Usage {
+                input_tokens: outcome.usage.input_tokens as i64,
+                output_tokens: outcome.usage.output_tokens as i64,
+                cache_creation_input_tokens: outcome.usage.cache_creation_input_tokens as i64,
+                cache_read_input_tokens: outcome.usage.cache_read_input_tokens as i64,
+                cost_usd: outcome.total_cost_usd.clone(),
+            });
+        }
+        parser.verdict()
+    } else {
+        let text = String::from_utf8_lossy(&stdout);
+        let text = redactor.redact(&text);
+        let chars = text.chars().count();
+        result.truncated = chars > RESULT_TAIL;
+        result.text = text.chars().skip(chars.saturating_sub(RESULT_TAIL)).collect();
+        result.is_error = exit_code != Some(0);
+        match exit_code {
+            Some(0) => Verdict::Succeeded,
+            Some(code) => Verdict::Failed {
+                reason: FailureReason::AgentError,
+                message: format!("the command exited with code {code}"),
+            },
+            None => Verdict::Incomplete,
+        }
+    };
+    if verdict == Verdict::Incomplete {
+        let detail = redactor.redact(&String::from_utf8_lossy(&stderr));
+        let message = format!("the agent ended without a result: {}", truncate(detail.trim(), 512));
+        return retry(task, ctx, provider, "AgentIncomplete", &message).await;
+    }
+    kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
+    let record = |status: &mut AgentTaskStatus| {
+        status.result = Some(result.clone());
+        status.usage = usage.clone();
+        status.files = changes
+            .files
+            .iter()
+            .map(|file| OutputFile {
+                path: redactor.redact(&file.path),
+                size: file.size,
+            })
+            .collect();
+        status.file_count = Some(changes.count as i64);
+        status.files_truncated = changes.truncated;
+        status.completion_time = Some(now());
+    };
+    match verdict {
+        Verdict::Succeeded => {
+            let status = staged(task, TaskPhase::Succeeded, "Succeeded", "the agent finished", record);
+            write(ctx, task, status).await?;
+            publish(ctx, task, EventType::Normal, "Succeeded", "the agent finished".into()).await;
+            Ok(Action::await_change())
+        }
+        Verdict::Failed { reason, message } => {
+            let reason = match reason {
+                FailureReason::MaxTurns => "MaxTurns",
+                FailureReason::ApiError { .. } => "AgentApiError",
+                FailureReason::AgentError => "AgentFailed",
+            };
+            fail(ctx, task, reason, &redactor.redact(&message), record).await
+        }
+        Verdict::Incomplete => unreachable!("handled above"),
+    }
+}
+
+async fn fail(
+    ctx: &Context,
+    task: &AgentTask,
+    reason: &str,
+    message: &str,
+    change: impl FnOnce(&mut AgentTaskStatus),
+) -> Result<Action, Error> {
+    let status = staged(task, TaskPhase::Failed, reason, message, |status| {
+        if status.completion_time.is_none() {
+            status.completion_time = Some(now());
+        }
+        change(status);
+    });
+    write(ctx, task, status).await?;
+    publish(ctx, task, EventType::Warning, reason, message.to_string()).await;
+    Ok(Action::await_change())
+}
+
+/// An infrastructure failure: a new attempt in a new sandbox while `backoffLimit` allows,
+/// the old sandbox killed first; otherwise Failed.
+async fn retry(
+    task: &AgentTask,
+    ctx: &Context,
+    provider: &E2bClient,
+    reason: &str,
+    message: &str,
+) -> Result<Action, Error> {
+    let status = previous(task);
+    if let Some(id) = &status.sandbox_id {
+        let _ = provider.kill_sandbox(id).await;
+    }
+    let attempts = status.attempts.unwrap_or(1);
+    if attempts > task.spec.backoff_limit {
+        let message = format!("{message} (after {attempts} attempts)");
+        return fail(ctx, task, reason, &message, |status| status.sandbox_id = None).await;
+    }
+    let status = staged(task, TaskPhase::Pending, reason, &format!("{message}; retrying"), |status| {
+        status.sandbox_id = None;
+        status.progress = None;
+    });
+    write(ctx, task, status).await?;
+    publish(ctx, task, EventType::Warning, reason, message.to_string()).await;
+    let backoff = Duration::from_secs(2u64.saturating_pow(attempts.clamp(0, 6) as u32));
+    Ok(Action::requeue(backoff))
+}
+
+/// Kills the task's sandbox, by ID and by its metadata (one created but not yet recorded).
+async fn kill_sandboxes(ctx: &Context, task: &AgentTask, recorded: Option<&str>) {
+    let Some(template) = template_of(ctx, task).await else {
+        if let Some(id) = recorded {
+            let _ = ctx.embedded.kill_sandbox(id).await;
+        }
+        return;
+    };
+    let provider = match super::template::resolve_provider(ctx, &template).await {
+        Ok(provider) => provider,
+        Err(_) => ctx.embedded.clone(),
+    };
+    if let Some(id) = recorded {
+        let _ = provider.kill_sandbox(id).await;
+    }
+    let query = ListQuery {
+        metadata: BTreeMap::from([(TASK_UID.to_string(), task.metadata.uid.clone().unwrap_or_default())]),
+        ..ListQuery::default()
+    };
+    if let Ok(found) = provider.list_sandboxes(&query).await {
+        for sandbox in found {
+            let _ = provider.kill_sandbox(&sandbox.sandbox_id).await;
+        }
+    }
+}
+
+async fn template_of(ctx: &Context, task: &AgentTask) -> Option<SandboxTemplate> {
+    let namespace = task.namespace().unwrap_or_default();
+    let templates: Api<SandboxTemplate> = Api::namespaced(ctx.client.clone(), &namespace);
+    templates.get_opt(&task.spec.template_ref.name).await.ok().flatten()
+}
+
+/// Deletes a finished task once its `ttlSecondsAfterFinished` has passed.
+async fn expire(task: &AgentTask, ctx: &Context, status: &AgentTaskStatus) -> Result<Action, Error> {
+    let (Some(ttl), Some(done)) = (task.spec.ttl_seconds_after_finished, &status.completion_time) else {
+        return Ok(Action::await_change());
+    };
+    let expires = done.0.checked_add(jiff::SignedDuration::from_secs(ttl)).unwrap_or(done.0);
+    let left = expires - jiff::Timestamp::now();
+    if left.get_seconds() > 0 {
+        return Ok(Action::requeue(Duration::from_secs(left.get_seconds() as u64)));
+    }
+    let api: Api<AgentTask> = Api::namespaced(ctx.client.clone(), &task.namespace().unwrap_or_default());
+    api.delete(&task.name_any(), &DeleteParams::default()).await?;
+    Ok(Action::await_change())
+}
+
+/// A deleted task takes its sandbox with it.
+async fn cleanup(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
+    kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
+    Ok(Action::await_change())
+}
