@@ -8,8 +8,15 @@
 mod cases;
 #[path = "support/cluster.rs"]
 mod cluster;
+// The scripted model serves the Claude Code tests here and in tests/claude_cli.rs, which
+// use more of it.
+#[allow(dead_code)]
+#[path = "support/model.rs"]
+mod model;
 #[path = "support/operator.rs"]
 mod operator;
+#[path = "controlplane/tasks.rs"]
+mod tasks;
 #[path = "controlplane/templates.rs"]
 mod templates;
 
@@ -24,6 +31,7 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams}
 use libtest_mimic::{Arguments, Trial};
 use sandcastle::crd::{AgentTask, SandboxTemplate};
 use serde_json::{Value, json};
+use tasks::*;
 use templates::*;
 
 type TestFn = fn(Arc<TestEnv>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -68,6 +76,10 @@ fn main() -> ExitCode {
         a_restart_mid_build_follows_the_same_build,
         a_template_deleted_behind_the_operators_back_is_rebuilt,
         builds_wait_for_a_slot_and_for_their_config_map,
+        a_command_task_reports_its_files_and_frees_its_sandbox,
+        a_task_waits_for_its_secret_and_never_shows_the_value,
+        deadlines_and_deletion_kill_the_sandbox,
+        claude_code_runs_for_real_against_the_scripted_model,
     ]
     .into_iter()
     .map(|(name, test)| {
@@ -527,14 +539,23 @@ async fn operator_binary_runs_the_examples(env: Arc<TestEnv>) {
     let files: Vec<&str> = status.files.iter().map(|f| f.path.as_str()).collect();
     assert_eq!(files, ["hello.txt"], "only what the command wrote");
     let result = status.result.expect("a result");
-    assert_eq!((result.exit_code, result.text.as_str()), (Some(0), "# Notes\n"));
+    assert_eq!(
+        (result.exit_code, result.text.as_str()),
+        (Some(0), "# Notes\n")
+    );
     let summary: Vec<(String, String)> = status
         .conditions
         .iter()
         .map(|c| (c.type_.clone(), c.status.clone()))
         .collect();
-    assert!(summary.contains(&("Ready".into(), "True".into())), "{summary:?}");
-    assert!(summary.contains(&("Succeeded".into(), "True".into())), "{summary:?}");
+    assert!(
+        summary.contains(&("Ready".into(), "True".into())),
+        "{summary:?}"
+    );
+    assert!(
+        summary.contains(&("Succeeded".into(), "True".into())),
+        "{summary:?}"
+    );
     let template = template.status.expect("a status");
     assert!(template.template_id.is_some() && template.build_id.is_some());
 

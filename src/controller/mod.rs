@@ -225,7 +225,10 @@ pub async fn run(
             watcher::Config::default().any_semantic(),
             move |secret| {
                 referring(&secret_task_store, &secret, |task: &AgentTask, name| {
-                    task.spec.env_from.iter().any(|source| source.secret_ref.name == name)
+                    task.spec
+                        .env_from
+                        .iter()
+                        .any(|source| source.secret_ref.name == name)
                         || task.spec.env.iter().any(|variable| {
                             variable
                                 .value_from
@@ -236,8 +239,8 @@ pub async fn run(
             },
         )
         .graceful_shutdown_on(shutdown_tasks)
-    .run(reconcile_task, error_policy, ctx.clone())
-    .for_each(|result| async move { log_result("AgentTask", result) });
+        .run(reconcile_task, error_policy, ctx.clone())
+        .for_each(|result| async move { log_result("AgentTask", result) });
     let templates = Controller::new(
         scope.api::<DeserializeGuard<SandboxTemplate>>(&client),
         watcher::Config::default().any_semantic(),
@@ -251,13 +254,17 @@ pub async fn run(
             scope.api::<PartialObjectMeta<ConfigMap>>(&client),
             watcher::Config::default().any_semantic(),
             move |config_map| {
-                referring(&config_map_store, &config_map, |template: &SandboxTemplate, name| {
-                    template.spec.build.as_ref().is_some_and(|build| {
-                        crate::template_build::referenced_config_maps(build)
-                            .iter()
-                            .any(|used| used == name)
-                    })
-                })
+                referring(
+                    &config_map_store,
+                    &config_map,
+                    |template: &SandboxTemplate, name| {
+                        template.spec.build.as_ref().is_some_and(|build| {
+                            crate::template_build::referenced_config_maps(build)
+                                .iter()
+                                .any(|used| used == name)
+                        })
+                    },
+                )
             },
         )
         .watches(

@@ -146,7 +146,10 @@ async fn wait(
 ) -> Result<Action, Error> {
     let status = previous(task);
     if status.reason.as_deref() != Some(reason) || status.message.as_deref() != Some(message) {
-        let phase = status.phase.filter(|phase| *phase != TaskPhase::Queued).unwrap_or(TaskPhase::Pending);
+        let phase = status
+            .phase
+            .filter(|phase| *phase != TaskPhase::Queued)
+            .unwrap_or(TaskPhase::Pending);
         write(ctx, task, staged(task, phase, reason, message, |_| {})).await?;
     }
     Ok(Action::requeue(again))
@@ -213,8 +216,15 @@ async fn resolve_env(
                 env.insert(variable.name.clone(), value);
             }
             None if selector.optional => {}
-            None if secret.is_none() => return Err(format!("Secret {} does not exist", selector.name)),
-            None => return Err(format!("Secret {} has no key {}", selector.name, selector.key)),
+            None if secret.is_none() => {
+                return Err(format!("Secret {} does not exist", selector.name));
+            }
+            None => {
+                return Err(format!(
+                    "Secret {} has no key {}",
+                    selector.name, selector.key
+                ));
+            }
         }
     }
     Ok((env, values))
@@ -242,7 +252,11 @@ fn deadline(task: &AgentTask) -> Option<jiff::Timestamp> {
         .start_time
         .map(|time| time.0)
         .or_else(|| task.metadata.creation_timestamp.as_ref().map(|time| time.0))?;
-    started.checked_add(jiff::SignedDuration::from_secs(task.spec.active_deadline_seconds)).ok()
+    started
+        .checked_add(jiff::SignedDuration::from_secs(
+            task.spec.active_deadline_seconds,
+        ))
+        .ok()
 }
 
 async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
@@ -254,7 +268,10 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
         && jiff::Timestamp::now() >= deadline
     {
         kill_sandboxes(ctx, task, status.sandbox_id.as_deref()).await;
-        let message = format!("the task did not finish within {} s", task.spec.active_deadline_seconds);
+        let message = format!(
+            "the task did not finish within {} s",
+            task.spec.active_deadline_seconds
+        );
         return fail(ctx, task, "DeadlineExceeded", &message, |_| {}).await;
     }
     let namespace = task.namespace().unwrap_or_default();
@@ -277,7 +294,14 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     let provider = match super::template::resolve_provider(ctx, &template).await {
         Ok(provider) => provider,
         Err(blocked) => {
-            return wait(ctx, task, "ProviderUnavailable", &blocked.message, WAIT_INTERVAL * 3).await;
+            return wait(
+                ctx,
+                task,
+                "ProviderUnavailable",
+                &blocked.message,
+                WAIT_INTERVAL * 3,
+            )
+            .await;
         }
     };
     let Some(sandbox_id) = status.sandbox_id.clone() else {
@@ -286,10 +310,24 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     let detail = match provider.get_sandbox(&sandbox_id).await {
         Ok(detail) => detail,
         Err(error) if error.is_not_found() => {
-            return retry(task, ctx, &provider, "SandboxLost", "the sandbox disappeared").await;
+            return retry(
+                task,
+                ctx,
+                &provider,
+                "SandboxLost",
+                "the sandbox disappeared",
+            )
+            .await;
         }
         Err(error) => {
-            return wait(ctx, task, "ProviderUnavailable", &redactor.redact(&error.to_string()), WAIT_INTERVAL * 3).await;
+            return wait(
+                ctx,
+                task,
+                "ProviderUnavailable",
+                &redactor.redact(&error.to_string()),
+                WAIT_INTERVAL * 3,
+            )
+            .await;
         }
     };
     let envd = provider.envd(&detail);
@@ -311,7 +349,16 @@ async fn provision(
     };
     let existing = match provider.list_sandboxes(&query).await {
         Ok(found) => found.into_iter().next().map(|sandbox| sandbox.sandbox_id),
-        Err(error) => return wait(ctx, task, "ProviderUnavailable", &error.to_string(), WAIT_INTERVAL * 3).await,
+        Err(error) => {
+            return wait(
+                ctx,
+                task,
+                "ProviderUnavailable",
+                &error.to_string(),
+                WAIT_INTERVAL * 3,
+            )
+            .await;
+        }
     };
     let attempts = previous(task).attempts.unwrap_or(0);
     let (sandbox_id, attempts) = match existing {
@@ -326,7 +373,10 @@ async fn provision(
             );
             spec.metadata = BTreeMap::from([
                 (TASK_UID.to_string(), uid),
-                (TASK_NAMESPACE.to_string(), task.namespace().unwrap_or_default()),
+                (
+                    TASK_NAMESPACE.to_string(),
+                    task.namespace().unwrap_or_default(),
+                ),
                 (TASK_NAME.to_string(), task.name_any()),
             ]);
             match provider.create_sandbox(&spec).await {
@@ -336,21 +386,34 @@ async fn provision(
                     return wait(ctx, task, "ProviderBusy", &error.to_string(), again).await;
                 }
                 Err(error) => {
-                    return wait(ctx, task, "ProviderUnavailable", &error.to_string(), WAIT_INTERVAL * 3).await;
+                    return wait(
+                        ctx,
+                        task,
+                        "ProviderUnavailable",
+                        &error.to_string(),
+                        WAIT_INTERVAL * 3,
+                    )
+                    .await;
                 }
             }
         }
     };
     let message = format!("sandbox {sandbox_id} is being prepared");
-    let status = staged(task, TaskPhase::Provisioning, "Provisioning", &message, |status| {
-        status.sandbox_id = Some(sandbox_id.clone());
-        status.template_id = template.template_id.clone();
-        status.build_id = template.build_id.clone();
-        status.attempts = Some(attempts);
-        if status.start_time.is_none() {
-            status.start_time = Some(now());
-        }
-    });
+    let status = staged(
+        task,
+        TaskPhase::Provisioning,
+        "Provisioning",
+        &message,
+        |status| {
+            status.sandbox_id = Some(sandbox_id.clone());
+            status.template_id = template.template_id.clone();
+            status.build_id = template.build_id.clone();
+            status.attempts = Some(attempts);
+            if status.start_time.is_none() {
+                status.start_time = Some(now());
+            }
+        },
+    );
     write(ctx, task, status).await?;
     publish(ctx, task, EventType::Normal, "SandboxCreated", message).await;
     Ok(Action::requeue(Duration::from_millis(100)))
@@ -374,23 +437,52 @@ async fn run(
         Ok(exit) => return finish(task, ctx, provider, envd, &exit, redactor).await,
         Err(error) if error.is_not_found() => {}
         Err(error) if error.is_sandbox_gone() => {
-            return retry(task, ctx, provider, "SandboxLost", "the sandbox disappeared").await;
+            return retry(
+                task,
+                ctx,
+                provider,
+                "SandboxLost",
+                "the sandbox disappeared",
+            )
+            .await;
         }
         Err(error) => {
-            return wait(ctx, task, "ProviderUnavailable", &redactor.redact(&error.to_string()), WAIT_INTERVAL).await;
+            return wait(
+                ctx,
+                task,
+                "ProviderUnavailable",
+                &redactor.redact(&error.to_string()),
+                WAIT_INTERVAL,
+            )
+            .await;
         }
     }
     let running = envd
         .list_processes()
         .await
-        .map(|processes| processes.iter().any(|process| process.tag.as_deref() == Some(AGENT_TAG)))
+        .map(|processes| {
+            processes
+                .iter()
+                .any(|process| process.tag.as_deref() == Some(AGENT_TAG))
+        })
         .unwrap_or(false);
     if running {
         return follow(task, ctx, envd).await;
     }
-    if envd.exists(&run_file(STARTED_MARKER)).await.unwrap_or(false) {
+    if envd
+        .exists(&run_file(STARTED_MARKER))
+        .await
+        .unwrap_or(false)
+    {
         // Started, gone, and no exit recorded: the agent was killed from outside.
-        return retry(task, ctx, provider, "AgentLost", "the agent process ended without a recorded exit").await;
+        return retry(
+            task,
+            ctx,
+            provider,
+            "AgentLost",
+            "the agent process ended without a recorded exit",
+        )
+        .await;
     }
     start(task, ctx, envd, env).await
 }
@@ -415,7 +507,9 @@ async fn start(
                 (Some(content), _) => content.clone().into_bytes(),
                 (None, Some(selector)) => {
                     let config_map = config_maps.get_opt(&selector.name).await.ok().flatten();
-                    let data = config_map.and_then(|config_map| config_map.data).unwrap_or_default();
+                    let data = config_map
+                        .and_then(|config_map| config_map.data)
+                        .unwrap_or_default();
                     match data.get(&selector.key) {
                         Some(value) => value.clone().into_bytes(),
                         None => {
@@ -428,12 +522,17 @@ async fn start(
                 }
                 (None, None) => Vec::new(),
             };
-            envd.write_file(&format!("{workspace}/{}", file.path), content).await?;
+            envd.write_file(&format!("{workspace}/{}", file.path), content)
+                .await?;
         }
         let before = listing(envd, &workspace).await?;
-        envd.write_file(&run_file(BEFORE_LISTING), serde_json::to_vec(&listing_json(&before)).expect("listing serializes"))
+        envd.write_file(
+            &run_file(BEFORE_LISTING),
+            serde_json::to_vec(&listing_json(&before)).expect("listing serializes"),
+        )
+        .await?;
+        envd.write_file(&run_file(STARTED_MARKER), Vec::new())
             .await?;
-        envd.write_file(&run_file(STARTED_MARKER), Vec::new()).await?;
         Ok::<_, ProviderError>(())
     }
     .await;
@@ -441,7 +540,14 @@ async fn start(
         if let ProviderError::InvalidArgument(message) = &error {
             return fail(ctx, task, "InvalidWorkspace", message, |_| {}).await;
         }
-        return wait(ctx, task, "ProviderUnavailable", &error.to_string(), WAIT_INTERVAL).await;
+        return wait(
+            ctx,
+            task,
+            "ProviderUnavailable",
+            &error.to_string(),
+            WAIT_INTERVAL,
+        )
+        .await;
     }
     let agent = agent_invocation(task, ctx);
     let mut invocation = invocation::recorded(agent, RUN_DIR);
@@ -458,17 +564,42 @@ async fn start(
     // The stream is dropped at once: the process keeps running and its outcome is read
     // from the recorder's files, never from this stream.
     if let Err(error) = envd.start(&spec).await {
-        return wait(ctx, task, "ProviderUnavailable", &error.to_string(), WAIT_INTERVAL).await;
+        return wait(
+            ctx,
+            task,
+            "ProviderUnavailable",
+            &error.to_string(),
+            WAIT_INTERVAL,
+        )
+        .await;
     }
-    let status = staged(task, TaskPhase::Running, "Running", "the agent is running", |_| {});
+    let status = staged(
+        task,
+        TaskPhase::Running,
+        "Running",
+        "the agent is running",
+        |_| {},
+    );
     write(ctx, task, status).await?;
-    publish(ctx, task, EventType::Normal, "Started", "the agent started".into()).await;
+    publish(
+        ctx,
+        task,
+        EventType::Normal,
+        "Started",
+        "the agent started".into(),
+    )
+    .await;
     Ok(Action::requeue(FOLLOW_INTERVAL))
 }
 
 fn agent_invocation(task: &AgentTask, ctx: &Context) -> Invocation {
     let prompt = task.spec.prompt.as_deref();
-    match task.spec.agent.as_ref().and_then(|agent| agent.command.as_ref()) {
+    match task
+        .spec
+        .agent
+        .as_ref()
+        .and_then(|agent| agent.command.as_ref())
+    {
         Some(command) => invocation::command(command, prompt),
         None => {
             let defaults = serde_json::from_value(serde_json::json!({})).expect("defaults");
@@ -486,14 +617,29 @@ fn agent_invocation(task: &AgentTask, ctx: &Context) -> Invocation {
 }
 
 fn is_claude(task: &AgentTask) -> bool {
-    task.spec.agent.as_ref().and_then(|agent| agent.command.as_ref()).is_none()
+    task.spec
+        .agent
+        .as_ref()
+        .and_then(|agent| agent.command.as_ref())
+        .is_none()
 }
 
 /// Progress from the transcript so far, written at most every few seconds.
 async fn follow(task: &AgentTask, ctx: &Context, envd: &EnvdClient) -> Result<Action, Error> {
     let status = previous(task);
     if status.phase != Some(TaskPhase::Running) {
-        write(ctx, task, staged(task, TaskPhase::Running, "Running", "the agent is running", |_| {})).await?;
+        write(
+            ctx,
+            task,
+            staged(
+                task,
+                TaskPhase::Running,
+                "Running",
+                "the agent is running",
+                |_| {},
+            ),
+        )
+        .await?;
         return Ok(Action::requeue(FOLLOW_INTERVAL));
     }
     if !is_claude(task) {
@@ -509,9 +655,10 @@ async fn follow(task: &AgentTask, ctx: &Context, envd: &EnvdClient) -> Result<Ac
         parser.feed(&transcript);
         let seen = parser.progress();
         let turns = i64::from(seen.turns);
-        let changed = status.progress.as_ref().is_none_or(|progress| {
-            progress.turns != turns || progress.last_tool != seen.last_tool
-        });
+        let changed = status
+            .progress
+            .as_ref()
+            .is_none_or(|progress| progress.turns != turns || progress.last_tool != seen.last_tool);
         if changed {
             let mut status = status;
             status.progress = Some(Progress {
@@ -571,8 +718,14 @@ async fn finish(
     redactor: &Redactor,
 ) -> Result<Action, Error> {
     let exit_code = invocation::parse_exit(&String::from_utf8_lossy(exit));
-    let stdout = envd.read_file(&run_file("stdout")).await.unwrap_or_default();
-    let stderr = envd.read_file(&run_file("stderr")).await.unwrap_or_default();
+    let stdout = envd
+        .read_file(&run_file("stdout"))
+        .await
+        .unwrap_or_default();
+    let stderr = envd
+        .read_file(&run_file("stderr"))
+        .await
+        .unwrap_or_default();
     let workspace = workspace(task);
     let before = envd
         .read_file(&run_file(BEFORE_LISTING))
@@ -618,7 +771,10 @@ async fn finish(
         let text = redactor.redact(&text);
         let chars = text.chars().count();
         result.truncated = chars > RESULT_TAIL;
-        result.text = text.chars().skip(chars.saturating_sub(RESULT_TAIL)).collect();
+        result.text = text
+            .chars()
+            .skip(chars.saturating_sub(RESULT_TAIL))
+            .collect();
         result.is_error = exit_code != Some(0);
         match exit_code {
             Some(0) => Verdict::Succeeded,
@@ -631,7 +787,10 @@ async fn finish(
     };
     if verdict == Verdict::Incomplete {
         let detail = redactor.redact(&String::from_utf8_lossy(&stderr));
-        let message = format!("the agent ended without a result: {}", truncate(detail.trim(), 512));
+        let message = format!(
+            "the agent ended without a result: {}",
+            truncate(detail.trim(), 512)
+        );
         return retry(task, ctx, provider, "AgentIncomplete", &message).await;
     }
     kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
@@ -652,9 +811,22 @@ async fn finish(
     };
     match verdict {
         Verdict::Succeeded => {
-            let status = staged(task, TaskPhase::Succeeded, "Succeeded", "the agent finished", record);
+            let status = staged(
+                task,
+                TaskPhase::Succeeded,
+                "Succeeded",
+                "the agent finished",
+                record,
+            );
             write(ctx, task, status).await?;
-            publish(ctx, task, EventType::Normal, "Succeeded", "the agent finished".into()).await;
+            publish(
+                ctx,
+                task,
+                EventType::Normal,
+                "Succeeded",
+                "the agent finished".into(),
+            )
+            .await;
             Ok(Action::await_change())
         }
         Verdict::Failed { reason, message } => {
@@ -703,12 +875,21 @@ async fn retry(
     let attempts = status.attempts.unwrap_or(1);
     if attempts > task.spec.backoff_limit {
         let message = format!("{message} (after {attempts} attempts)");
-        return fail(ctx, task, reason, &message, |status| status.sandbox_id = None).await;
+        return fail(ctx, task, reason, &message, |status| {
+            status.sandbox_id = None
+        })
+        .await;
     }
-    let status = staged(task, TaskPhase::Pending, reason, &format!("{message}; retrying"), |status| {
-        status.sandbox_id = None;
-        status.progress = None;
-    });
+    let status = staged(
+        task,
+        TaskPhase::Pending,
+        reason,
+        &format!("{message}; retrying"),
+        |status| {
+            status.sandbox_id = None;
+            status.progress = None;
+        },
+    );
     write(ctx, task, status).await?;
     publish(ctx, task, EventType::Warning, reason, message.to_string()).await;
     let backoff = Duration::from_secs(2u64.saturating_pow(attempts.clamp(0, 6) as u32));
@@ -731,7 +912,10 @@ async fn kill_sandboxes(ctx: &Context, task: &AgentTask, recorded: Option<&str>)
         let _ = provider.kill_sandbox(id).await;
     }
     let query = ListQuery {
-        metadata: BTreeMap::from([(TASK_UID.to_string(), task.metadata.uid.clone().unwrap_or_default())]),
+        metadata: BTreeMap::from([(
+            TASK_UID.to_string(),
+            task.metadata.uid.clone().unwrap_or_default(),
+        )]),
         ..ListQuery::default()
     };
     if let Ok(found) = provider.list_sandboxes(&query).await {
@@ -744,21 +928,39 @@ async fn kill_sandboxes(ctx: &Context, task: &AgentTask, recorded: Option<&str>)
 async fn template_of(ctx: &Context, task: &AgentTask) -> Option<SandboxTemplate> {
     let namespace = task.namespace().unwrap_or_default();
     let templates: Api<SandboxTemplate> = Api::namespaced(ctx.client.clone(), &namespace);
-    templates.get_opt(&task.spec.template_ref.name).await.ok().flatten()
+    templates
+        .get_opt(&task.spec.template_ref.name)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Deletes a finished task once its `ttlSecondsAfterFinished` has passed.
-async fn expire(task: &AgentTask, ctx: &Context, status: &AgentTaskStatus) -> Result<Action, Error> {
-    let (Some(ttl), Some(done)) = (task.spec.ttl_seconds_after_finished, &status.completion_time) else {
+async fn expire(
+    task: &AgentTask,
+    ctx: &Context,
+    status: &AgentTaskStatus,
+) -> Result<Action, Error> {
+    let (Some(ttl), Some(done)) = (
+        task.spec.ttl_seconds_after_finished,
+        &status.completion_time,
+    ) else {
         return Ok(Action::await_change());
     };
-    let expires = done.0.checked_add(jiff::SignedDuration::from_secs(ttl)).unwrap_or(done.0);
+    let expires = done
+        .0
+        .checked_add(jiff::SignedDuration::from_secs(ttl))
+        .unwrap_or(done.0);
     let left = expires - jiff::Timestamp::now();
     if left.get_seconds() > 0 {
-        return Ok(Action::requeue(Duration::from_secs(left.get_seconds() as u64)));
+        return Ok(Action::requeue(Duration::from_secs(
+            left.get_seconds() as u64
+        )));
     }
-    let api: Api<AgentTask> = Api::namespaced(ctx.client.clone(), &task.namespace().unwrap_or_default());
-    api.delete(&task.name_any(), &DeleteParams::default()).await?;
+    let api: Api<AgentTask> =
+        Api::namespaced(ctx.client.clone(), &task.namespace().unwrap_or_default());
+    api.delete(&task.name_any(), &DeleteParams::default())
+        .await?;
     Ok(Action::await_change())
 }
 

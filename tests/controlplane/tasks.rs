@@ -1,0 +1,368 @@
+//! The AgentTask controller against a real control plane, with the operator binary and
+//! its embedded sandbox server running as in production, and for Claude Code the real
+//! pinned CLI inside the sandbox talking to the scripted model.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use sandcastle::crd::{AgentTask, AgentTaskStatus, SandboxTemplate, TaskPhase};
+use sandcastle::e2b::client::ListQuery;
+use serde_json::json;
+
+use super::cluster::{TestEnv, repo};
+use super::model::{HELLO_PY, Mode, Script, ScriptedModel};
+use super::operator::Operator;
+
+const WAIT: Duration = Duration::from_secs(60);
+const TASK_UID: &str = "sandcastle.dev/task-uid";
+
+async fn wait_for(
+    api: &Api<AgentTask>,
+    name: &str,
+    what: &str,
+    done: impl Fn(&AgentTaskStatus) -> bool,
+) -> AgentTaskStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = api
+            .get_opt(name)
+            .await
+            .expect("get task")
+            .and_then(|task| task.status)
+            .unwrap_or_default();
+        if done(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: not {what} within {WAIT:?}: {status:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn finished(status: &AgentTaskStatus) -> bool {
+    matches!(status.phase, Some(TaskPhase::Succeeded | TaskPhase::Failed))
+}
+
+async fn create(api: &Api<AgentTask>, name: &str, spec: serde_json::Value) {
+    let task: AgentTask = serde_json::from_value(json!({
+        "apiVersion": "sandcastle.dev/v1alpha1",
+        "kind": "AgentTask",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .expect("a task");
+    api.create(&PostParams::default(), &task)
+        .await
+        .expect("create task");
+}
+
+/// A namespace with the operator and an adopted `base` template.
+async fn setup(
+    env: &TestEnv,
+    prefix: &str,
+    settings: &[(&str, &str)],
+) -> (String, Operator, Api<AgentTask>) {
+    let ns = env.namespace(prefix).await;
+    let operator = Operator::start_with(env.kubeconfig_path(), &ns, settings);
+    let templates: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
+    let base: SandboxTemplate = serde_json::from_value(json!({
+        "apiVersion": "sandcastle.dev/v1alpha1", "kind": "SandboxTemplate",
+        "metadata": {"name": "base"}, "spec": {"existing": {"templateId": "base"}},
+    }))
+    .unwrap();
+    templates
+        .create(&PostParams::default(), &base)
+        .await
+        .expect("template");
+    let tasks = Api::namespaced(env.client.clone(), &ns);
+    (ns, operator, tasks)
+}
+
+async fn live_sandboxes(operator: &Operator, uid: &str) -> usize {
+    let query = ListQuery {
+        metadata: [(TASK_UID.to_string(), uid.to_string())].into(),
+        ..ListQuery::default()
+    };
+    operator
+        .provider()
+        .list_sandboxes(&query)
+        .await
+        .expect("list")
+        .len()
+}
+
+async fn uid(api: &Api<AgentTask>, name: &str) -> String {
+    api.get(name)
+        .await
+        .expect("task")
+        .metadata
+        .uid
+        .expect("uid")
+}
+
+async fn put_secret(env: &TestEnv, ns: &str, name: &str, data: serde_json::Value) {
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), ns);
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data});
+    secrets
+        .patch(
+            name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .expect("apply Secret");
+}
+
+pub async fn a_command_task_reports_its_files_and_frees_its_sandbox(env: Arc<TestEnv>) {
+    let (_ns, operator, api) = setup(&env, "command", &[]).await;
+    create(&api, "files", json!({
+        "templateRef": {"name": "base"},
+        "prompt": "make some files",
+        "agent": {"command": {"command": ["sh", "-c",
+            "mkdir -p out .git && echo \"$SANDCASTLE_PROMPT\" > out/prompt.txt && echo x > .git/ignored && echo data > input.txt && echo done"]}},
+        "workspace": {"files": [{"path": "input.txt", "content": "original"}]},
+    }))
+    .await;
+    let status = wait_for(&api, "files", "finished", finished).await;
+    assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
+    let files: Vec<(&str, i64)> = status
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), f.size))
+        .collect();
+    assert_eq!(
+        files,
+        [("input.txt", 5), ("out/prompt.txt", 16)],
+        "changed files, .git excluded"
+    );
+    assert_eq!(
+        (status.file_count, status.files_truncated),
+        (Some(2), false)
+    );
+    let result = status.result.expect("result");
+    assert_eq!(
+        (result.exit_code, result.text.as_str(), result.is_error),
+        (Some(0), "done\n", false)
+    );
+    assert_eq!(status.attempts, Some(1));
+    assert!(status.start_time.is_some() && status.completion_time.is_some());
+    assert_eq!(
+        live_sandboxes(&operator, &uid(&api, "files").await).await,
+        0,
+        "the sandbox is killed"
+    );
+
+    create(
+        &api,
+        "fails",
+        json!({
+            "templateRef": {"name": "base"},
+            "agent": {"command": {"command": ["sh", "-c", "echo broken; exit 4"]}},
+            "backoffLimit": 3,
+        }),
+    )
+    .await;
+    let failed = wait_for(&api, "fails", "finished", finished).await;
+    assert_eq!(failed.phase, Some(TaskPhase::Failed));
+    assert_eq!(failed.reason.as_deref(), Some("AgentFailed"));
+    assert_eq!(failed.result.and_then(|r| r.exit_code), Some(4));
+    assert_eq!(failed.attempts, Some(1), "an agent failure is not retried");
+}
+
+pub async fn a_task_waits_for_its_secret_and_never_shows_the_value(env: Arc<TestEnv>) {
+    let (ns, operator, api) = setup(&env, "secret", &[]).await;
+    let value = "s3cr3t-value-9d2f";
+    create(&api, "needs-key", json!({
+        "templateRef": {"name": "base"},
+        "agent": {"command": {"command": ["sh", "-c", "echo the key is $TOKEN; touch \"leak-$TOKEN.txt\""]}},
+        "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}],
+    }))
+    .await;
+    let waiting = wait_for(&api, "needs-key", "waiting", |status| {
+        status.reason.as_deref() == Some("MissingSecret")
+    })
+    .await;
+    assert!(
+        waiting
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("creds")
+    );
+    assert_eq!(
+        waiting.sandbox_id, None,
+        "nothing starts without the Secret"
+    );
+    put_secret(&env, &ns, "creds", json!({"token": value})).await;
+    let status = wait_for(&api, "needs-key", "finished", finished).await;
+    assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
+    assert_eq!(
+        status.result.as_ref().unwrap().text,
+        "the key is [redacted]\n"
+    );
+    assert_eq!(status.files[0].path, "leak-[redacted].txt");
+    let everything = format!(
+        "{:?} {:?}",
+        api.get("needs-key").await.unwrap(),
+        events(&env, &ns).await
+    );
+    assert!(!everything.contains(value), "the Secret's value leaked");
+    drop(operator);
+}
+
+async fn events(env: &TestEnv, ns: &str) -> Vec<String> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), ns);
+    api.list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .map(|event| {
+            format!(
+                "{} {}",
+                event.reason.unwrap_or_default(),
+                event.note.unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+pub async fn deadlines_and_deletion_kill_the_sandbox(env: Arc<TestEnv>) {
+    let (_ns, operator, api) = setup(&env, "deadline", &[]).await;
+    let sleeper = json!({"command": {"command": ["sleep", "600"]}});
+    create(
+        &api,
+        "slow",
+        json!({"templateRef": {"name": "base"}, "agent": sleeper, "activeDeadlineSeconds": 4}),
+    )
+    .await;
+    let uid_slow = uid(&api, "slow").await;
+    wait_for(&api, "slow", "running", |s| {
+        s.phase == Some(TaskPhase::Running)
+    })
+    .await;
+    assert_eq!(live_sandboxes(&operator, &uid_slow).await, 1);
+    let expired = wait_for(&api, "slow", "finished", finished).await;
+    assert_eq!(expired.reason.as_deref(), Some("DeadlineExceeded"));
+    assert_eq!(
+        live_sandboxes(&operator, &uid_slow).await,
+        0,
+        "the deadline kills the sandbox"
+    );
+
+    create(
+        &api,
+        "deleted",
+        json!({"templateRef": {"name": "base"}, "agent": sleeper}),
+    )
+    .await;
+    let uid_deleted = uid(&api, "deleted").await;
+    wait_for(&api, "deleted", "running", |s| {
+        s.phase == Some(TaskPhase::Running)
+    })
+    .await;
+    api.delete("deleted", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let deadline = Instant::now() + WAIT;
+    while api.get_opt("deleted").await.expect("get").is_some() {
+        assert!(Instant::now() < deadline, "the task was not removed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        live_sandboxes(&operator, &uid_deleted).await,
+        0,
+        "deletion kills the sandbox"
+    );
+}
+
+pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestEnv>) {
+    let binary = repo()
+        .join(".tools/bin/claude")
+        .canonicalize()
+        .expect("run scripts/setup");
+    let install = binary
+        .ancestors()
+        .find(|dir| dir.file_name().is_some_and(|name| name == "node_modules"))
+        .and_then(Path::parent)
+        .expect("an npm prefix")
+        .display()
+        .to_string();
+    let command = binary.display().to_string();
+    let (ns, operator, api) = setup(
+        &env,
+        "claude",
+        &[
+            ("SANDCASTLE_CLAUDE_COMMAND", &command),
+            ("SANDCASTLE_SANDBOXD_HOST_PATHS", &install),
+        ],
+    )
+    .await;
+    let model = ScriptedModel::start(Script::WriteAndRun).await;
+    let key = "sk-ant-task-key-5e1c";
+    put_secret(&env, &ns, "anthropic", json!({"ANTHROPIC_API_KEY": key})).await;
+    let spec = |extra: serde_json::Value| {
+        let mut spec = json!({
+            "templateRef": {"name": "base"},
+            "prompt": "Create hello.py and run it",
+            "env": [
+                {"name": "ANTHROPIC_BASE_URL", "value": model.base_url()},
+                {"name": "CLAUDE_CODE_MAX_RETRIES", "value": "0"},
+            ],
+            "envFrom": [{"secretRef": {"name": "anthropic"}}],
+        });
+        spec.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        spec
+    };
+    create(&api, "hello", spec(json!({}))).await;
+    let status = wait_for(&api, "hello", "finished", finished).await;
+    assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
+    let result = status.result.as_ref().expect("result");
+    assert_eq!(result.text, "done");
+    assert_eq!((result.num_turns, result.is_error), (Some(3), false));
+    assert!(result.session_id.is_some());
+    let usage = status.usage.as_ref().expect("usage");
+    assert!(usage.input_tokens > 0 && usage.cost_usd.is_some());
+    let files: Vec<(&str, i64)> = status
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), f.size))
+        .collect();
+    assert_eq!(files, [("hello.py", HELLO_PY.len() as i64)]);
+
+    model.set_mode(Mode::Unauthorized);
+    create(&api, "refused", spec(json!({}))).await;
+    let refused = wait_for(&api, "refused", "finished", finished).await;
+    assert_eq!(refused.phase, Some(TaskPhase::Failed));
+    assert_eq!(refused.reason.as_deref(), Some("AgentApiError"));
+    assert_eq!(
+        refused.attempts,
+        Some(1),
+        "an API error is the agent's failure, not retried"
+    );
+
+    model.set_mode(Mode::LoopToolCalls);
+    create(
+        &api,
+        "endless",
+        spec(json!({"agent": {"claudeCode": {"maxTurns": 2}}})),
+    )
+    .await;
+    let endless = wait_for(&api, "endless", "finished", finished).await;
+    assert_eq!(endless.reason.as_deref(), Some("MaxTurns"));
+
+    let everything = format!(
+        "{:?} {:?}",
+        api.list(&ListParams::default()).await.unwrap().items,
+        events(&env, &ns).await
+    );
+    assert!(!everything.contains(key), "the API key leaked");
+    drop(operator);
+}
