@@ -80,6 +80,7 @@ fn main() -> ExitCode {
         a_task_waits_for_its_secret_and_never_shows_the_value,
         deadlines_and_deletion_kill_the_sandbox,
         claude_code_runs_for_real_against_the_scripted_model,
+        a_restart_reattaches_and_a_lost_sandbox_is_retried,
     ]
     .into_iter()
     .map(|(name, test)| {

@@ -366,3 +366,106 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
     assert!(!everything.contains(key), "the API key leaked");
     drop(operator);
 }
+
+/// The operator's own embedded server dies with it, so restart safety is shown with a
+/// sandbox server that outlives the operator, as e2b.dev does: a standalone embedded
+/// server in the test process, reached as an E2B provider.
+pub async fn a_restart_reattaches_and_a_lost_sandbox_is_retried(env: Arc<TestEnv>) {
+    let (ns, mut operator, api) = setup(&env, "resilience", &[]).await;
+    let root = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("external-{ns}"));
+    let mut config = sandcastle::sandboxd::Config::new(&root);
+    config.api_key = Some("external-key".into());
+    let external = sandcastle::sandboxd::Sandboxd::start(config)
+        .await
+        .expect("server");
+    let provider =
+        sandcastle::e2b::client::E2bClient::new(sandcastle::e2b::client::ClientConfig::with_urls(
+            external.api_url(),
+            external.sandbox_url(),
+            "external-key",
+        ))
+        .expect("client");
+    put_secret(
+        &env,
+        &ns,
+        "external",
+        json!({"E2B_API_KEY": "external-key"}),
+    )
+    .await;
+    let templates: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
+    let remote: SandboxTemplate = serde_json::from_value(json!({
+        "apiVersion": "sandcastle.dev/v1alpha1", "kind": "SandboxTemplate",
+        "metadata": {"name": "remote"},
+        "spec": {
+            "provider": {"e2b": {
+                "apiUrl": external.api_url(),
+                "sandboxUrl": external.sandbox_url(),
+                "apiKeySecretRef": {"name": "external"},
+            }},
+            "existing": {"templateId": "base"},
+        },
+    }))
+    .unwrap();
+    templates
+        .create(&PostParams::default(), &remote)
+        .await
+        .expect("template");
+    let count = |uid: String| {
+        let provider = provider.clone();
+        async move {
+            let query = ListQuery {
+                metadata: [(TASK_UID.to_string(), uid)].into(),
+                ..ListQuery::default()
+            };
+            provider.list_sandboxes(&query).await.expect("list").len()
+        }
+    };
+
+    create(&api, "survivor", json!({
+        "templateRef": {"name": "remote"},
+        "agent": {"command": {"command": ["sh", "-c", "sleep 4; echo finished > result.txt; echo ok"]}},
+    }))
+    .await;
+    let running = wait_for(&api, "survivor", "running", |s| {
+        s.phase == Some(TaskPhase::Running)
+    })
+    .await;
+    operator.crash_and_restart();
+    let status = wait_for(&api, "survivor", "finished", finished).await;
+    assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
+    assert_eq!(
+        status.sandbox_id, running.sandbox_id,
+        "the restarted operator kept the sandbox"
+    );
+    assert_eq!(status.attempts, Some(1));
+    assert_eq!(status.files[0].path, "result.txt");
+    assert_eq!(count(uid(&api, "survivor").await).await, 0);
+
+    create(
+        &api,
+        "unlucky",
+        json!({
+            "templateRef": {"name": "remote"},
+            "agent": {"command": {"command": ["sh", "-c", "sleep 3; echo ok"]}},
+            "backoffLimit": 2,
+        }),
+    )
+    .await;
+    let first = wait_for(&api, "unlucky", "running", |s| {
+        s.phase == Some(TaskPhase::Running)
+    })
+    .await;
+    let lost = first.sandbox_id.clone().expect("a sandbox");
+    assert!(provider.kill_sandbox(&lost).await.expect("kill"));
+    let status = wait_for(&api, "unlucky", "finished", finished).await;
+    assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
+    assert_eq!(
+        status.attempts,
+        Some(2),
+        "one retry after the sandbox vanished"
+    );
+    assert_ne!(status.sandbox_id, Some(lost));
+    assert_eq!(count(uid(&api, "unlucky").await).await, 0);
+    external.stop().await;
+    let _ = std::fs::remove_dir_all(&root);
+}
