@@ -50,6 +50,10 @@ enum Command {
         /// Directory for the control plane's data, logs and kubeconfig.
         #[arg(long, default_value = "target/dev")]
         work_dir: PathBuf,
+        /// Apply the manifests of this directory once the operator runs, wait for the
+        /// example task `hello-command`, and print what it did.
+        #[arg(long)]
+        apply: Option<PathBuf>,
     },
     /// Run the embedded E2B-compatible sandbox server on its own.
     Sandboxd {
@@ -99,7 +103,8 @@ async fn main() -> ExitCode {
         Command::Dev {
             tools_bin,
             work_dir,
-        } => dev(&tools_bin, &work_dir).await,
+            apply,
+        } => dev(&tools_bin, &work_dir, apply).await,
         Command::Sandboxd {
             root,
             listen,
@@ -265,10 +270,14 @@ fn print_crds(out: Option<PathBuf>) -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn dev(tools_bin: &std::path::Path, work_dir: &std::path::Path) -> Result<(), BoxError> {
+async fn dev(
+    tools_bin: &std::path::Path,
+    work_dir: &std::path::Path,
+    apply: Option<PathBuf>,
+) -> Result<(), BoxError> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(
-            "warn,sandcastle=info,kube_runtime=warn",
+            "warn,sandcastle=info,kube_client::client::builder=off",
         )?)
         .init();
     let cluster = localcluster::LocalCluster::start(tools_bin, work_dir).await?;
@@ -287,7 +296,7 @@ async fn dev(tools_bin: &std::path::Path, work_dir: &std::path::Path) -> Result<
     println!("  kubectl get sandcastle -o wide");
     println!();
     println!("Press Ctrl-C to stop (the control plane's data is removed).");
-    let embedded = EmbeddedArgs {
+    let mut embedded = EmbeddedArgs {
         sandboxd_root: std::fs::canonicalize(work_dir)?.join("sandboxd"),
         sandboxd_api_port: 0,
         sandboxd_envd_port: 0,
@@ -295,11 +304,30 @@ async fn dev(tools_bin: &std::path::Path, work_dir: &std::path::Path) -> Result<
         sandboxd_isolation: sandcastle::sandboxd::Isolation::Auto,
         sandboxd_host_path: Vec::new(),
     };
-    let limits = Limits {
+    let mut limits = Limits {
         max_concurrent_builds: 4,
         verify_templates_every: std::time::Duration::from_secs(600),
         claude_command: "claude".into(),
     };
+    // The pinned CLI scripts/setup installed, made visible inside the embedded sandboxes.
+    if let Ok(claude) = tools_bin.join("claude").canonicalize()
+        && let Some(prefix) = claude
+            .ancestors()
+            .find(|dir| dir.file_name().is_some_and(|name| name == "node_modules"))
+            .and_then(std::path::Path::parent)
+    {
+        embedded.sandboxd_host_path.push(prefix.to_path_buf());
+        limits.claude_command = claude.display().to_string();
+    }
+    if let Some(manifests) = apply {
+        let kubectl = tools_bin.join("kubectl");
+        let (client, kubeconfig) = (client.clone(), kubeconfig.clone());
+        tokio::spawn(async move {
+            if let Err(error) = show_example(&kubectl, &kubeconfig, &manifests, client).await {
+                eprintln!("the example did not run: {error}");
+            }
+        });
+    }
     operate(
         client,
         sandcastle::controller::Scope::default(),
@@ -308,5 +336,74 @@ async fn dev(tools_bin: &std::path::Path, work_dir: &std::path::Path) -> Result<
     )
     .await?;
     drop(cluster);
+    Ok(())
+}
+
+/// Applies the examples with kubectl, waits for `hello-command` to finish and prints
+/// the tasks and that task's result, the way a user would look at them.
+async fn show_example(
+    kubectl: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    manifests: &std::path::Path,
+    client: kube::Client,
+) -> Result<(), BoxError> {
+    let run = |args: Vec<String>| {
+        let (kubectl, kubeconfig) = (kubectl.to_path_buf(), kubeconfig.to_path_buf());
+        async move {
+            let out = tokio::process::Command::new(&kubectl)
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(&args)
+                .output()
+                .await?;
+            if !out.status.success() {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                return Err(format!("kubectl {}: {stderr}", args.join(" ")).into());
+            }
+            Ok::<_, BoxError>(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    };
+    print!(
+        "{}",
+        run(vec![
+            "apply".into(),
+            "-f".into(),
+            manifests.display().to_string()
+        ])
+        .await?
+    );
+    let tasks: kube::Api<sandcastle::crd::AgentTask> = kube::Api::namespaced(client, "default");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        let status = tasks.get("hello-command").await?.status.unwrap_or_default();
+        if matches!(
+            status.phase,
+            Some(sandcastle::crd::TaskPhase::Succeeded | sandcastle::crd::TaskPhase::Failed)
+        ) {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err("hello-command did not finish within 120 s".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    println!();
+    let listing = vec![
+        "get".into(),
+        "agenttasks,sandboxtemplates".into(),
+        "-o".into(),
+        "wide".into(),
+    ];
+    print!("{}", run(listing).await?);
+    println!();
+    let result = status.result.unwrap_or_default();
+    let phase = status.phase.unwrap_or(sandcastle::crd::TaskPhase::Pending);
+    println!("hello-command: {phase:?}, exit code {:?}", result.exit_code);
+    println!("  result: {}", result.text.trim_end());
+    for file in &status.files {
+        println!("  wrote {} ({} bytes)", file.path, file.size);
+    }
+    println!();
+    println!("The operator keeps running; press Ctrl-C to stop.");
     Ok(())
 }
