@@ -348,6 +348,42 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
         "an API error is the agent's failure, not retried"
     );
 
+    model.set_mode(Mode::ServerError);
+    create(&api, "broken", spec(json!({}))).await;
+    let broken = wait_for(&api, "broken", "finished", finished).await;
+    assert_eq!(broken.reason.as_deref(), Some("AgentApiError"));
+    assert_eq!(broken.attempts, Some(1));
+
+    let token = "tok-echoed-4b7a";
+    put_secret(&env, &ns, "project", json!({"PROJECT_TOKEN": token})).await;
+    model.set_mode(Mode::EchoSecret {
+        marker: "PROJECT_TOKEN".into(),
+    });
+    create(
+        &api,
+        "leaky",
+        spec(json!({"envFrom": [
+            {"secretRef": {"name": "anthropic"}},
+            {"secretRef": {"name": "project"}},
+        ]})),
+    )
+    .await;
+    let leaky = wait_for(&api, "leaky", "finished", finished).await;
+    assert_eq!(leaky.phase, Some(TaskPhase::Succeeded), "{leaky:#?}");
+    let text = &leaky.result.as_ref().expect("result").text;
+    assert!(
+        text.contains("[redacted]") && !text.contains(token),
+        "{text}"
+    );
+    assert!(
+        leaky
+            .files
+            .iter()
+            .any(|file| file.path.contains("[redacted]")),
+        "{:?}",
+        leaky.files
+    );
+
     model.set_mode(Mode::LoopToolCalls);
     create(
         &api,
@@ -364,6 +400,7 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
         events(&env, &ns).await
     );
     assert!(!everything.contains(key), "the API key leaked");
+    assert!(!everything.contains(token), "the echoed token leaked");
     drop(operator);
 }
 
