@@ -6,3 +6,4 @@ pub mod files;
 pub mod invocation;
 pub mod redact;
 pub mod stream_json;
+pub mod transcript;

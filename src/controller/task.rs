@@ -19,6 +19,7 @@ use crate::agent::files::{self, Listed, Listing};
 use crate::agent::invocation::{self, AGENT_TAG, Invocation, RUN_DIR};
 use crate::agent::redact::Redactor;
 use crate::agent::stream_json::{FailureReason, StreamParser, Verdict};
+use crate::agent::transcript;
 use crate::crd::{
     AgentTask, AgentTaskStatus, CONDITION_READY, CONDITION_RECONCILING, CONDITION_STALLED,
     OutputFile, Progress, SandboxTemplate, TaskPhase, TaskResult, TemplatePhase, Usage,
@@ -793,6 +794,7 @@ async fn finish(
         );
         return retry(task, ctx, provider, "AgentIncomplete", &message).await;
     }
+    save_transcript(ctx, task, redactor, &stdout, &stderr).await?;
     kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
     let record = |status: &mut AgentTaskStatus| {
         status.result = Some(result.clone());
@@ -839,6 +841,50 @@ async fn finish(
         }
         Verdict::Incomplete => unreachable!("handled above"),
     }
+}
+
+/// The name of the ConfigMap that keeps a task's transcript.
+pub fn transcript_name(task: &AgentTask) -> String {
+    format!("{}-transcript", task.name_any())
+}
+
+/// Keeps the agent's redacted output in a ConfigMap the task owns, so it is deleted with
+/// the task: `stdout` (for Claude Code, the stream-json transcript) and `stderr`.
+async fn save_transcript(
+    ctx: &Context,
+    task: &AgentTask,
+    redactor: &Redactor,
+    stdout: &[u8],
+    stderr: &[u8],
+) -> Result<(), Error> {
+    let keep = |bytes: &[u8], limit: usize| {
+        transcript::cap(&redactor.redact(&String::from_utf8_lossy(bytes)), limit)
+    };
+    let owner = task
+        .controller_owner_ref(&())
+        .expect("a stored task has a UID");
+    let config_map = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": transcript_name(task),
+            "ownerReferences": [owner],
+            "labels": {"sandcastle.dev/task": task.name_any()},
+        },
+        "data": {
+            "stdout": keep(stdout, transcript::TRANSCRIPT_LIMIT),
+            "stderr": keep(stderr, transcript::TRANSCRIPT_LIMIT / 4),
+        },
+    });
+    let api: Api<ConfigMap> =
+        Api::namespaced(ctx.client.clone(), &task.namespace().unwrap_or_default());
+    api.patch(
+        &transcript_name(task),
+        &kube::api::PatchParams::apply(super::FIELD_MANAGER).force(),
+        &kube::api::Patch::Apply(&config_map),
+    )
+    .await?;
+    Ok(())
 }
 
 async fn fail(

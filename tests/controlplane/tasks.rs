@@ -206,8 +206,20 @@ pub async fn a_task_waits_for_its_secret_and_never_shows_the_value(env: Arc<Test
         "the key is [redacted]\n"
     );
     assert_eq!(status.files[0].path, "leak-[redacted].txt");
+    let transcripts: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(env.client.clone(), &ns);
+    let transcript = transcripts
+        .get("needs-key-transcript")
+        .await
+        .expect("the transcript");
+    let stdout = transcript
+        .data
+        .unwrap_or_default()
+        .remove("stdout")
+        .unwrap_or_default();
+    assert_eq!(stdout, "the key is [redacted]\n");
     let everything = format!(
-        "{:?} {:?}",
+        "{:?} {:?} {stdout}",
         api.get("needs-key").await.unwrap(),
         events(&env, &ns).await
     );
@@ -336,6 +348,18 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
         .map(|f| (f.path.as_str(), f.size))
         .collect();
     assert_eq!(files, [("hello.py", HELLO_PY.len() as i64)]);
+    let transcripts: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(env.client.clone(), &ns);
+    let transcript = transcripts
+        .get("hello-transcript")
+        .await
+        .expect("the transcript");
+    let stdout = transcript
+        .data
+        .unwrap_or_default()
+        .remove("stdout")
+        .unwrap_or_default();
+    assert!(stdout.contains(r#""type":"result""#), "{stdout}");
 
     model.set_mode(Mode::Unauthorized);
     create(&api, "refused", spec(json!({}))).await;
