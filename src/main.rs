@@ -27,6 +27,12 @@ enum Command {
         /// Template builds allowed to run at once; more wait in the `Queued` state.
         #[arg(long, env = "SANDCASTLE_MAX_CONCURRENT_BUILDS", default_value_t = 4)]
         max_concurrent_builds: usize,
+        /// Marks the sandboxes this operator creates; its orphan sweep kills only those.
+        #[arg(long, env = "SANDCASTLE_INSTANCE", default_value = "sandcastle")]
+        instance: String,
+        /// Seconds between sweeps for sandboxes whose task no longer exists.
+        #[arg(long, env = "SANDCASTLE_SWEEP_ORPHANS_EVERY", default_value_t = 300)]
+        sweep_orphans_every: u64,
         /// How sandboxes invoke the Claude Code CLI: a name on their PATH or an absolute path.
         #[arg(long, env = "SANDCASTLE_CLAUDE_COMMAND", default_value = "claude")]
         claude_command: String,
@@ -89,6 +95,8 @@ async fn main() -> ExitCode {
             log,
             embedded,
             max_concurrent_builds,
+            instance,
+            sweep_orphans_every,
             claude_command,
             verify_templates_every,
         } => {
@@ -96,6 +104,8 @@ async fn main() -> ExitCode {
                 max_concurrent_builds,
                 verify_templates_every: std::time::Duration::from_secs(verify_templates_every),
                 claude_command,
+                instance,
+                sweep_orphans_every: std::time::Duration::from_secs(sweep_orphans_every.max(1)),
             };
             run(namespace, &log, embedded, settings).await
         }
@@ -181,6 +191,8 @@ struct Limits {
     max_concurrent_builds: usize,
     verify_templates_every: std::time::Duration,
     claude_command: String,
+    instance: String,
+    sweep_orphans_every: std::time::Duration,
 }
 
 async fn run(
@@ -237,6 +249,8 @@ async fn operate(
         max_concurrent_builds: limits.max_concurrent_builds,
         verify_templates_every: limits.verify_templates_every,
         claude_command: limits.claude_command,
+        instance: limits.instance,
+        sweep_orphans_every: limits.sweep_orphans_every,
     };
     let result = sandcastle::controller::run(client, scope, settings, async {
         let _ = terminated().await;
@@ -308,6 +322,8 @@ async fn dev(
         max_concurrent_builds: 4,
         verify_templates_every: std::time::Duration::from_secs(600),
         claude_command: "claude".into(),
+        instance: "sandcastle-dev".into(),
+        sweep_orphans_every: std::time::Duration::from_secs(300),
     };
     // The pinned CLI scripts/setup installed, made visible inside the embedded sandboxes.
     if let Ok(claude) = tools_bin.join("claude").canonicalize()

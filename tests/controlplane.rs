@@ -81,6 +81,7 @@ fn main() -> ExitCode {
         deadlines_and_deletion_kill_the_sandbox,
         claude_code_runs_for_real_against_the_scripted_model,
         a_restart_reattaches_and_a_lost_sandbox_is_retried,
+        sandboxes_of_vanished_tasks_are_swept,
     ]
     .into_iter()
     .map(|(name, test)| {

@@ -78,6 +78,10 @@ pub struct Settings {
     /// How the Claude Code CLI is invoked inside sandboxes (a name on the sandbox's PATH,
     /// or an absolute path).
     pub claude_command: String,
+    /// Marks the sandboxes this operator creates, so its orphan sweep touches only those.
+    pub instance: String,
+    /// How often sandboxes of deleted tasks are looked for.
+    pub sweep_orphans_every: Duration,
 }
 
 struct Context {
@@ -87,6 +91,7 @@ struct Context {
     builds: BuildTracker,
     verify_templates_every: Duration,
     claude_command: String,
+    instance: String,
 }
 
 /// Which templates are building (bounded by the operator setting) and how far each build's
@@ -202,6 +207,7 @@ pub async fn run(
         builds: BuildTracker::new(settings.max_concurrent_builds),
         verify_templates_every: settings.verify_templates_every,
         claude_command: settings.claude_command,
+        instance: settings.instance,
     });
     let (shutdown_tasks, shutdown_templates) = split_shutdown(shutdown);
     let tasks = Controller::new(
@@ -282,9 +288,20 @@ pub async fn run(
             },
         )
         .graceful_shutdown_on(shutdown_templates)
-        .run(reconcile_template, error_policy, ctx)
+        .run(reconcile_template, error_policy, ctx.clone())
         .for_each(|result| async move { log_result("SandboxTemplate", result) });
+    let sweeper = {
+        let (ctx, every) = (ctx.clone(), settings.sweep_orphans_every);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                task::sweep_orphans(&ctx).await;
+            }
+        })
+    };
     futures::join!(tasks, templates);
+    sweeper.abort();
     Ok(())
 }
 

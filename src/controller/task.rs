@@ -36,6 +36,8 @@ pub const FINALIZER: &str = "sandcastle.dev/task-cleanup";
 pub const TASK_UID: &str = "sandcastle.dev/task-uid";
 const TASK_NAMESPACE: &str = "sandcastle.dev/task-namespace";
 const TASK_NAME: &str = "sandcastle.dev/task-name";
+/// Which operator made the sandbox: the orphan sweep touches only its own.
+const OPERATOR: &str = "sandcastle.dev/operator";
 const FOLLOW_INTERVAL: Duration = Duration::from_secs(2);
 const WAIT_INTERVAL: Duration = Duration::from_secs(5);
 /// The sandbox outlives the task's deadline by this much, as the provider's own dead-man
@@ -379,6 +381,7 @@ async fn provision(
                     task.namespace().unwrap_or_default(),
                 ),
                 (TASK_NAME.to_string(), task.name_any()),
+                (OPERATOR.to_string(), ctx.instance.clone()),
             ]);
             match provider.create_sandbox(&spec).await {
                 Ok(sandbox) => (sandbox.sandbox_id, attempts + 1),
@@ -1014,4 +1017,35 @@ async fn expire(
 async fn cleanup(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
     Ok(Action::await_change())
+}
+
+/// Kills the default provider's sandboxes that this operator made for tasks that no
+/// longer exist (deleted while the operator was down, or a create whose task is gone).
+pub async fn sweep_orphans(ctx: &Context) {
+    let query = ListQuery {
+        metadata: BTreeMap::from([(OPERATOR.to_string(), ctx.instance.clone())]),
+        ..ListQuery::default()
+    };
+    let Ok(sandboxes) = ctx.embedded.list_sandboxes(&query).await else {
+        return;
+    };
+    for sandbox in sandboxes {
+        let metadata = sandbox.metadata.clone().unwrap_or_default();
+        let (Some(namespace), Some(name), Some(uid)) = (
+            metadata.get(TASK_NAMESPACE),
+            metadata.get(TASK_NAME),
+            metadata.get(TASK_UID),
+        ) else {
+            continue;
+        };
+        let tasks: Api<AgentTask> = Api::namespaced(ctx.client.clone(), namespace);
+        let owner = match tasks.get_opt(name).await {
+            Ok(found) => found,
+            Err(_) => continue,
+        };
+        if owner.and_then(|task| task.metadata.uid).as_deref() != Some(uid.as_str()) {
+            tracing::info!(sandbox = %sandbox.sandbox_id, %namespace, %name, "killing an orphaned sandbox");
+            let _ = ctx.embedded.kill_sandbox(&sandbox.sandbox_id).await;
+        }
+    }
 }

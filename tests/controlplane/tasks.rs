@@ -530,3 +530,36 @@ pub async fn a_restart_reattaches_and_a_lost_sandbox_is_retried(env: Arc<TestEnv
     external.stop().await;
     let _ = std::fs::remove_dir_all(&root);
 }
+
+pub async fn sandboxes_of_vanished_tasks_are_swept(env: Arc<TestEnv>) {
+    let (ns, operator, _api) = setup(&env, "sweep", &[]).await;
+    let provider = operator.provider();
+    let sandbox = |instance: &str| {
+        let mut spec = sandcastle::e2b::client::SandboxSpec::new("base", Duration::from_secs(300));
+        spec.metadata = [
+            ("sandcastle.dev/operator".to_string(), instance.to_string()),
+            (TASK_UID.to_string(), "uid-of-a-deleted-task".to_string()),
+            ("sandcastle.dev/task-namespace".to_string(), ns.clone()),
+            ("sandcastle.dev/task-name".to_string(), "ghost".to_string()),
+        ]
+        .into();
+        spec
+    };
+    let orphan = provider
+        .create_sandbox(&sandbox("sandcastle"))
+        .await
+        .expect("orphan");
+    let foreign = provider
+        .create_sandbox(&sandbox("another-operator"))
+        .await
+        .expect("foreign");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while provider.get_sandbox(&orphan.sandbox_id).await.is_ok() {
+        assert!(Instant::now() < deadline, "the orphan was not swept");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        provider.get_sandbox(&foreign.sandbox_id).await.is_ok(),
+        "another operator's sandbox is not ours to sweep"
+    );
+}

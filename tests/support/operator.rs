@@ -101,6 +101,7 @@ fn spawn(
         .env("SANDCASTLE_SANDBOXD_API_KEY", API_KEY)
         .env("SANDCASTLE_LOG", "info")
         .env("SANDCASTLE_VERIFY_TEMPLATES_EVERY", "2")
+        .env("SANDCASTLE_SWEEP_ORPHANS_EVERY", "2")
         .envs(settings.iter().map(|(key, value)| (key, value)))
         .stdout(Stdio::piped())
         .spawn()
