@@ -27,6 +27,9 @@ enum Command {
         /// Template builds allowed to run at once; more wait in the `Queued` state.
         #[arg(long, env = "SANDCASTLE_MAX_CONCURRENT_BUILDS", default_value_t = 4)]
         max_concurrent_builds: usize,
+        /// Tasks allowed to hold a sandbox at once; more wait, in creation order, as `Queued`.
+        #[arg(long, env = "SANDCASTLE_MAX_RUNNING_TASKS", default_value_t = 20)]
+        max_running_tasks: usize,
         /// Marks the sandboxes this operator creates; its orphan sweep kills only those.
         #[arg(long, env = "SANDCASTLE_INSTANCE", default_value = "sandcastle")]
         instance: String,
@@ -95,6 +98,7 @@ async fn main() -> ExitCode {
             log,
             embedded,
             max_concurrent_builds,
+            max_running_tasks,
             instance,
             sweep_orphans_every,
             claude_command,
@@ -106,6 +110,7 @@ async fn main() -> ExitCode {
                 claude_command,
                 instance,
                 sweep_orphans_every: std::time::Duration::from_secs(sweep_orphans_every.max(1)),
+                max_running_tasks,
             };
             run(namespace, &log, embedded, settings).await
         }
@@ -193,6 +198,7 @@ struct Limits {
     claude_command: String,
     instance: String,
     sweep_orphans_every: std::time::Duration,
+    max_running_tasks: usize,
 }
 
 async fn run(
@@ -251,6 +257,7 @@ async fn operate(
         claude_command: limits.claude_command,
         instance: limits.instance,
         sweep_orphans_every: limits.sweep_orphans_every,
+        max_running_tasks: limits.max_running_tasks,
     };
     let result = sandcastle::controller::run(client, scope, settings, async {
         let _ = terminated().await;
@@ -324,6 +331,7 @@ async fn dev(
         claude_command: "claude".into(),
         instance: "sandcastle-dev".into(),
         sweep_orphans_every: std::time::Duration::from_secs(300),
+        max_running_tasks: 20,
     };
     // The pinned CLI scripts/setup installed, made visible inside the embedded sandboxes.
     if let Ok(claude) = tools_bin.join("claude").canonicalize()

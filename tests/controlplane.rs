@@ -82,6 +82,7 @@ fn main() -> ExitCode {
         claude_code_runs_for_real_against_the_scripted_model,
         a_restart_reattaches_and_a_lost_sandbox_is_retried,
         sandboxes_of_vanished_tasks_are_swept,
+        the_sandbox_cap_queues_tasks_in_creation_order,
     ]
     .into_iter()
     .map(|(name, test)| {

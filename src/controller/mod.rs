@@ -82,6 +82,8 @@ pub struct Settings {
     pub instance: String,
     /// How often sandboxes of deleted tasks are looked for.
     pub sweep_orphans_every: Duration,
+    /// Tasks allowed to hold a sandbox at once; more wait in the `Queued` phase.
+    pub max_running_tasks: usize,
 }
 
 struct Context {
@@ -92,6 +94,10 @@ struct Context {
     verify_templates_every: Duration,
     claude_command: String,
     instance: String,
+    scope: Scope,
+    max_running_tasks: usize,
+    /// Held while a task decides whether it may take a sandbox slot and takes it.
+    admission: tokio::sync::Mutex<()>,
 }
 
 /// Which templates are building (bounded by the operator setting) and how far each build's
@@ -208,6 +214,9 @@ pub async fn run(
         verify_templates_every: settings.verify_templates_every,
         claude_command: settings.claude_command,
         instance: settings.instance,
+        scope: scope.clone(),
+        max_running_tasks: settings.max_running_tasks.max(1),
+        admission: tokio::sync::Mutex::new(()),
     });
     let (shutdown_tasks, shutdown_templates) = split_shutdown(shutdown);
     let tasks = Controller::new(

@@ -308,6 +308,15 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
         }
     };
     let Some(sandbox_id) = status.sandbox_id.clone() else {
+        // Held until the sandbox is recorded, so two tasks never take the last slot.
+        let _admission = ctx.admission.lock().await;
+        if let Some(message) = queue_position(ctx, task).await? {
+            let status = staged(task, TaskPhase::Queued, "Queued", &message, |_| {});
+            if previous(task).message.as_deref() != status.message.as_deref() {
+                write(ctx, task, status).await?;
+            }
+            return Ok(Action::requeue(FOLLOW_INTERVAL));
+        }
         return provision(task, ctx, &provider, &template_status).await;
     };
     let detail = match provider.get_sandbox(&sandbox_id).await {
@@ -335,6 +344,45 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     };
     let envd = provider.envd(&detail);
     run(task, ctx, &provider, &envd, env, &redactor).await
+}
+
+/// Why the task must wait for a sandbox slot, or `None` when it may have one. Tasks with a
+/// sandbox count against `--max-running-tasks`; tasks already queued before this one (by
+/// creation time) go first.
+async fn queue_position(ctx: &Context, task: &AgentTask) -> Result<Option<String>, Error> {
+    let api: Api<AgentTask> = match &ctx.scope.namespace {
+        Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
+        None => Api::all(ctx.client.clone()),
+    };
+    let all = api.list(&kube::api::ListParams::default()).await?.items;
+    let key = |other: &AgentTask| {
+        (
+            other.metadata.creation_timestamp.clone().map(|time| time.0),
+            other.name_any(),
+        )
+    };
+    let running = all
+        .iter()
+        .filter(|other| {
+            let status = other.status.as_ref();
+            status.is_some_and(|status| status.sandbox_id.is_some() && !is_terminal(status.phase))
+        })
+        .count();
+    let ahead = all
+        .iter()
+        .filter(|other| other.metadata.uid != task.metadata.uid)
+        .filter(|other| {
+            other.status.as_ref().and_then(|status| status.phase) == Some(TaskPhase::Queued)
+        })
+        .filter(|other| key(other) < key(task))
+        .count();
+    if running + ahead < ctx.max_running_tasks {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "waiting for a sandbox slot: {running} running, {ahead} queued ahead, at most {} at once",
+        ctx.max_running_tasks
+    )))
 }
 
 /// Creates the sandbox, or adopts the one an earlier pass created before it could record

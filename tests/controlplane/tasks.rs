@@ -563,3 +563,77 @@ pub async fn sandboxes_of_vanished_tasks_are_swept(env: Arc<TestEnv>) {
         "another operator's sandbox is not ours to sweep"
     );
 }
+
+pub async fn the_sandbox_cap_queues_tasks_in_creation_order(env: Arc<TestEnv>) {
+    let (_ns, operator, api) = setup(&env, "cap", &[("SANDCASTLE_MAX_RUNNING_TASKS", "3")]).await;
+    let names: Vec<String> = (0..20).map(|n| format!("task-{n:02}")).collect();
+    for name in &names {
+        create(
+            &api,
+            name,
+            json!({
+                "templateRef": {"name": "base"},
+                "agent": {"command": {"command": ["sh", "-c", "sleep 1; date +%s%N"]}},
+            }),
+        )
+        .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut most = 0;
+    loop {
+        let tasks = api.list(&ListParams::default()).await.expect("list").items;
+        let holding = tasks
+            .iter()
+            .filter(|task| {
+                task.status
+                    .as_ref()
+                    .is_some_and(|status| status.sandbox_id.is_some() && !finished(status))
+            })
+            .count();
+        let live = operator
+            .provider()
+            .list_sandboxes(&ListQuery::default())
+            .await
+            .expect("list sandboxes")
+            .len();
+        most = most.max(holding).max(live);
+        assert!(
+            holding <= 3 && live <= 3,
+            "{holding} tasks hold sandboxes, {live} live"
+        );
+        if tasks
+            .iter()
+            .all(|task| task.status.as_ref().is_some_and(finished))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "20 tasks did not finish within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(most, 3, "the cap is used");
+    let mut started: Vec<(jiff::Timestamp, String)> = Vec::new();
+    for name in &names {
+        let status = api.get(name).await.expect("task").status.expect("status");
+        assert_eq!(
+            status.phase,
+            Some(TaskPhase::Succeeded),
+            "{name}: {status:#?}"
+        );
+        started.push((status.start_time.expect("start").0, name.clone()));
+    }
+    started.sort();
+    let order: Vec<&str> = started.iter().map(|(_, name)| name.as_str()).collect();
+    let mut expected: Vec<&str> = names.iter().map(String::as_str).collect();
+    expected.sort();
+    // Tasks start in creation order, give or take the ones admitted together.
+    for (position, name) in order.iter().enumerate() {
+        let created = expected.iter().position(|n| n == name).unwrap();
+        assert!(
+            created.abs_diff(position) <= 3,
+            "{name} started {position}th: {order:?}"
+        );
+    }
+}
