@@ -30,6 +30,9 @@ enum Command {
         /// Tasks allowed to hold a sandbox at once; more wait, in creation order, as `Queued`.
         #[arg(long, env = "SANDCASTLE_MAX_RUNNING_TASKS", default_value_t = 20)]
         max_running_tasks: usize,
+        /// The same cap for each namespace; none when unset.
+        #[arg(long, env = "SANDCASTLE_MAX_RUNNING_TASKS_PER_NAMESPACE")]
+        max_running_tasks_per_namespace: Option<usize>,
         /// Marks the sandboxes this operator creates; its orphan sweep kills only those.
         #[arg(long, env = "SANDCASTLE_INSTANCE", default_value = "sandcastle")]
         instance: String,
@@ -99,6 +102,7 @@ async fn main() -> ExitCode {
             embedded,
             max_concurrent_builds,
             max_running_tasks,
+            max_running_tasks_per_namespace,
             instance,
             sweep_orphans_every,
             claude_command,
@@ -111,6 +115,7 @@ async fn main() -> ExitCode {
                 instance,
                 sweep_orphans_every: std::time::Duration::from_secs(sweep_orphans_every.max(1)),
                 max_running_tasks,
+                max_running_tasks_per_namespace,
             };
             run(namespace, &log, embedded, settings).await
         }
@@ -199,6 +204,7 @@ struct Limits {
     instance: String,
     sweep_orphans_every: std::time::Duration,
     max_running_tasks: usize,
+    max_running_tasks_per_namespace: Option<usize>,
 }
 
 async fn run(
@@ -258,6 +264,7 @@ async fn operate(
         instance: limits.instance,
         sweep_orphans_every: limits.sweep_orphans_every,
         max_running_tasks: limits.max_running_tasks,
+        max_running_tasks_per_namespace: limits.max_running_tasks_per_namespace,
     };
     let result = sandcastle::controller::run(client, scope, settings, async {
         let _ = terminated().await;
@@ -332,6 +339,7 @@ async fn dev(
         instance: "sandcastle-dev".into(),
         sweep_orphans_every: std::time::Duration::from_secs(300),
         max_running_tasks: 20,
+        max_running_tasks_per_namespace: None,
     };
     // The pinned CLI scripts/setup installed, made visible inside the embedded sandboxes.
     if let Ok(claude) = tools_bin.join("claude").canonicalize()

@@ -84,6 +84,8 @@ pub struct Settings {
     pub sweep_orphans_every: Duration,
     /// Tasks allowed to hold a sandbox at once; more wait in the `Queued` phase.
     pub max_running_tasks: usize,
+    /// The same cap per namespace, if any.
+    pub max_running_tasks_per_namespace: Option<usize>,
 }
 
 struct Context {
@@ -96,6 +98,7 @@ struct Context {
     instance: String,
     scope: Scope,
     max_running_tasks: usize,
+    max_running_tasks_per_namespace: Option<usize>,
     /// Held while a task decides whether it may take a sandbox slot and takes it.
     admission: tokio::sync::Mutex<()>,
 }
@@ -216,6 +219,9 @@ pub async fn run(
         instance: settings.instance,
         scope: scope.clone(),
         max_running_tasks: settings.max_running_tasks.max(1),
+        max_running_tasks_per_namespace: settings
+            .max_running_tasks_per_namespace
+            .map(|cap| cap.max(1)),
         admission: tokio::sync::Mutex::new(()),
     });
     let (shutdown_tasks, shutdown_templates) = split_shutdown(shutdown);

@@ -347,8 +347,7 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
 }
 
 /// Why the task must wait for a sandbox slot, or `None` when it may have one. Tasks with a
-/// sandbox count against `--max-running-tasks`; tasks already queued before this one (by
-/// creation time) go first.
+/// sandbox count against `--max-running-tasks`; older tasks that could start go first.
 async fn queue_position(ctx: &Context, task: &AgentTask) -> Result<Option<String>, Error> {
     let api: Api<AgentTask> = match &ctx.scope.namespace {
         Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
@@ -361,28 +360,45 @@ async fn queue_position(ctx: &Context, task: &AgentTask) -> Result<Option<String
             other.name_any(),
         )
     };
-    let running = all
-        .iter()
-        .filter(|other| {
-            let status = other.status.as_ref();
-            status.is_some_and(|status| status.sandbox_id.is_some() && !is_terminal(status.phase))
-        })
-        .count();
-    let ahead = all
-        .iter()
-        .filter(|other| other.metadata.uid != task.metadata.uid)
-        .filter(|other| {
-            other.status.as_ref().and_then(|status| status.phase) == Some(TaskPhase::Queued)
-        })
-        .filter(|other| key(other) < key(task))
-        .count();
-    if running + ahead < ctx.max_running_tasks {
-        return Ok(None);
+    let holding = |other: &&AgentTask| {
+        let status = other.status.as_ref();
+        status.is_some_and(|status| status.sandbox_id.is_some() && !is_terminal(status.phase))
+    };
+    // Every older task that could start now is ahead, whether or not it has been looked at
+    // yet; those waiting for their template or a Secret are not, so they hold nobody up.
+    let queued_ahead = |other: &&AgentTask| {
+        let status = other.status.clone().unwrap_or_default();
+        let waiting_on_input = matches!(
+            status.reason.as_deref(),
+            Some("MissingSecret" | "TemplateNotReady" | "ProviderUnavailable")
+        );
+        other.metadata.uid != task.metadata.uid
+            && status.sandbox_id.is_none()
+            && !is_terminal(status.phase)
+            && !waiting_on_input
+            && other.metadata.deletion_timestamp.is_none()
+            && key(other) < key(task)
+    };
+    let running = all.iter().filter(holding).count();
+    let ahead = all.iter().filter(queued_ahead).count();
+    if running + ahead >= ctx.max_running_tasks {
+        return Ok(Some(format!(
+            "waiting for a sandbox slot: {running} running, {ahead} queued ahead, at most {} at once",
+            ctx.max_running_tasks
+        )));
     }
-    Ok(Some(format!(
-        "waiting for a sandbox slot: {running} running, {ahead} queued ahead, at most {} at once",
-        ctx.max_running_tasks
-    )))
+    if let Some(cap) = ctx.max_running_tasks_per_namespace {
+        let namespace = task.metadata.namespace.clone();
+        let here = |other: &&AgentTask| other.metadata.namespace == namespace;
+        let running = all.iter().filter(holding).filter(here).count();
+        let ahead = all.iter().filter(queued_ahead).filter(here).count();
+        if running + ahead >= cap {
+            return Ok(Some(format!(
+                "waiting for a sandbox slot in this namespace: {running} running, {ahead} queued ahead, at most {cap} at once"
+            )));
+        }
+    }
+    Ok(None)
 }
 
 /// Creates the sandbox, or adopts the one an earlier pass created before it could record
