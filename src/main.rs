@@ -395,6 +395,32 @@ async fn show_example(
             Ok::<_, BoxError>(String::from_utf8_lossy(&out.stdout).into_owned())
         }
     };
+    // The Claude Code example's Secret, from the caller's environment when it has a key
+    // (through the API, so the value never shows on a command line).
+    let anthropic: std::collections::BTreeMap<&str, String> = [
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_AUTH_TOKEN",
+        "ANTHROPIC_BASE_URL",
+    ]
+    .into_iter()
+    .filter_map(|name| std::env::var(name).ok().map(|value| (name, value)))
+    .collect();
+    if !anthropic.is_empty() {
+        let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+            kube::Api::namespaced(client.clone(), "default");
+        let secret = serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "anthropic"},
+            "stringData": anthropic,
+        });
+        secrets
+            .patch(
+                "anthropic",
+                &kube::api::PatchParams::apply("sandcastle-dev").force(),
+                &kube::api::Patch::Apply(&secret),
+            )
+            .await?;
+    }
     print!(
         "{}",
         run(vec![

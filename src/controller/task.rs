@@ -1113,3 +1113,95 @@ pub async fn sweep_orphans(ctx: &Context) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> AgentTask {
+        let mut task: AgentTask = serde_json::from_value(serde_json::json!({
+            "apiVersion": "sandcastle.dev/v1alpha1",
+            "kind": "AgentTask",
+            "metadata": {"name": "t", "namespace": "n", "generation": 2},
+            "spec": {"templateRef": {"name": "base"}, "agent": {"command": {"command": ["true"]}}},
+        }))
+        .unwrap();
+        task.status = Some(AgentTaskStatus {
+            sandbox_id: Some("sbx".into()),
+            attempts: Some(1),
+            ..AgentTaskStatus::default()
+        });
+        task
+    }
+
+    fn conditions(status: &AgentTaskStatus) -> Vec<(&str, &str)> {
+        status
+            .conditions
+            .iter()
+            .map(|condition| (condition.type_.as_str(), condition.status.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn running_reads_as_in_progress_and_keeps_the_rest() {
+        let status = staged(&task(), TaskPhase::Running, "Running", "busy", |_| {});
+        assert_eq!(
+            conditions(&status),
+            [
+                ("Ready", "False"),
+                ("Reconciling", "True"),
+                ("Stalled", "False")
+            ]
+        );
+        assert_eq!(
+            (status.sandbox_id.as_deref(), status.attempts),
+            (Some("sbx"), Some(1))
+        );
+        assert_eq!(status.observed_generation, Some(2));
+        assert_eq!(status.reason.as_deref(), Some("Running"));
+    }
+
+    #[test]
+    fn finished_tasks_say_whether_they_succeeded() {
+        let done = staged(&task(), TaskPhase::Succeeded, "Succeeded", "ok", |_| {});
+        assert_eq!(
+            conditions(&done),
+            [
+                ("Ready", "True"),
+                ("Reconciling", "False"),
+                ("Stalled", "False"),
+                ("Succeeded", "True")
+            ]
+        );
+        let failed = staged(
+            &task(),
+            TaskPhase::Failed,
+            "MaxTurns",
+            "too long",
+            |status| status.sandbox_id = None,
+        );
+        assert_eq!(conditions(&failed)[3], ("Succeeded", "False"));
+        assert_eq!(conditions(&failed)[0], ("Ready", "False"));
+        assert!(failed.sandbox_id.is_none());
+    }
+
+    #[test]
+    fn messages_are_capped() {
+        let long = "x".repeat(10_000);
+        let status = staged(&task(), TaskPhase::Pending, "Waiting", &long, |_| {});
+        assert_eq!(status.message.unwrap().chars().count(), 4096);
+    }
+
+    #[test]
+    fn listings_round_trip_through_the_sandbox_file() {
+        let listing = Listing::from([(
+            "a/b.txt".to_string(),
+            Listed {
+                size: 3,
+                modified: Some("2026-11-23T10:00:00Z".into()),
+            },
+        )]);
+        let bytes = serde_json::to_vec(&listing_json(&listing)).unwrap();
+        assert_eq!(listing_from_json(&bytes), listing);
+    }
+}
