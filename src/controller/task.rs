@@ -322,14 +322,7 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     let detail = match provider.get_sandbox(&sandbox_id).await {
         Ok(detail) => detail,
         Err(error) if error.is_not_found() => {
-            return retry(
-                task,
-                ctx,
-                &provider,
-                "SandboxLost",
-                "the sandbox disappeared",
-            )
-            .await;
+            return sandbox_lost(task, ctx, &provider).await;
         }
         Err(error) => {
             return wait(
@@ -505,14 +498,7 @@ async fn run(
         Ok(exit) => return finish(task, ctx, provider, envd, &exit, redactor).await,
         Err(error) if error.is_not_found() => {}
         Err(error) if error.is_sandbox_gone() => {
-            return retry(
-                task,
-                ctx,
-                provider,
-                "SandboxLost",
-                "the sandbox disappeared",
-            )
-            .await;
+            return sandbox_lost(task, ctx, provider).await;
         }
         Err(error) => {
             return wait(
@@ -1007,6 +993,21 @@ async fn retry(
     publish(ctx, task, EventType::Warning, reason, message.to_string()).await;
     let backoff = Duration::from_secs(2u64.saturating_pow(attempts.clamp(0, 6) as u32));
     Ok(Action::requeue(backoff))
+}
+
+async fn sandbox_lost(
+    task: &AgentTask,
+    ctx: &Context,
+    provider: &E2bClient,
+) -> Result<Action, Error> {
+    retry(
+        task,
+        ctx,
+        provider,
+        "SandboxLost",
+        "the sandbox disappeared",
+    )
+    .await
 }
 
 /// Kills the task's sandbox, by ID and by its metadata (one created but not yet recorded).

@@ -14,35 +14,10 @@ use serde_json::json;
 
 use super::cluster::{TestEnv, repo};
 use super::model::{HELLO_PY, Mode, Script, ScriptedModel};
-use super::operator::Operator;
+use super::operator::{Operator, wait_for};
 
 const WAIT: Duration = Duration::from_secs(60);
 const TASK_UID: &str = "sandcastle.dev/task-uid";
-
-async fn wait_for(
-    api: &Api<AgentTask>,
-    name: &str,
-    what: &str,
-    done: impl Fn(&AgentTaskStatus) -> bool,
-) -> AgentTaskStatus {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let status = api
-            .get_opt(name)
-            .await
-            .expect("get task")
-            .and_then(|task| task.status)
-            .unwrap_or_default();
-        if done(&status) {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}: not {what} within {WAIT:?}: {status:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 fn finished(status: &AgentTaskStatus) -> bool {
     matches!(status.phase, Some(TaskPhase::Succeeded | TaskPhase::Failed))
@@ -240,17 +215,7 @@ pub async fn a_task_waits_for_its_secret_and_never_shows_the_value(env: Arc<Test
         "the key is [redacted]\n"
     );
     assert_eq!(status.files[0].path, "leak-[redacted].txt");
-    let transcripts: Api<k8s_openapi::api::core::v1::ConfigMap> =
-        Api::namespaced(env.client.clone(), &ns);
-    let transcript = transcripts
-        .get("needs-key-transcript")
-        .await
-        .expect("the transcript");
-    let stdout = transcript
-        .data
-        .unwrap_or_default()
-        .remove("stdout")
-        .unwrap_or_default();
+    let stdout = transcript(&env, &ns, "needs-key").await;
     assert_eq!(stdout, "the key is [redacted]\n");
     let everything = format!(
         "{:?} {:?} {stdout}",
@@ -259,6 +224,20 @@ pub async fn a_task_waits_for_its_secret_and_never_shows_the_value(env: Arc<Test
     );
     assert!(!everything.contains(value), "the Secret's value leaked");
     drop(operator);
+}
+
+/// The agent's stdout as the task's transcript ConfigMap keeps it.
+async fn transcript(env: &TestEnv, ns: &str, task: &str) -> String {
+    let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(env.client.clone(), ns);
+    let config_map = api
+        .get(&format!("{task}-transcript"))
+        .await
+        .expect("the transcript");
+    config_map
+        .data
+        .unwrap_or_default()
+        .remove("stdout")
+        .unwrap_or_default()
 }
 
 async fn events(env: &TestEnv, ns: &str) -> Vec<String> {
@@ -382,17 +361,7 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
         .map(|f| (f.path.as_str(), f.size))
         .collect();
     assert_eq!(files, [("hello.py", HELLO_PY.len() as i64)]);
-    let transcripts: Api<k8s_openapi::api::core::v1::ConfigMap> =
-        Api::namespaced(env.client.clone(), &ns);
-    let transcript = transcripts
-        .get("hello-transcript")
-        .await
-        .expect("the transcript");
-    let stdout = transcript
-        .data
-        .unwrap_or_default()
-        .remove("stdout")
-        .unwrap_or_default();
+    let stdout = transcript(&env, &ns, "hello").await;
     assert!(stdout.contains(r#""type":"result""#), "{stdout}");
 
     model.set_mode(Mode::Unauthorized);

@@ -12,35 +12,9 @@ use sandcastle::e2b::client::SandboxSpec;
 use serde_json::json;
 
 use super::cluster::TestEnv;
-use super::operator::Operator;
+use super::operator::{Operator, wait_for};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Polls until `done` accepts the template's status, and returns that status.
-async fn wait_for(
-    api: &Api<SandboxTemplate>,
-    name: &str,
-    what: &str,
-    done: impl Fn(&SandboxTemplateStatus) -> bool,
-) -> SandboxTemplateStatus {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let status = api
-            .get_opt(name)
-            .await
-            .expect("get template")
-            .and_then(|template| template.status)
-            .unwrap_or_default();
-        if done(&status) {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}: not {what} within {WAIT:?}: {status:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// Waits for `Stalled=True` with `reason`, and checks the message names `subject`.
 async fn wait_stalled(api: &Api<SandboxTemplate>, name: &str, reason: &str, subject: &str) {

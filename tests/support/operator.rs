@@ -139,3 +139,39 @@ impl Drop for Operator {
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
+
+/// Polls until `done` accepts the object's status (an absent status reads as the default)
+/// and returns that status; fails the test after a minute.
+pub async fn wait_for<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    what: &str,
+    done: impl Fn(&K::Status) -> bool,
+) -> K::Status
+where
+    K: kube::Resource
+        + kube::core::object::HasStatus
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::Status: Clone + Default + std::fmt::Debug,
+{
+    let wait = Duration::from_secs(60);
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let status = api
+            .get_opt(name)
+            .await
+            .expect("get")
+            .and_then(|object| object.status().cloned())
+            .unwrap_or_default();
+        if done(&status) {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}: not {what} within {wait:?}: {status:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
