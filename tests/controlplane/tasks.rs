@@ -428,6 +428,15 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
     );
     assert!(!everything.contains(key), "the API key leaked");
     assert!(!everything.contains(token), "the echoed token leaked");
+    let logs = operator.logs();
+    assert!(
+        logs.contains("sandbox created"),
+        "the operator's logs were captured"
+    );
+    assert!(
+        !logs.contains(key) && !logs.contains(token),
+        "a secret leaked into the operator's logs"
+    );
     drop(operator);
 }
 

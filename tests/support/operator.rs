@@ -17,6 +17,7 @@ pub struct Operator {
     namespace: String,
     kubeconfig: PathBuf,
     settings: Vec<(String, String)>,
+    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     api_url: String,
     sandbox_url: String,
 }
@@ -40,13 +41,15 @@ impl Operator {
             .iter()
             .map(|(key, value)| (key.to_string(), value.to_string()))
             .collect();
-        let (child, api_url, sandbox_url) = spawn(kubeconfig, namespace, &root, &settings);
+        let logs = std::sync::Arc::default();
+        let (child, api_url, sandbox_url) = spawn(kubeconfig, namespace, &root, &settings, &logs);
         Operator {
             child,
             root,
             namespace: namespace.to_string(),
             kubeconfig: kubeconfig.to_path_buf(),
             settings,
+            logs,
             api_url,
             sandbox_url,
         }
@@ -60,6 +63,11 @@ impl Operator {
             API_KEY,
         ))
         .expect("client")
+    }
+
+    /// Everything the operator logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().expect("logs").join("\n")
     }
 
     pub fn api_url(&self) -> &str {
@@ -79,6 +87,7 @@ impl Operator {
             &self.namespace,
             &self.root,
             &self.settings,
+            &self.logs,
         );
         self.child = child;
         self.api_url = api_url;
@@ -93,6 +102,7 @@ fn spawn(
     namespace: &str,
     root: &std::path::Path,
     settings: &[(String, String)],
+    logs: &std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 ) -> (Child, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sandcastle"))
         .args(["run", "--namespace", namespace, "--sandboxd-root"])
@@ -109,8 +119,10 @@ fn spawn(
     let stdout = child.stdout.take().expect("stdout");
     let (urls, found) = mpsc::channel();
     let name = namespace.to_string();
+    let kept = logs.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            kept.lock().expect("logs").push(line.clone());
             let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
