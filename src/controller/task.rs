@@ -139,6 +139,16 @@ async fn write(ctx: &Context, task: &AgentTask, status: AgentTaskStatus) -> Resu
     apply_status(&ctx.client, task, &status).await
 }
 
+/// The provider could not be reached or answered with an error: wait and look again.
+async fn provider_trouble(
+    ctx: &Context,
+    task: &AgentTask,
+    message: &str,
+    again: Duration,
+) -> Result<Action, Error> {
+    wait(ctx, task, "ProviderUnavailable", message, again).await
+}
+
 /// Writes a waiting stage unless the status already says exactly that.
 async fn wait(
     ctx: &Context,
@@ -297,14 +307,7 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     let provider = match super::template::resolve_provider(ctx, &template).await {
         Ok(provider) => provider,
         Err(blocked) => {
-            return wait(
-                ctx,
-                task,
-                "ProviderUnavailable",
-                &blocked.message,
-                WAIT_INTERVAL * 3,
-            )
-            .await;
+            return provider_trouble(ctx, task, &blocked.message, WAIT_INTERVAL * 3).await;
         }
     };
     let Some(sandbox_id) = status.sandbox_id.clone() else {
@@ -325,10 +328,9 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
             return sandbox_lost(task, ctx, &provider).await;
         }
         Err(error) => {
-            return wait(
+            return provider_trouble(
                 ctx,
                 task,
-                "ProviderUnavailable",
                 &redactor.redact(&error.to_string()),
                 WAIT_INTERVAL * 3,
             )
@@ -410,14 +412,7 @@ async fn provision(
     let existing = match provider.list_sandboxes(&query).await {
         Ok(found) => found.into_iter().next().map(|sandbox| sandbox.sandbox_id),
         Err(error) => {
-            return wait(
-                ctx,
-                task,
-                "ProviderUnavailable",
-                &error.to_string(),
-                WAIT_INTERVAL * 3,
-            )
-            .await;
+            return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3).await;
         }
     };
     let attempts = previous(task).attempts.unwrap_or(0);
@@ -447,14 +442,8 @@ async fn provision(
                     return wait(ctx, task, "ProviderBusy", &error.to_string(), again).await;
                 }
                 Err(error) => {
-                    return wait(
-                        ctx,
-                        task,
-                        "ProviderUnavailable",
-                        &error.to_string(),
-                        WAIT_INTERVAL * 3,
-                    )
-                    .await;
+                    return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3)
+                        .await;
                 }
             }
         }
@@ -501,10 +490,9 @@ async fn run(
             return sandbox_lost(task, ctx, provider).await;
         }
         Err(error) => {
-            return wait(
+            return provider_trouble(
                 ctx,
                 task,
-                "ProviderUnavailable",
                 &redactor.redact(&error.to_string()),
                 WAIT_INTERVAL,
             )
@@ -594,14 +582,7 @@ async fn start(
         if let ProviderError::InvalidArgument(message) = &error {
             return fail(ctx, task, "InvalidWorkspace", message, |_| {}).await;
         }
-        return wait(
-            ctx,
-            task,
-            "ProviderUnavailable",
-            &error.to_string(),
-            WAIT_INTERVAL,
-        )
-        .await;
+        return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL).await;
     }
     let agent = agent_invocation(task, ctx);
     let mut invocation = invocation::recorded(agent, RUN_DIR);
@@ -618,14 +599,7 @@ async fn start(
     // The stream is dropped at once: the process keeps running and its outcome is read
     // from the recorder's files, never from this stream.
     if let Err(error) = envd.start(&spec).await {
-        return wait(
-            ctx,
-            task,
-            "ProviderUnavailable",
-            &error.to_string(),
-            WAIT_INTERVAL,
-        )
-        .await;
+        return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL).await;
     }
     let status = staged(
         task,
@@ -839,14 +813,25 @@ async fn finish(
             None => Verdict::Incomplete,
         }
     };
-    if verdict == Verdict::Incomplete {
-        let detail = redactor.redact(&String::from_utf8_lossy(&stderr));
-        let message = format!(
-            "the agent ended without a result: {}",
-            truncate(detail.trim(), 512)
-        );
-        return retry(task, ctx, provider, "AgentIncomplete", &message).await;
-    }
+    let failure = match verdict {
+        Verdict::Succeeded => None,
+        Verdict::Failed { reason, message } => {
+            let reason = match reason {
+                FailureReason::MaxTurns => "MaxTurns",
+                FailureReason::ApiError { .. } => "AgentApiError",
+                FailureReason::AgentError => "AgentFailed",
+            };
+            Some((reason, redactor.redact(&message)))
+        }
+        Verdict::Incomplete => {
+            let detail = redactor.redact(&String::from_utf8_lossy(&stderr));
+            let message = format!(
+                "the agent ended without a result: {}",
+                truncate(detail.trim(), 512)
+            );
+            return retry(task, ctx, provider, "AgentIncomplete", &message).await;
+        }
+    };
     save_transcript(ctx, task, redactor, &stdout, &stderr).await?;
     kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
     let record = |status: &mut AgentTaskStatus| {
@@ -864,8 +849,8 @@ async fn finish(
         status.files_truncated = changes.truncated;
         status.completion_time = Some(now());
     };
-    match verdict {
-        Verdict::Succeeded => {
+    match failure {
+        None => {
             let status = staged(
                 task,
                 TaskPhase::Succeeded,
@@ -884,15 +869,7 @@ async fn finish(
             .await;
             Ok(Action::await_change())
         }
-        Verdict::Failed { reason, message } => {
-            let reason = match reason {
-                FailureReason::MaxTurns => "MaxTurns",
-                FailureReason::ApiError { .. } => "AgentApiError",
-                FailureReason::AgentError => "AgentFailed",
-            };
-            fail(ctx, task, reason, &redactor.redact(&message), record).await
-        }
-        Verdict::Incomplete => unreachable!("handled above"),
+        Some((reason, message)) => fail(ctx, task, reason, &message, record).await,
     }
 }
 
