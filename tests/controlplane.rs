@@ -13,6 +13,8 @@ mod cluster;
 #[allow(dead_code)]
 #[path = "support/model.rs"]
 mod model;
+#[path = "controlplane/operations.rs"]
+mod operations;
 #[path = "support/operator.rs"]
 mod operator;
 #[path = "controlplane/tasks.rs"]
@@ -29,6 +31,7 @@ use cluster::{TestEnv, repo, stderr};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use libtest_mimic::{Arguments, Trial};
+use operations::*;
 use sandcastle::crd::{AgentTask, SandboxTemplate};
 use serde_json::{Value, json};
 use tasks::*;
@@ -83,6 +86,8 @@ fn main() -> ExitCode {
         a_restart_reattaches_and_a_lost_sandbox_is_retried,
         sandboxes_of_vanished_tasks_are_swept,
         the_sandbox_cap_queues_tasks_in_creation_order,
+        the_standby_takes_over_a_running_task,
+        the_charts_rbac_is_enough_and_no_more,
     ]
     .into_iter()
     .map(|(name, test)| {
@@ -510,7 +515,8 @@ async fn operator_binary_runs_the_examples(env: Arc<TestEnv>) {
     let ns = env.namespace("operator").await;
     env.apply(&ns, "examples");
     let operator = std::process::Command::new(env!("CARGO_BIN_EXE_sandcastle"))
-        .args(["run", "--namespace", &ns, "--sandboxd-root"])
+        .args(["run", "--namespace", &ns, "--admin-address", "127.0.0.1:0"])
+        .arg("--sandboxd-root")
         .arg(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("sandboxd-{ns}")))
         .env("KUBECONFIG", env.kubeconfig_path())
         .stdout(std::process::Stdio::piped())

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use crate::crd::{AgentTask, SandboxTemplate};
 use crate::e2b::client::E2bClient;
+use crate::metrics::{Metrics, ReconcileResult};
 
 /// The field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "sandcastle";
@@ -50,27 +51,42 @@ pub enum Error {
 /// Which objects the operator watches.
 #[derive(Clone, Debug, Default)]
 pub struct Scope {
-    /// One namespace, or every namespace when `None`.
-    pub namespace: Option<String>,
+    /// These namespaces, or every namespace when empty.
+    pub namespaces: Vec<String>,
 }
 
 impl Scope {
-    fn api<K>(&self, client: &Client) -> Api<K>
+    /// One API per watched namespace, or a single cluster-wide one.
+    fn apis<K>(&self, client: &Client) -> Vec<Api<K>>
     where
         K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
     {
-        match &self.namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
+        self.targets()
+            .into_iter()
+            .map(|namespace| api_in(client, namespace))
+            .collect()
+    }
+
+    /// Each watched namespace, or `None` for all of them.
+    fn targets(&self) -> Vec<Option<&str>> {
+        if self.namespaces.is_empty() {
+            return vec![None];
         }
+        self.namespaces.iter().map(|ns| Some(ns.as_str())).collect()
+    }
+
+    fn covers(&self, namespace: &str) -> bool {
+        self.namespaces.is_empty() || self.namespaces.iter().any(|watched| watched == namespace)
     }
 }
 
 /// What the operator is configured with beyond the cluster it watches.
 #[derive(Clone)]
 pub struct Settings {
-    /// The client of the default provider (the embedded server, usually).
-    pub embedded: E2bClient,
+    /// The provider of templates that do not name their own: the embedded server, an
+    /// E2B account configured on the operator, or none.
+    pub default_provider: Option<E2bClient>,
+    pub metrics: Arc<Metrics>,
     /// Template builds allowed to run at once.
     pub max_concurrent_builds: usize,
     /// How often a Ready template is checked to still exist on its provider.
@@ -91,7 +107,8 @@ pub struct Settings {
 struct Context {
     client: Client,
     recorder: Recorder,
-    embedded: E2bClient,
+    default_provider: Option<E2bClient>,
+    metrics: Arc<Metrics>,
     builds: BuildTracker,
     verify_templates_every: Duration,
     claude_command: String,
@@ -212,7 +229,8 @@ pub async fn run(
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
-        embedded: settings.embedded,
+        default_provider: settings.default_provider,
+        metrics: settings.metrics,
         builds: BuildTracker::new(settings.max_concurrent_builds),
         verify_templates_every: settings.verify_templates_every,
         claude_command: settings.claude_command,
@@ -224,16 +242,57 @@ pub async fn run(
             .map(|cap| cap.max(1)),
         admission: tokio::sync::Mutex::new(()),
     });
-    let (shutdown_tasks, shutdown_templates) = split_shutdown(shutdown);
+    let stop = stop_signal(shutdown);
+    // kube's Controller watches one namespace or all; a list of namespaces gets a pair of
+    // controllers each, sharing the context (and so the caps and build slots).
+    let loops = scope.targets().into_iter().flat_map(|namespace| {
+        [
+            task_controller(&client, namespace, &ctx, stop.clone()).boxed(),
+            template_controller(&client, namespace, &ctx, stop.clone()).boxed(),
+        ]
+    });
+    let loops = futures::future::join_all(loops.collect::<Vec<_>>());
+    let sweeper = {
+        let (ctx, every) = (ctx.clone(), settings.sweep_orphans_every);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                task::sweep_orphans(&ctx).await;
+            }
+        })
+    };
+    loops.await;
+    sweeper.abort();
+    Ok(())
+}
+
+fn api_in<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+async fn task_controller(
+    client: &Client,
+    namespace: Option<&str>,
+    ctx: &Arc<Context>,
+    stop: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let tasks = Controller::new(
-        scope.api::<DeserializeGuard<AgentTask>>(&client),
+        api_in::<DeserializeGuard<AgentTask>>(client, namespace),
         watcher::Config::default().any_semantic(),
     );
     let task_store = tasks.store();
+    ctx.metrics.watch_tasks(task_store.clone());
     let secret_task_store = task_store.clone();
-    let tasks = tasks
+    tasks
         .watches(
-            scope.api::<PartialObjectMeta<SandboxTemplate>>(&client),
+            api_in::<PartialObjectMeta<SandboxTemplate>>(client, namespace),
             watcher::Config::default().any_semantic(),
             move |template| {
                 referring(&task_store, &template, |task: &AgentTask, name| {
@@ -242,7 +301,7 @@ pub async fn run(
             },
         )
         .watches(
-            scope.api::<PartialObjectMeta<Secret>>(&client),
+            api_in::<PartialObjectMeta<Secret>>(client, namespace),
             watcher::Config::default().any_semantic(),
             move |secret| {
                 referring(&secret_task_store, &secret, |task: &AgentTask, name| {
@@ -259,20 +318,29 @@ pub async fn run(
                 })
             },
         )
-        .graceful_shutdown_on(shutdown_tasks)
+        .graceful_shutdown_on(stop)
         .run(reconcile_task, error_policy, ctx.clone())
-        .for_each(|result| async move { log_result("AgentTask", result) });
+        .for_each(|result| async move { log_result("AgentTask", result) })
+        .await
+}
+
+async fn template_controller(
+    client: &Client,
+    namespace: Option<&str>,
+    ctx: &Arc<Context>,
+    stop: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let templates = Controller::new(
-        scope.api::<DeserializeGuard<SandboxTemplate>>(&client),
+        api_in::<DeserializeGuard<SandboxTemplate>>(client, namespace),
         watcher::Config::default().any_semantic(),
     );
     let store = templates.store();
     let config_map_store = store.clone();
     // Metadata only: a data change bumps the resourceVersion, and Secret values never
     // enter the operator's cache.
-    let templates = templates
+    templates
         .watches(
-            scope.api::<PartialObjectMeta<ConfigMap>>(&client),
+            api_in::<PartialObjectMeta<ConfigMap>>(client, namespace),
             watcher::Config::default().any_semantic(),
             move |config_map| {
                 referring(
@@ -289,7 +357,7 @@ pub async fn run(
             },
         )
         .watches(
-            scope.api::<PartialObjectMeta<Secret>>(&client),
+            api_in::<PartialObjectMeta<Secret>>(client, namespace),
             watcher::Config::default().any_semantic(),
             move |secret| {
                 referring(&store, &secret, |template: &SandboxTemplate, name| {
@@ -302,22 +370,10 @@ pub async fn run(
                 })
             },
         )
-        .graceful_shutdown_on(shutdown_templates)
+        .graceful_shutdown_on(stop)
         .run(reconcile_template, error_policy, ctx.clone())
-        .for_each(|result| async move { log_result("SandboxTemplate", result) });
-    let sweeper = {
-        let (ctx, every) = (ctx.clone(), settings.sweep_orphans_every);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                task::sweep_orphans(&ctx).await;
-            }
-        })
-    };
-    futures::join!(tasks, templates);
-    sweeper.abort();
-    Ok(())
+        .for_each(|result| async move { log_result("SandboxTemplate", result) })
+        .await
 }
 
 /// The objects of `store` in the other object's namespace that `uses` says refer to it
@@ -344,22 +400,12 @@ where
         .collect()
 }
 
-/// One shutdown signal for two controllers.
-fn split_shutdown(
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) -> (
-    impl Future<Output = ()> + Send + Sync + 'static,
-    impl Future<Output = ()> + Send + Sync + 'static,
-) {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
-    let wait = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stopped| *stopped).await;
-    };
-    (wait(rx.clone()), wait(rx))
+/// One shutdown signal for any number of controllers: each clone completes when
+/// `shutdown` does.
+fn stop_signal(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> futures::future::Shared<futures::future::BoxFuture<'static, ()>> {
+    shutdown.boxed().shared()
 }
 
 fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(kind: &str, result: Result<T, E>) {
@@ -379,10 +425,14 @@ async fn reconcile_task(
     guard: Arc<DeserializeGuard<AgentTask>>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    match valid(&guard) {
-        Some(task) => task::reconcile(Arc::new(task.clone()), ctx).await,
-        None => Ok(Action::await_change()),
-    }
+    let metrics = ctx.metrics.clone();
+    measured(&metrics, "agenttask", async move {
+        match valid(&guard) {
+            Some(task) => task::reconcile(Arc::new(task.clone()), ctx).await,
+            None => Ok(Action::await_change()),
+        }
+    })
+    .await
 }
 
 #[tracing::instrument(skip_all, fields(namespace = guard_namespace(&guard), name = guard_name(&guard)))]
@@ -390,10 +440,31 @@ async fn reconcile_template(
     guard: Arc<DeserializeGuard<SandboxTemplate>>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    match valid(&guard) {
-        Some(template) => template::reconcile(Arc::new(template.clone()), ctx).await,
-        None => Ok(Action::await_change()),
-    }
+    let metrics = ctx.metrics.clone();
+    measured(&metrics, "sandboxtemplate", async move {
+        match valid(&guard) {
+            Some(template) => template::reconcile(Arc::new(template.clone()), ctx).await,
+            None => Ok(Action::await_change()),
+        }
+    })
+    .await
+}
+
+/// Runs one reconcile and records it under controller-runtime's metric names.
+async fn measured(
+    metrics: &Metrics,
+    controller: &'static str,
+    reconcile: impl Future<Output = Result<Action, Error>>,
+) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let outcome = reconcile.await;
+    let result = match &outcome {
+        Err(_) => ReconcileResult::error,
+        Ok(action) if *action == Action::await_change() => ReconcileResult::success,
+        Ok(_) => ReconcileResult::requeue_after,
+    };
+    metrics.reconciled(controller, result, started.elapsed());
+    outcome
 }
 
 /// The object, or `None` (logged) when it does not match the types: one bad object must

@@ -344,11 +344,10 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
 /// Why the task must wait for a sandbox slot, or `None` when it may have one. Tasks with a
 /// sandbox count against `--max-running-tasks`; older tasks that could start go first.
 async fn queue_position(ctx: &Context, task: &AgentTask) -> Result<Option<String>, Error> {
-    let api: Api<AgentTask> = match &ctx.scope.namespace {
-        Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
-        None => Api::all(ctx.client.clone()),
-    };
-    let all = api.list(&kube::api::ListParams::default()).await?.items;
+    let mut all = Vec::new();
+    for api in ctx.scope.apis::<AgentTask>(&ctx.client) {
+        all.extend(api.list(&kube::api::ListParams::default()).await?.items);
+    }
     let key = |other: &AgentTask| {
         (
             other.metadata.creation_timestamp.clone().map(|time| time.0),
@@ -435,8 +434,12 @@ async fn provision(
                 (TASK_NAME.to_string(), task.name_any()),
                 (OPERATOR.to_string(), ctx.instance.clone()),
             ]);
+            let asked = std::time::Instant::now();
             match provider.create_sandbox(&spec).await {
-                Ok(sandbox) => (sandbox.sandbox_id, attempts + 1),
+                Ok(sandbox) => {
+                    ctx.metrics.sandbox_created(asked.elapsed());
+                    (sandbox.sandbox_id, attempts + 1)
+                }
                 Err(error) if matches!(error, ProviderError::RateLimited { .. }) => {
                     let again = error.retry_after().unwrap_or(WAIT_INTERVAL * 3);
                     return wait(ctx, task, "ProviderBusy", &error.to_string(), again).await;
@@ -858,7 +861,8 @@ async fn finish(
                 "the agent finished",
                 record,
             );
-            write(ctx, task, status).await?;
+            write(ctx, task, status.clone()).await?;
+            count_finished(ctx, &status);
             publish(
                 ctx,
                 task,
@@ -930,9 +934,25 @@ async fn fail(
         }
         change(status);
     });
-    write(ctx, task, status).await?;
+    write(ctx, task, status.clone()).await?;
+    count_finished(ctx, &status);
     publish(ctx, task, EventType::Warning, reason, message.to_string()).await;
     Ok(Action::await_change())
+}
+
+/// Records a task that just reached Succeeded or Failed in the metrics.
+fn count_finished(ctx: &Context, status: &AgentTaskStatus) {
+    let took = match (&status.start_time, &status.completion_time) {
+        (Some(start), Some(end)) => {
+            Duration::try_from(end.0.duration_since(start.0)).unwrap_or_default()
+        }
+        _ => Duration::ZERO,
+    };
+    ctx.metrics.task_finished(
+        status.phase == Some(TaskPhase::Succeeded),
+        took,
+        status.usage.as_ref(),
+    );
 }
 
 /// An infrastructure failure: a new attempt in a new sandbox while `backoffLimit` allows,
@@ -989,16 +1009,14 @@ async fn sandbox_lost(
 
 /// Kills the task's sandbox, by ID and by its metadata (one created but not yet recorded).
 async fn kill_sandboxes(ctx: &Context, task: &AgentTask, recorded: Option<&str>) {
-    let Some(template) = template_of(ctx, task).await else {
-        if let Some(id) = recorded {
-            let _ = ctx.embedded.kill_sandbox(id).await;
-        }
-        return;
+    let provider = match template_of(ctx, task).await {
+        Some(template) => super::template::resolve_provider(ctx, &template)
+            .await
+            .ok()
+            .or_else(|| ctx.default_provider.clone()),
+        None => ctx.default_provider.clone(),
     };
-    let provider = match super::template::resolve_provider(ctx, &template).await {
-        Ok(provider) => provider,
-        Err(_) => ctx.embedded.clone(),
-    };
+    let Some(provider) = provider else { return };
     if let Some(id) = recorded {
         let _ = provider.kill_sandbox(id).await;
     }
@@ -1068,7 +1086,10 @@ pub async fn sweep_orphans(ctx: &Context) {
         metadata: BTreeMap::from([(OPERATOR.to_string(), ctx.instance.clone())]),
         ..ListQuery::default()
     };
-    let Ok(sandboxes) = ctx.embedded.list_sandboxes(&query).await else {
+    let Some(provider) = &ctx.default_provider else {
+        return;
+    };
+    let Ok(sandboxes) = provider.list_sandboxes(&query).await else {
         return;
     };
     for sandbox in sandboxes {
@@ -1080,6 +1101,9 @@ pub async fn sweep_orphans(ctx: &Context) {
         ) else {
             continue;
         };
+        if !ctx.scope.covers(namespace) {
+            continue;
+        }
         let tasks: Api<AgentTask> = Api::namespaced(ctx.client.clone(), namespace);
         let owner = match tasks.get_opt(name).await {
             Ok(found) => found,
@@ -1087,7 +1111,7 @@ pub async fn sweep_orphans(ctx: &Context) {
         };
         if owner.and_then(|task| task.metadata.uid).as_deref() != Some(uid.as_str()) {
             tracing::info!(sandbox = %sandbox.sandbox_id, %namespace, %name, "killing an orphaned sandbox");
-            let _ = ctx.embedded.kill_sandbox(&sandbox.sandbox_id).await;
+            let _ = provider.kill_sandbox(&sandbox.sandbox_id).await;
         }
     }
 }

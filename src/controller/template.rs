@@ -193,7 +193,7 @@ async fn publish(
 }
 
 /// The template's provider: the spec's E2B account (its API key from a Secret), else the
-/// operator's embedded server.
+/// operator's default provider.
 pub(super) async fn resolve_provider(
     ctx: &Context,
     template: &SandboxTemplate,
@@ -204,7 +204,14 @@ pub(super) async fn resolve_provider(
         .as_ref()
         .and_then(|provider| provider.e2b.as_ref());
     let Some(e2b) = e2b else {
-        return Ok(ctx.embedded.clone());
+        return ctx.default_provider.clone().ok_or_else(|| {
+            Blocked::new(
+                Reason::MissingCredentials,
+                "the template names no provider and the operator has none configured: set \
+                 spec.provider.e2b, or give the operator an E2B API key (E2B_API_KEY)"
+                    .to_string(),
+            )
+        });
     };
     let namespace = template.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -238,6 +245,7 @@ pub(super) async fn resolve_provider(
         })?;
     let mut config = ClientConfig::for_domain(&e2b.domain, key);
     config.api_url = e2b.api_url.clone();
+    config.observer = Some(ctx.metrics.request_observer());
     if let Some(pattern) = &e2b.sandbox_url {
         config.sandbox_url = pattern.clone();
     }

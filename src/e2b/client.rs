@@ -54,6 +54,19 @@ pub struct ClientConfig {
     pub upload_timeout: Duration,
     pub connect_timeout: Duration,
     pub retry: RetryPolicy,
+    /// Told the outcome of every control-plane request attempt (metrics).
+    pub observer: Option<RequestObserver>,
+}
+
+/// Receives the HTTP status of each control-plane request attempt, or `None` when no
+/// answer came back.
+#[derive(Clone)]
+pub struct RequestObserver(std::sync::Arc<dyn Fn(Option<u16>) + Send + Sync>);
+
+impl RequestObserver {
+    pub fn new(observe: impl Fn(Option<u16>) + Send + Sync + 'static) -> Self {
+        RequestObserver(std::sync::Arc::new(observe))
+    }
 }
 
 impl ClientConfig {
@@ -73,6 +86,7 @@ impl ClientConfig {
             upload_timeout: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
+            observer: None,
         }
     }
 
@@ -620,6 +634,14 @@ impl E2bClient {
         let started = Instant::now();
         loop {
             let outcome = build().send().await;
+            if let Some(observer) = &self.config.observer {
+                (observer.0)(
+                    outcome
+                        .as_ref()
+                        .ok()
+                        .map(|response| response.status().as_u16()),
+                );
+            }
             let verdict = match &outcome {
                 Ok(response) => classify_response(
                     response.status().as_u16(),

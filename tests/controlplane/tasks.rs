@@ -145,6 +145,17 @@ pub async fn a_command_task_reports_its_files_and_frees_its_sandbox(env: Arc<Tes
         0,
         "the sandbox is killed"
     );
+    let metrics = operator.metrics().await;
+    for series in [
+        r#"sandcastle_agenttasks{phase="Succeeded"} 1"#,
+        r#"sandcastle_agenttask_duration_seconds_count{outcome="succeeded"} 1"#,
+        "sandcastle_sandbox_create_seconds_count 1",
+        r#"sandcastle_provider_requests_total{code="201"}"#,
+        r#"controller_runtime_reconcile_total{controller="agenttask",result="success"}"#,
+        r#"controller_runtime_reconcile_time_seconds_count{controller="sandboxtemplate"}"#,
+    ] {
+        assert!(metrics.contains(series), "no {series} in\n{metrics}");
+    }
 
     create(
         &api,
@@ -355,6 +366,19 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
     assert!(result.session_id.is_some());
     let usage = status.usage.as_ref().expect("usage");
     assert!(usage.input_tokens > 0 && usage.cost_usd.is_some());
+    assert_eq!(
+        operator
+            .metric(r#"sandcastle_agent_tokens_total{kind="input"}"#)
+            .await,
+        Some(usage.input_tokens as f64),
+        "the reported tokens are counted"
+    );
+    let cost: f64 = usage.cost_usd.as_deref().unwrap().parse().unwrap();
+    let counted = operator.metric("sandcastle_agent_cost_usd_total").await;
+    assert!(
+        counted.is_some_and(|counted| (counted - cost).abs() < 1e-9),
+        "cost {cost} counted as {counted:?}"
+    );
     let files: Vec<(&str, i64)> = status
         .files
         .iter()

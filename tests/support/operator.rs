@@ -20,6 +20,7 @@ pub struct Operator {
     logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     api_url: String,
     sandbox_url: String,
+    admin: String,
 }
 
 impl Operator {
@@ -42,7 +43,14 @@ impl Operator {
             .map(|(key, value)| (key.to_string(), value.to_string()))
             .collect();
         let logs = std::sync::Arc::default();
-        let (child, api_url, sandbox_url) = spawn(kubeconfig, namespace, &root, &settings, &logs);
+        let (
+            child,
+            Started {
+                api_url,
+                sandbox_url,
+                admin,
+            },
+        ) = spawn(kubeconfig, namespace, &root, &settings, &logs);
         Operator {
             child,
             root,
@@ -52,7 +60,36 @@ impl Operator {
             logs,
             api_url,
             sandbox_url,
+            admin,
         }
+    }
+
+    /// The operator's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.admin);
+        let response = reqwest::get(&url)
+            .await
+            .expect("the admin endpoint answers");
+        assert!(
+            response.status().is_success(),
+            "{url}: {}",
+            response.status()
+        );
+        response.text().await.expect("metrics text")
+    }
+
+    /// The value of one series (its name with labels exactly as exported), if exported.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics().await.lines().find_map(|line| {
+            let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+            value.split(' ').next()?.parse().ok()
+        })
+    }
+
+    /// Kills the operator at once (SIGKILL), as a node failure would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// A client of the operator's embedded server, to look at the provider's side.
@@ -82,7 +119,7 @@ impl Operator {
     pub fn crash_and_restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, api_url, sandbox_url) = spawn(
+        let (child, started) = spawn(
             &self.kubeconfig,
             &self.namespace,
             &self.root,
@@ -90,34 +127,47 @@ impl Operator {
             &self.logs,
         );
         self.child = child;
-        self.api_url = api_url;
-        self.sandbox_url = sandbox_url;
+        self.api_url = started.api_url;
+        self.sandbox_url = started.sandbox_url;
+        self.admin = started.admin;
     }
 }
 
-/// Starts the operator and reads the embedded server's URLs from its JSON log; warnings
-/// and errors are echoed to the test output.
+/// Where a started operator serves.
+struct Started {
+    api_url: String,
+    sandbox_url: String,
+    admin: String,
+}
+
+/// Starts the operator and reads its admin address and (unless another default provider
+/// is configured) the embedded server's URLs from its JSON log; warnings and errors are
+/// echoed to the test output.
 fn spawn(
     kubeconfig: &std::path::Path,
     namespace: &str,
     root: &std::path::Path,
     settings: &[(String, String)],
     logs: &std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-) -> (Child, String, String) {
+) -> (Child, Started) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sandcastle"))
         .args(["run", "--namespace", namespace, "--sandboxd-root"])
         .arg(root)
         .env("KUBECONFIG", kubeconfig)
         .env("SANDCASTLE_SANDBOXD_API_KEY", API_KEY)
         .env("SANDCASTLE_LOG", "info")
+        .env("SANDCASTLE_ADMIN_ADDRESS", "127.0.0.1:0")
         .env("SANDCASTLE_VERIFY_TEMPLATES_EVERY", "2")
         .env("SANDCASTLE_SWEEP_ORPHANS_EVERY", "2")
         .envs(settings.iter().map(|(key, value)| (key, value)))
         .stdout(Stdio::piped())
         .spawn()
         .expect("the operator starts");
+    let embedded = !settings
+        .iter()
+        .any(|(key, value)| key == "SANDCASTLE_PROVIDER" && value != "embedded");
     let stdout = child.stdout.take().expect("stdout");
-    let (urls, found) = mpsc::channel();
+    let (announced, found) = mpsc::channel();
     let name = namespace.to_string();
     let kept = logs.clone();
     std::thread::spawn(move || {
@@ -127,21 +177,31 @@ fn spawn(
                 continue;
             };
             let fields = &entry["fields"];
+            let text = |key: &str| fields[key].as_str().unwrap_or_default().to_string();
             if fields["message"] == "embedded sandbox server listening" {
-                let _ = urls.send((
-                    fields["api"].as_str().unwrap_or_default().to_string(),
-                    fields["envd"].as_str().unwrap_or_default().to_string(),
-                ));
+                let _ = announced.send((text("api"), text("envd")));
+            }
+            if fields["message"] == "admin endpoint listening" {
+                let _ = announced.send((text("address"), String::new()));
             }
             if entry["level"] == "WARN" || entry["level"] == "ERROR" {
                 eprintln!("operator[{name}]: {line}");
             }
         }
     });
-    let (api, envd) = found
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the embedded server listens within 30 s");
-    (child, format!("http://{api}"), format!("http://{envd}"))
+    let next = || {
+        found
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the operator announces its endpoints within 30 s")
+    };
+    let (admin, _) = next();
+    let (api, envd) = if embedded { next() } else { Default::default() };
+    let started = Started {
+        api_url: format!("http://{api}"),
+        sandbox_url: format!("http://{envd}"),
+        admin,
+    };
+    (child, started)
 }
 
 impl Drop for Operator {
