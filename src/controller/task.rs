@@ -164,6 +164,14 @@ async fn wait(
             .filter(|phase| *phase != TaskPhase::Queued)
             .unwrap_or(TaskPhase::Pending);
         write(ctx, task, staged(task, phase, reason, message, |_| {})).await?;
+        // One event per change of reason; a new message under the same reason is status only.
+        if status.reason.as_deref() != Some(reason) {
+            let type_ = match reason {
+                "TemplateNotReady" => EventType::Normal,
+                _ => EventType::Warning,
+            };
+            publish(ctx, task, type_, reason, message.to_string()).await;
+        }
     }
     Ok(Action::requeue(again))
 }
@@ -315,8 +323,12 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
         let _admission = ctx.admission.lock().await;
         if let Some(message) = queue_position(ctx, task).await? {
             let status = staged(task, TaskPhase::Queued, "Queued", &message, |_| {});
-            if previous(task).message.as_deref() != status.message.as_deref() {
+            let before = previous(task);
+            if before.message.as_deref() != status.message.as_deref() {
                 write(ctx, task, status).await?;
+            }
+            if before.reason.as_deref() != Some("Queued") {
+                publish(ctx, task, EventType::Normal, "Queued", message).await;
             }
             return Ok(Action::requeue(FOLLOW_INTERVAL));
         }

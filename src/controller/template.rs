@@ -158,7 +158,20 @@ async fn record_blocked(
         &blocked.message,
         |_| {},
     )
-    .await
+    .await?;
+    // One event per change of reason; a new message under the same reason (a retry's
+    // error text) is status only.
+    if ready_reason(&status) != Some(blocked.reason.as_str()) {
+        publish(
+            ctx,
+            template,
+            EventType::Warning,
+            blocked.reason.as_str(),
+            blocked.message.clone(),
+        )
+        .await;
+    }
+    Ok(())
 }
 
 fn ready_reason(status: &SandboxTemplateStatus) -> Option<&str> {
@@ -346,6 +359,7 @@ async fn adopt(template: &SandboxTemplate, ctx: &Context) -> Outcome {
         }
         Err(error) => return Err(Blocked::from_provider(&error)),
     };
+    let adopted_before = ready_reason(&previous(template)) == Some(Reason::Adopted.as_str());
     record(
         ctx,
         template,
@@ -365,6 +379,10 @@ async fn adopt(template: &SandboxTemplate, ctx: &Context) -> Outcome {
             Some(UNAVAILABLE_INTERVAL),
         )
     })?;
+    if !adopted_before {
+        let note = format!("adopted template {id}");
+        publish(ctx, template, EventType::Normal, "Adopted", note).await;
+    }
     Ok(Action::await_change())
 }
 
@@ -478,6 +496,7 @@ async fn start(
             "waiting for a build slot ({} builds at a time)",
             ctx.builds.limit()
         );
+        let queued_before = ready_reason(&previous(template)) == Some(Reason::Queued.as_str());
         record(
             ctx,
             template,
@@ -488,6 +507,9 @@ async fn start(
         )
         .await
         .map_err(kube_failure)?;
+        if !queued_before {
+            publish(ctx, template, EventType::Normal, "Queued", message).await;
+        }
         return Ok(Action::requeue(QUEUE_INTERVAL));
     }
     let name = template_build::template_name(

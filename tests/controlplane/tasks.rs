@@ -234,6 +234,17 @@ pub async fn a_task_waits_for_its_secret_and_never_shows_the_value(env: Arc<Test
         events(&env, &ns).await
     );
     assert!(!everything.contains(value), "the Secret's value leaked");
+    let reasons: Vec<String> = events(&env, &ns)
+        .await
+        .into_iter()
+        .filter_map(|event| event.split(' ').next().map(str::to_string))
+        .collect();
+    for transition in ["Adopted", "MissingSecret", "SandboxCreated", "Succeeded"] {
+        assert!(
+            reasons.iter().any(|reason| reason == transition),
+            "no {transition} event among {reasons:?}"
+        );
+    }
     drop(operator);
 }
 
