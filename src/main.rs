@@ -393,6 +393,7 @@ async fn operate(
     }
     if lost_lease.load(std::sync::atomic::Ordering::Relaxed) {
         // Another replica leads now; starting over as a standby is the pod's restart.
+        tracing::error!("lost the leader lease; exiting to rejoin as a standby");
         return Err("lost the leader lease".into());
     }
     if let Some(leadership) = leadership {

@@ -87,6 +87,7 @@ fn main() -> ExitCode {
         sandboxes_of_vanished_tasks_are_swept,
         the_sandbox_cap_queues_tasks_in_creation_order,
         the_standby_takes_over_a_running_task,
+        a_leader_that_loses_its_lease_stops,
         the_charts_rbac_is_enough_and_no_more,
     ]
     .into_iter()

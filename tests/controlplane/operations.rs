@@ -162,6 +162,51 @@ pub async fn the_standby_takes_over_a_running_task(env: Arc<TestEnv>) {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// A leader whose lease is taken over (here: rewritten to another holder, as a replica
+/// would after a network partition) stops reconciling and exits, to come back as a standby.
+pub async fn a_leader_that_loses_its_lease_stops(env: Arc<TestEnv>) {
+    let ns = env.namespace("usurped").await;
+    let lease_seconds = LEASE_SECONDS.to_string();
+    let mut operator = Operator::start_with(
+        env.kubeconfig_path(),
+        &ns,
+        &[
+            ("SANDCASTLE_LEADER_ELECTION", "true"),
+            ("SANDCASTLE_LEADER_ELECTION_NAMESPACE", &ns),
+            ("SANDCASTLE_LEADER_ELECTION_LEASE_SECONDS", &lease_seconds),
+            ("POD_NAME", "deposed"),
+        ],
+    );
+    await_metric(&operator, "sandcastle_leader", 1.0, Duration::from_secs(30)).await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(env.client.clone(), &ns);
+    let lease = leases.get("sandcastle").await.expect("the lease exists");
+    let spec = lease.spec.expect("a lease spec");
+    assert_eq!(spec.holder_identity.as_deref(), Some("deposed"));
+    leases
+        .patch(
+            "sandcastle",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {
+                "holderIdentity": "usurper",
+                "leaseDurationSeconds": 600,
+                "renewTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+            }})),
+        )
+        .await
+        .expect("take the lease over");
+    let exit = operator
+        .exit_within(Duration::from_secs(LEASE_SECONDS * 3))
+        .await
+        .expect("the deposed leader exits");
+    assert!(!exit.success(), "{exit:?}");
+    assert!(
+        operator.logs().contains("lost the leader lease"),
+        "{}",
+        operator.logs()
+    );
+}
+
 /// The objects of `helm template` for the chart with these extra arguments.
 fn render_chart(release: &str, ns: &str, extra: &[&str]) -> Vec<Value> {
     let out = std::process::Command::new(sandcastle::localcluster::tools_bin_dir().join("helm"))

@@ -86,6 +86,18 @@ impl Operator {
         })
     }
 
+    /// How the operator exited, if it did within `wait`.
+    pub async fn exit_within(&mut self, wait: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("the operator's status") {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
     /// Kills the operator at once (SIGKILL), as a node failure would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
