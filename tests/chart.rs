@@ -204,7 +204,10 @@ fn grants(rules: &Value) -> BTreeSet<Grant> {
     all
 }
 
-fn expected(table: &[(&str, &[&str], &[&str], &[&str])]) -> BTreeSet<Grant> {
+/// A rule as written in the tests: apiGroup, resources, verbs, resourceNames.
+type Rule<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
+
+fn expected(table: &[Rule]) -> BTreeSet<Grant> {
     let mut all = BTreeSet::new();
     for (group, resources, verbs, names) in table {
         let names: Vec<&str> = if names.is_empty() {
