@@ -3,7 +3,9 @@
 # source-only change rebuilds just the crate; the runtime is distroless: glibc and CA
 # certificates, no shell, no package manager.
 
-FROM lukemathwalker/cargo-chef:0.1.78-rust-1.95-bookworm AS chef
+# Base images are fully qualified, so buildah and podman resolve them without a
+# registries.conf search list, and pinned by tag.
+FROM docker.io/lukemathwalker/cargo-chef:0.1.78-rust-1.95-bookworm AS chef
 WORKDIR /src
 
 FROM chef AS planner

@@ -1008,6 +1008,29 @@ fn the_image_and_the_chart_agree_on_user_and_command() {
         .lines()
         .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
         .collect();
+    let froms: Vec<Vec<&str>> = instructions
+        .iter()
+        .filter_map(|line| line.strip_prefix("FROM "))
+        .map(|from| from.split_whitespace().collect())
+        .collect();
+    assert!(froms.len() >= 2, "a builder and a runtime stage");
+    let aliases: Vec<&str> = froms
+        .iter()
+        .filter_map(|words| words.get(2).copied())
+        .collect();
+    let stages: Vec<&str> = froms
+        .iter()
+        .map(|words| words[0])
+        .filter(|image| !aliases.contains(image))
+        .collect();
+    for image in stages {
+        let (registry, _) = image.split_once('/').expect("a registry host");
+        let (_, tag) = image.rsplit_once(':').expect("a tag");
+        assert!(
+            registry.contains('.') && tag != "latest",
+            "{image}: base images are fully qualified and pinned"
+        );
+    }
     let runtime = instructions
         .iter()
         .rposition(|line| line.starts_with("FROM "))
