@@ -33,7 +33,7 @@ fn committed_crds_match_the_rust_types() {
         let generated = crd::to_yaml(std::slice::from_ref(&one)).expect("the CRD renders");
         assert!(
             committed == generated,
-            "{} is stale: run `cargo run -- crd --out crds` and commit the result",
+            "{} is stale: run `cargo run -- crd --out crds && cargo run -- crd --out charts/sandcastle/files/crds` and commit both (the chart carries a copy)",
             path.display()
         );
     }
