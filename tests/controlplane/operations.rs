@@ -235,12 +235,26 @@ fn kubeconfig_with_token(env: &TestEnv, token: &str, path: &std::path::Path) {
     std::fs::write(path, serde_yaml::to_string(&config).expect("YAML")).expect("write kubeconfig");
 }
 
-/// The chart's ServiceAccount and RBAC applied; the operator runs with nothing but a
-/// token for that ServiceAccount (TokenRequest API), builds a template and runs a task
-/// end to end under leader election; requests outside its role are refused.
+/// The chart rendered for one watched namespace with the embedded provider; its
+/// ServiceAccount and RBAC applied. The operator runs with the Deployment's own arguments
+/// and environment and nothing but a token for that ServiceAccount (TokenRequest API),
+/// builds a template and runs a task end to end under leader election; requests outside
+/// its role are refused.
 pub async fn the_charts_rbac_is_enough_and_no_more(env: Arc<TestEnv>) {
     let ns = env.namespace("rbac").await;
     let release = ns.clone();
+    let rendered = render_chart(
+        &release,
+        &ns,
+        &[
+            "--set",
+            "crds.enabled=false",
+            "--set",
+            "provider.embedded.enabled=true",
+            "--set",
+            &format!("watchNamespaces[0]={ns}"),
+        ],
+    );
     let rbac_kinds = [
         "ServiceAccount",
         "ClusterRole",
@@ -248,9 +262,10 @@ pub async fn the_charts_rbac_is_enough_and_no_more(env: Arc<TestEnv>) {
         "Role",
         "RoleBinding",
     ];
-    let objects: Vec<Value> = render_chart(&release, &ns, &["--set", "crds.enabled=false"])
-        .into_iter()
+    let objects: Vec<Value> = rendered
+        .iter()
         .filter(|object| rbac_kinds.contains(&object["kind"].as_str().unwrap_or_default()))
+        .cloned()
         .collect();
     let service_account = objects
         .iter()
@@ -258,6 +273,44 @@ pub async fn the_charts_rbac_is_enough_and_no_more(env: Arc<TestEnv>) {
         .and_then(|object| object["metadata"]["name"].as_str())
         .expect("the chart has a ServiceAccount")
         .to_string();
+    let container = rendered
+        .iter()
+        .find(|object| object["kind"] == "Deployment")
+        .map(|deployment| deployment["spec"]["template"]["spec"]["containers"][0].clone())
+        .expect("the chart has a Deployment");
+    let root = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sandboxd-{ns}"));
+    // The pod's listen address and volume, moved to what a test process may use.
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|arg| {
+            let arg = arg.as_str().expect("a string argument");
+            if arg.starts_with("--admin-address=") {
+                "--admin-address=127.0.0.1:0".to_string()
+            } else if arg.starts_with("--sandboxd-root=") {
+                format!("--sandboxd-root={}", root.display())
+            } else {
+                arg.to_string()
+            }
+        })
+        .collect();
+    // The downward API, done by hand.
+    let pod_env: Vec<(String, String)> = container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|variable| {
+            let name = variable["name"].as_str().expect("a name").to_string();
+            let value = match variable["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                Some("metadata.name") => "rbac-proof".to_string(),
+                Some("metadata.namespace") => ns.clone(),
+                Some(other) => panic!("unexpected field reference {other}"),
+                None => variable["value"].as_str().expect("a value").to_string(),
+            };
+            (name, value)
+        })
+        .collect();
     let manifest =
         std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{ns}-rbac.yaml"));
     let text: String = objects
@@ -302,15 +355,11 @@ pub async fn the_charts_rbac_is_enough_and_no_more(env: Arc<TestEnv>) {
         stderr(&whoami)
     );
 
-    let operator = Operator::start_with(
-        &kubeconfig,
-        &ns,
-        &[
-            ("SANDCASTLE_LEADER_ELECTION", "true"),
-            ("SANDCASTLE_LEADER_ELECTION_NAMESPACE", &ns),
-            ("POD_NAME", "rbac-proof"),
-        ],
-    );
+    let pod_env: Vec<(&str, &str)> = pod_env
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect();
+    let operator = Operator::start_args(&kubeconfig, &ns, args, &pod_env);
     env.apply(&ns, "examples/sandboxtemplate-base.yaml");
     env.apply(&ns, "examples/sandboxtemplate-python.yaml");
     env.apply(&ns, "examples/agenttask-command.yaml");
@@ -337,7 +386,7 @@ pub async fn the_charts_rbac_is_enough_and_no_more(env: Arc<TestEnv>) {
     let denied = |args: &[&str]| {
         let out = as_operator(args);
         assert!(
-            !out.status.success() && stderr(&out).contains("Forbidden"),
+            !out.status.success() && stderr(&out).to_lowercase().contains("forbidden"),
             "the operator's account may {args:?}: {}",
             stderr(&out)
         );
@@ -372,6 +421,8 @@ pub async fn the_charts_rbac_is_enough_and_no_more(env: Arc<TestEnv>) {
         "-n",
         &ns,
     ]);
+    denied(&["get", "agenttasks", "-n", "default"]);
+    denied(&["get", "secrets", "-n", "default"]);
     assert!(
         !operator.logs().to_lowercase().contains("forbidden"),
         "the operator never hit a refused request:\n{}",

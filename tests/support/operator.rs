@@ -15,6 +15,7 @@ pub struct Operator {
     child: Child,
     root: PathBuf,
     namespace: String,
+    args: Vec<String>,
     kubeconfig: PathBuf,
     settings: Vec<(String, String)>,
     logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -37,6 +38,23 @@ impl Operator {
         settings: &[(&str, &str)],
     ) -> Operator {
         let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sandboxd-{namespace}"));
+        let args = ["run", "--namespace", namespace, "--sandboxd-root"]
+            .into_iter()
+            .map(str::to_string)
+            .chain([root.display().to_string()])
+            .collect();
+        Operator::start_args(kubeconfig, namespace, args, settings)
+    }
+
+    /// Runs the binary with exactly these arguments (a Deployment's, say); `namespace`
+    /// names its embedded server's directory and its log lines in the test output.
+    pub fn start_args(
+        kubeconfig: &std::path::Path,
+        namespace: &str,
+        args: Vec<String>,
+        settings: &[(&str, &str)],
+    ) -> Operator {
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sandboxd-{namespace}"));
         let _ = std::fs::remove_dir_all(&root);
         let settings: Vec<(String, String)> = settings
             .iter()
@@ -50,11 +68,12 @@ impl Operator {
                 sandbox_url,
                 admin,
             },
-        ) = spawn(kubeconfig, namespace, &root, &settings, &logs);
+        ) = spawn(kubeconfig, namespace, &args, &settings, &logs);
         Operator {
             child,
             root,
             namespace: namespace.to_string(),
+            args,
             kubeconfig: kubeconfig.to_path_buf(),
             settings,
             logs,
@@ -134,7 +153,7 @@ impl Operator {
         let (child, started) = spawn(
             &self.kubeconfig,
             &self.namespace,
-            &self.root,
+            &self.args,
             &self.settings,
             &self.logs,
         );
@@ -158,13 +177,12 @@ struct Started {
 fn spawn(
     kubeconfig: &std::path::Path,
     namespace: &str,
-    root: &std::path::Path,
+    args: &[String],
     settings: &[(String, String)],
     logs: &std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 ) -> (Child, Started) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sandcastle"))
-        .args(["run", "--namespace", namespace, "--sandboxd-root"])
-        .arg(root)
+        .args(args)
         .env("KUBECONFIG", kubeconfig)
         .env("SANDCASTLE_SANDBOXD_API_KEY", API_KEY)
         .env("SANDCASTLE_LOG", "info")
