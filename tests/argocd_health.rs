@@ -3,8 +3,9 @@
 //! fixtures under `tests/fixtures/argocd/<kind>/`, and template statuses computed by
 //! `template_build::status` for every template reason. Also checks that the fixtures are
 //! faithful (the CRD types hold them exactly, template conditions are what the operator
-//! computes, Claude Code results are what the parser reads from recorded transcripts) and
-//! that `docs/gitops.md` carries the scripts verbatim.
+//! computes, Claude Code results are what the parser reads from recorded transcripts),
+//! that `docs/gitops.md` carries the scripts verbatim, and that its Flux expressions for
+//! tasks agree with the Argo CD check.
 
 // The docs test uses the rest of this module.
 #[allow(dead_code)]
@@ -136,7 +137,7 @@ struct Health {
 
 /// Runs a health script the way Argo CD does: the object as the global `obj`, the
 /// script's return value as the verdict.
-fn evaluate(script: &str, object: &Value) -> Health {
+fn evaluate(name: &str, script: &str, object: &Value) -> Health {
     // Argo CD opens the base, table and package libraries and a reduced os library; the
     // string and math libraries are off unless a customization opts in. This state has
     // base and table, so a script that calls string functions fails here as it would there.
@@ -161,6 +162,7 @@ fn evaluate(script: &str, object: &Value) -> Health {
     .expect("a line hook");
     let result: Table = lua
         .load(script)
+        .set_name(format!("@{name}"))
         .eval()
         .unwrap_or_else(|err| panic!("the script failed: {err}"));
     let lines = lines.lock().expect("lines").clone();
@@ -190,7 +192,7 @@ fn check_fixtures(kind: &Kind) {
     let mut ran = BTreeSet::new();
     let mut failures = Vec::new();
     for (name, fixture) in fixtures(kind) {
-        let health = evaluate(&script, &fixture.object);
+        let health = evaluate(kind.script, &script, &fixture.object);
         if health.status != fixture.expected.status
             || !health.message.contains(&fixture.expected.message)
         {
@@ -225,7 +227,10 @@ fn every_task_fixture_gets_its_health_and_every_verdict_is_reached() {
 #[test]
 fn the_crd_types_hold_every_fixture_exactly() {
     for (kind, round_trip) in [
-        (&TEMPLATE, round_trip::<SandboxTemplate> as fn(&Value) -> Value),
+        (
+            &TEMPLATE,
+            round_trip::<SandboxTemplate> as fn(&Value) -> Value,
+        ),
         (&TASK, round_trip::<AgentTask>),
     ] {
         for (name, fixture) in fixtures(kind) {
@@ -285,7 +290,13 @@ fn condition_summary(status: &Value) -> Vec<Value> {
             conditions
                 .iter()
                 .map(|c| {
-                    json!([c["type"], c["status"], c["reason"], c["message"], c["observedGeneration"]])
+                    json!([
+                        c["type"],
+                        c["status"],
+                        c["reason"],
+                        c["message"],
+                        c["observedGeneration"]
+                    ])
                 })
                 .collect()
         })
@@ -373,7 +384,7 @@ fn every_template_reason_reads_as_its_health() {
             if reason == Reason::DeletionBlocked {
                 object["metadata"]["deletionTimestamp"] = json!("2026-11-23T11:00:00Z");
             }
-            let health = evaluate(&script, &object);
+            let health = evaluate(TEMPLATE.script, &script, &object);
             assert_eq!(
                 health.status,
                 expected,
@@ -399,7 +410,10 @@ fn task_fixtures_use_the_reasons_the_operator_writes() {
         let status = &fixture.object["status"];
         for condition in status["conditions"].as_array().into_iter().flatten() {
             let reason = condition["reason"].as_str().expect("a reason");
-            assert!(known.contains(reason), "{name}: {reason} is not a task reason");
+            assert!(
+                known.contains(reason),
+                "{name}: {reason} is not a task reason"
+            );
             assert_eq!(
                 status["reason"].as_str(),
                 Some(reason),
@@ -421,7 +435,10 @@ fn claude_fixtures_match_their_transcripts() {
         let mut parser = StreamParser::new();
         parser.feed(read(&format!("tests/fixtures/claude/{transcript}")).as_bytes());
         parser.finish();
-        let outcome = parser.outcome().expect("the transcript has a result").clone();
+        let outcome = parser
+            .outcome()
+            .expect("the transcript has a result")
+            .clone();
         let status = &fixture.object["status"];
         let result = &status["result"];
         assert_eq!(
@@ -430,7 +447,11 @@ fn claude_fixtures_match_their_transcripts() {
             "{name}: result text"
         );
         assert_eq!(result["subtype"], json!(outcome.subtype), "{name}: subtype");
-        assert_eq!(result["isError"], json!(outcome.is_error), "{name}: isError");
+        assert_eq!(
+            result["isError"],
+            json!(outcome.is_error),
+            "{name}: isError"
+        );
         assert_eq!(result["numTurns"], json!(outcome.num_turns), "{name}");
         assert_eq!(result["durationMs"], json!(outcome.duration_ms), "{name}");
         assert_eq!(result["sessionId"], json!(outcome.session_id), "{name}");
@@ -441,8 +462,16 @@ fn claude_fixtures_match_their_transcripts() {
         );
         let usage = &status["usage"];
         assert_eq!(usage["costUSD"], json!(outcome.total_cost_usd), "{name}");
-        assert_eq!(usage["inputTokens"], json!(outcome.usage.input_tokens), "{name}");
-        assert_eq!(usage["outputTokens"], json!(outcome.usage.output_tokens), "{name}");
+        assert_eq!(
+            usage["inputTokens"],
+            json!(outcome.usage.input_tokens),
+            "{name}"
+        );
+        assert_eq!(
+            usage["outputTokens"],
+            json!(outcome.usage.output_tokens),
+            "{name}"
+        );
         let succeeded = status["conditions"]
             .as_array()
             .and_then(|conditions| conditions.iter().find(|c| c["type"] == "Succeeded"))
@@ -470,7 +499,11 @@ fn the_gitops_guide_carries_the_scripts_verbatim() {
         .filter_map(|block| serde_yaml::from_str::<Value>(&block).ok())
         .filter(|doc| doc["kind"] == "ConfigMap" && doc["metadata"]["name"] == "argocd-cm")
         .collect();
-    assert_eq!(snippets.len(), 1, "docs/gitops.md needs one argocd-cm snippet");
+    assert_eq!(
+        snippets.len(),
+        1,
+        "docs/gitops.md needs one argocd-cm snippet"
+    );
     for kind in [&TEMPLATE, &TASK] {
         assert_eq!(
             snippets[0]["data"][kind.key].as_str(),
@@ -501,4 +534,62 @@ fn yaml_blocks(markdown: &str) -> Vec<String> {
         }
     }
     blocks
+}
+
+/// The `healthCheckExprs` of `docs/gitops.md` run the way Flux runs them (after its own
+/// generation check, the object's top-level fields as variables, `failed` before
+/// `current`, neither meaning in progress) give each task fixture with conditions the
+/// verdict of the Argo CD check.
+#[test]
+fn the_flux_expressions_agree_with_the_argo_cd_check() {
+    let guide = read("docs/gitops.md");
+    let kustomization = yaml_blocks(&guide)
+        .into_iter()
+        .filter_map(|block| serde_yaml::from_str::<Value>(&block).ok())
+        .find(|doc| doc["kind"] == "Kustomization")
+        .expect("docs/gitops.md shows a Kustomization");
+    let check = &kustomization["spec"]["healthCheckExprs"][0];
+    assert_eq!(check["kind"], "AgentTask");
+    let program = |field: &str| {
+        let source = check[field].as_str().expect("an expression");
+        cel::Program::compile(source).unwrap_or_else(|err| panic!("{field}: {err:?}"))
+    };
+    let (failed, current) = (program("failed"), program("current"));
+    let mut checked = 0;
+    for (name, fixture) in fixtures(&TASK) {
+        let object = &fixture.object;
+        if object["status"]["conditions"].is_null() {
+            continue;
+        }
+        let verdict = if object["status"]["observedGeneration"] != object["metadata"]["generation"]
+        {
+            "InProgress"
+        } else {
+            let mut context = cel::Context::default();
+            for (key, value) in object.as_object().expect("an object") {
+                context
+                    .add_variable(key.as_str(), value.clone())
+                    .expect("a CEL value");
+            }
+            let holds = |program: &cel::Program| match program.execute(&context) {
+                Ok(cel::Value::Bool(value)) => value,
+                other => panic!("{name}: {other:?}"),
+            };
+            if holds(&failed) {
+                "Failed"
+            } else if holds(&current) {
+                "Current"
+            } else {
+                "InProgress"
+            }
+        };
+        let expected = match fixture.expected.status.as_str() {
+            "Healthy" => "Current",
+            "Degraded" => "Failed",
+            _ => "InProgress",
+        };
+        assert_eq!(verdict, expected, "{name}");
+        checked += 1;
+    }
+    assert!(checked >= 10, "only {checked} fixtures were checked");
 }
