@@ -1,6 +1,6 @@
 -- Argo CD health of a sandcastle.dev AgentTask, read from the conditions the operator
--- writes (Succeeded once the task has finished, Reconciling while it has not, Stalled)
--- and status.observedGeneration. status.phase is for people and is not read.
+-- writes (Succeeded once the task has finished, Reconciling while it has not, Stalled
+-- when it failed) and status.observedGeneration. status.phase is for people and is not read.
 -- Lua 5.1 with the base library only.
 local hs = {}
 
@@ -42,6 +42,8 @@ if obj.status == nil or obj.status.observedGeneration == nil then
   return hs
 end
 
+-- A failed task is Stalled: Degraded for good, like a failed Job, since the spec cannot
+-- change and only a new task runs the agent again.
 local stalled = condition("Stalled")
 if is_true(stalled) then
   hs.status = "Degraded"
@@ -49,16 +51,9 @@ if is_true(stalled) then
   return hs
 end
 
--- A finished task is Healthy or Degraded for good, like a Job: the spec cannot change,
--- so only a new task runs the agent again.
 local succeeded = condition("Succeeded")
-if succeeded ~= nil and succeeded.status == "True" then
+if is_true(succeeded) then
   hs.status = "Healthy"
-  hs.message = describe(succeeded)
-  return hs
-end
-if succeeded ~= nil and succeeded.status == "False" then
-  hs.status = "Degraded"
   hs.message = describe(succeeded)
   return hs
 end

@@ -420,7 +420,8 @@ fn error_policy<K>(_object: Arc<DeserializeGuard<K>>, error: &Error, _ctx: Arc<C
     Action::requeue(Duration::from_secs(5))
 }
 
-#[tracing::instrument(skip_all, fields(namespace = guard_namespace(&guard), name = guard_name(&guard)))]
+// `object`, not `name`: the JSON log writes the span's own name under `name`.
+#[tracing::instrument(skip_all, fields(namespace = guard_namespace(&guard), object = guard_name(&guard)))]
 async fn reconcile_task(
     guard: Arc<DeserializeGuard<AgentTask>>,
     ctx: Arc<Context>,
@@ -435,7 +436,8 @@ async fn reconcile_task(
     .await
 }
 
-#[tracing::instrument(skip_all, fields(namespace = guard_namespace(&guard), name = guard_name(&guard)))]
+// `object`, not `name`: the JSON log writes the span's own name under `name`.
+#[tracing::instrument(skip_all, fields(namespace = guard_namespace(&guard), object = guard_name(&guard)))]
 async fn reconcile_template(
     guard: Arc<DeserializeGuard<SandboxTemplate>>,
     ctx: Arc<Context>,

@@ -105,10 +105,12 @@ fn staged(
             generation,
             &at,
         ),
+        // A failed task needs a person (a new task or a fixed spec), which kstatus readers
+        // (Flux, Helm's --wait) take as failed instead of waiting for their timeout.
         condition(
             &status.conditions,
             CONDITION_STALLED,
-            "False",
+            flag(phase == TaskPhase::Failed),
             reason,
             &message,
             generation,
@@ -1194,8 +1196,15 @@ mod tests {
             "too long",
             |status| status.sandbox_id = None,
         );
-        assert_eq!(conditions(&failed)[3], ("Succeeded", "False"));
-        assert_eq!(conditions(&failed)[0], ("Ready", "False"));
+        assert_eq!(
+            conditions(&failed),
+            [
+                ("Ready", "False"),
+                ("Reconciling", "False"),
+                ("Stalled", "True"),
+                ("Succeeded", "False")
+            ]
+        );
         assert!(failed.sandbox_id.is_none());
     }
 

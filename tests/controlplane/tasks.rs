@@ -170,8 +170,18 @@ pub async fn a_command_task_reports_its_files_and_frees_its_sandbox(env: Arc<Tes
     let failed = wait_for(&api, "fails", "finished", finished).await;
     assert_eq!(failed.phase, Some(TaskPhase::Failed));
     assert_eq!(failed.reason.as_deref(), Some("AgentFailed"));
-    assert_eq!(failed.result.and_then(|r| r.exit_code), Some(4));
+    assert_eq!(failed.result.as_ref().and_then(|r| r.exit_code), Some(4));
     assert_eq!(failed.attempts, Some(1), "an agent failure is not retried");
+    let stalled = failed
+        .conditions
+        .iter()
+        .find(|condition| condition.type_ == "Stalled")
+        .map(|condition| condition.status.as_str());
+    assert_eq!(
+        stalled,
+        Some("True"),
+        "kstatus reads a failed task as failed"
+    );
 
     create(
         &api,
