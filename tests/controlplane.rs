@@ -86,6 +86,7 @@ fn main() -> ExitCode {
         a_restart_reattaches_and_a_lost_sandbox_is_retried,
         sandboxes_of_vanished_tasks_are_swept,
         the_sandbox_cap_queues_tasks_in_creation_order,
+        a_refused_sandbox_fails_the_task_at_once,
         the_standby_takes_over_a_running_task,
         a_leader_that_loses_its_lease_stops,
         the_charts_rbac_is_enough_and_no_more,

@@ -458,6 +458,17 @@ async fn provision(
                     let again = error.retry_after().unwrap_or(WAIT_INTERVAL * 3);
                     return wait(ctx, task, "ProviderBusy", &error.to_string(), again).await;
                 }
+                // Waiting cannot fix a refused key or request: fail now instead of at the
+                // deadline. (A template missing on the provider is rebuilt by the template
+                // controller, so NotFound keeps waiting below.)
+                Err(
+                    error @ (ProviderError::Unauthorized { .. }
+                    | ProviderError::Forbidden { .. }
+                    | ProviderError::InvalidRequest { .. }),
+                ) => {
+                    let message = format!("the provider refused to create the sandbox: {error}");
+                    return fail(ctx, task, "ProviderRejected", &message, |_| {}).await;
+                }
                 Err(error) => {
                     return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3)
                         .await;

@@ -703,3 +703,64 @@ pub async fn the_sandbox_cap_queues_tasks_in_creation_order(env: Arc<TestEnv>) {
         );
     }
 }
+
+/// A provider that refuses the sandbox for good (here: a lifetime beyond the account's
+/// cap, as E2B's Hobby tier refuses more than an hour) fails the task at once, with the
+/// provider's words, instead of at its deadline.
+pub async fn a_refused_sandbox_fails_the_task_at_once(env: Arc<TestEnv>) {
+    let (ns, operator, api) = setup(&env, "refused", &[]).await;
+    let root = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("external-{ns}"));
+    let mut config = sandcastle::sandboxd::Config::new(&root);
+    config.api_key = Some("external-key".into());
+    config.max_timeout = Duration::from_secs(3600);
+    let external = sandcastle::sandboxd::Sandboxd::start(config)
+        .await
+        .expect("server");
+    put_secret(
+        &env,
+        &ns,
+        "external",
+        json!({"E2B_API_KEY": "external-key"}),
+    )
+    .await;
+    let templates: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
+    let capped: SandboxTemplate = serde_json::from_value(json!({
+        "apiVersion": "sandcastle.dev/v1alpha1", "kind": "SandboxTemplate",
+        "metadata": {"name": "capped"},
+        "spec": {
+            "provider": {"e2b": {
+                "apiUrl": external.api_url(),
+                "sandboxUrl": external.sandbox_url(),
+                "apiKeySecretRef": {"name": "external"},
+            }},
+            "existing": {"templateId": "base"},
+        },
+    }))
+    .unwrap();
+    templates
+        .create(&PostParams::default(), &capped)
+        .await
+        .expect("template");
+    create(
+        &api,
+        "too-long",
+        json!({
+            "templateRef": {"name": "capped"},
+            "agent": {"command": {"command": ["true"]}},
+            "activeDeadlineSeconds": 7200,
+        }),
+    )
+    .await;
+    let status = wait_for(&api, "too-long", "finished", finished).await;
+    assert_eq!(status.phase, Some(TaskPhase::Failed), "{status:#?}");
+    assert_eq!(status.reason.as_deref(), Some("ProviderRejected"));
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.contains("Timeout cannot be greater than 1 hours"),
+        "{message}"
+    );
+    assert_eq!(status.sandbox_id, None);
+    drop(operator);
+    external.stop().await;
+    let _ = std::fs::remove_dir_all(&root);
+}
