@@ -851,6 +851,21 @@ async fn finish(
             };
             Some((reason, redactor.redact(&message)))
         }
+        // An exit code before any output line: the CLI refused its invocation (not
+        // installed, root refusing bypass mode, a bad extra argument), and a new sandbox
+        // would get the same answer.
+        Verdict::Incomplete
+            if exit_code.is_some_and(|code| code != 0)
+                && stdout.iter().all(u8::is_ascii_whitespace) =>
+        {
+            let detail = redactor.redact(&String::from_utf8_lossy(&stderr));
+            let message = format!(
+                "the agent exited with code {} before any output: {}",
+                exit_code.unwrap_or_default(),
+                truncate(detail.trim(), 512)
+            );
+            Some(("AgentFailed", message))
+        }
         Verdict::Incomplete => {
             let detail = redactor.redact(&String::from_utf8_lossy(&stderr));
             let message = format!(

@@ -420,6 +420,22 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
         "an API error is the agent's failure, not retried"
     );
 
+    create(
+        &api,
+        "misinvoked",
+        spec(json!({"agent": {"claudeCode": {"extraArgs": ["--no-such-option"]}}})),
+    )
+    .await;
+    let misinvoked = wait_for(&api, "misinvoked", "finished", finished).await;
+    assert_eq!(misinvoked.reason.as_deref(), Some("AgentFailed"));
+    assert_eq!(
+        misinvoked.attempts,
+        Some(1),
+        "a refused invocation is not retried"
+    );
+    let message = misinvoked.message.unwrap_or_default();
+    assert!(message.contains("unknown option"), "{message}");
+
     model.set_mode(Mode::ServerError);
     create(&api, "broken", spec(json!({}))).await;
     let broken = wait_for(&api, "broken", "finished", finished).await;
