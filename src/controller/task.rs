@@ -269,13 +269,11 @@ async fn fetch(
     Ok(found)
 }
 
+/// Counted from creation, like a Job's: time spent waiting for a template, a Secret or a
+/// sandbox slot counts, so the deadline never moves.
 fn deadline(task: &AgentTask) -> Option<jiff::Timestamp> {
-    let status = previous(task);
-    let started = status
-        .start_time
-        .map(|time| time.0)
-        .or_else(|| task.metadata.creation_timestamp.as_ref().map(|time| time.0))?;
-    started
+    let created = task.metadata.creation_timestamp.as_ref()?.0;
+    created
         .checked_add(jiff::SignedDuration::from_secs(
             task.spec.active_deadline_seconds,
         ))
@@ -286,6 +284,10 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     let status = previous(task);
     if is_terminal(status.phase) {
         return expire(task, ctx, &status).await;
+    }
+    // A glob the files list cannot use would throw the run's result away at the end.
+    if let Err(error) = files::exclusions(&task.spec.outputs.exclude) {
+        return fail(ctx, task, "InvalidOutputs", &error.to_string(), |_| {}).await;
     }
     if let Some(deadline) = deadline(task)
         && jiff::Timestamp::now() >= deadline

@@ -105,7 +105,8 @@ pub struct AgentTaskSpec {
     #[serde(default)]
     pub workspace: Workspace,
 
-    /// How long the task may take from its start, in seconds (1–86400).
+    /// How long the task may take from its creation, waiting included, in seconds
+    /// (1–86400).
     #[serde(default = "default_active_deadline_seconds")]
     #[schemars(range(min = 1, max = 86_400))]
     pub active_deadline_seconds: i64,

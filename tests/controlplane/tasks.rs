@@ -185,6 +185,20 @@ pub async fn a_command_task_reports_its_files_and_frees_its_sandbox(env: Arc<Tes
 
     create(
         &api,
+        "bad-glob",
+        json!({
+            "templateRef": {"name": "base"},
+            "agent": {"command": {"command": ["true"]}},
+            "outputs": {"exclude": ["out/[unclosed"]},
+        }),
+    )
+    .await;
+    let bad = wait_for(&api, "bad-glob", "finished", finished).await;
+    assert_eq!(bad.reason.as_deref(), Some("InvalidOutputs"), "{bad:#?}");
+    assert_eq!(bad.sandbox_id, None, "refused before a sandbox was made");
+
+    create(
+        &api,
         "short-lived",
         json!({
             "templateRef": {"name": "base"},
