@@ -570,32 +570,38 @@ async fn start(
     env: BTreeMap<String, String>,
 ) -> Result<Action, Error> {
     let workspace = workspace(task);
-    let prepared = async {
-        let _ = envd.make_dir(&workspace).await?;
-        let namespace = task.namespace().unwrap_or_default();
-        let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
-        for file in &task.spec.workspace.files {
-            let content = match (&file.content, &file.config_map_key_ref) {
-                (Some(content), _) => content.clone().into_bytes(),
-                (None, Some(selector)) => {
-                    let config_map = config_maps.get_opt(&selector.name).await.ok().flatten();
-                    let data = config_map
-                        .and_then(|config_map| config_map.data)
-                        .unwrap_or_default();
-                    match data.get(&selector.key) {
-                        Some(value) => value.clone().into_bytes(),
-                        None => {
-                            return Err(ProviderError::InvalidArgument(format!(
-                                "ConfigMap {} has no key {}",
-                                selector.name, selector.key
-                            )));
-                        }
+    // Read before anything is written: an API error here is retried by the reconcile, a
+    // missing key is the spec's fault.
+    let namespace = task.namespace().unwrap_or_default();
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut files = Vec::with_capacity(task.spec.workspace.files.len());
+    for file in &task.spec.workspace.files {
+        let content = match (&file.content, &file.config_map_key_ref) {
+            (Some(content), _) => content.clone().into_bytes(),
+            (None, Some(selector)) => {
+                let value = config_maps
+                    .get_opt(&selector.name)
+                    .await?
+                    .and_then(|config_map| config_map.data)
+                    .and_then(|mut data| data.remove(&selector.key));
+                match value {
+                    Some(value) => value.into_bytes(),
+                    None => {
+                        let message =
+                            format!("ConfigMap {} has no key {}", selector.name, selector.key);
+                        kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
+                        return fail(ctx, task, "InvalidWorkspace", &message, |_| {}).await;
                     }
                 }
-                (None, None) => Vec::new(),
-            };
-            envd.write_file(&format!("{workspace}/{}", file.path), content)
-                .await?;
+            }
+            (None, None) => Vec::new(),
+        };
+        files.push((format!("{workspace}/{}", file.path), content));
+    }
+    let prepared = async {
+        let _ = envd.make_dir(&workspace).await?;
+        for (path, content) in files {
+            envd.write_file(&path, content).await?;
         }
         let before = listing(envd, &workspace).await?;
         envd.write_file(
@@ -610,6 +616,7 @@ async fn start(
     .await;
     if let Err(error) = prepared {
         if let ProviderError::InvalidArgument(message) = &error {
+            kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
             return fail(ctx, task, "InvalidWorkspace", message, |_| {}).await;
         }
         return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL).await;

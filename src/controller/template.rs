@@ -316,6 +316,11 @@ async fn apply(template: &SandboxTemplate, ctx: &Context) -> Result<Action, Erro
         Ok(action) => Ok(action),
         Err((blocked, retry)) => {
             record_blocked(ctx, template, &blocked).await?;
+            // An unreachable API server or provider heals without any change to watch.
+            let retry =
+                retry
+                    .or((blocked.reason == Reason::ProviderUnavailable)
+                        .then_some(UNAVAILABLE_INTERVAL));
             Ok(retry.map_or_else(Action::await_change, Action::requeue))
         }
     }

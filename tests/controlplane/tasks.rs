@@ -108,7 +108,7 @@ async fn put_secret(env: &TestEnv, ns: &str, name: &str, data: serde_json::Value
 }
 
 pub async fn a_command_task_reports_its_files_and_frees_its_sandbox(env: Arc<TestEnv>) {
-    let (_ns, operator, api) = setup(&env, "command", &[]).await;
+    let (ns, operator, api) = setup(&env, "command", &[]).await;
     create(&api, "files", json!({
         "templateRef": {"name": "base"},
         "prompt": "make some files",
@@ -181,6 +181,47 @@ pub async fn a_command_task_reports_its_files_and_frees_its_sandbox(env: Arc<Tes
         stalled,
         Some("True"),
         "kstatus reads a failed task as failed"
+    );
+
+    let config_maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(env.client.clone(), &ns);
+    let seed: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "seed"}, "data": {"notes.md": "seeded"},
+    }))
+    .unwrap();
+    config_maps
+        .create(&PostParams::default(), &seed)
+        .await
+        .expect("ConfigMap");
+    for (name, key) in [("seeded", "notes.md"), ("unseeded", "absent.md")] {
+        create(
+            &api,
+            name,
+            json!({
+                "templateRef": {"name": "base"},
+                "agent": {"command": {"command": ["cat", "notes.md"]}},
+                "workspace": {"files": [
+                    {"path": "notes.md", "configMapKeyRef": {"name": "seed", "key": key}},
+                ]},
+            }),
+        )
+        .await;
+    }
+    let seeded = wait_for(&api, "seeded", "finished", finished).await;
+    assert_eq!(
+        seeded.result.map(|result| result.text),
+        Some("seeded".to_string())
+    );
+    let unseeded = wait_for(&api, "unseeded", "finished", finished).await;
+    assert_eq!(unseeded.reason.as_deref(), Some("InvalidWorkspace"));
+    assert_eq!(
+        unseeded.message.as_deref(),
+        Some("ConfigMap seed has no key absent.md")
+    );
+    assert_eq!(
+        live_sandboxes(&operator, &uid(&api, "unseeded").await).await,
+        0,
+        "the prepared sandbox is killed"
     );
 
     create(
