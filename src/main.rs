@@ -202,7 +202,7 @@ struct ProviderArgs {
     /// envd's URL pattern, with `{port}`, `{sandboxId}` and `{domain}`.
     #[arg(long, env = "E2B_SANDBOX_URL")]
     e2b_sandbox_url: Option<String>,
-    /// Without a key, templates that name no provider report `MissingCredentials`.
+    /// Without a key, templates that name no provider report `ProviderNotConfigured`.
     #[arg(long, env = "E2B_API_KEY", hide_env_values = true)]
     e2b_api_key: Option<String>,
 }
@@ -375,8 +375,10 @@ async fn operate(
             }
         }
     };
+    let embedded = server.is_some().then(|| default_provider.clone()).flatten();
     let settings = sandcastle::controller::Settings {
         default_provider,
+        embedded,
         metrics: metrics.clone(),
         max_concurrent_builds: limits.max_concurrent_builds,
         verify_templates_every: std::time::Duration::from_secs(limits.verify_templates_every),

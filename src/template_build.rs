@@ -31,6 +31,7 @@ pub enum Reason {
     Unauthorized,
     MissingConfigMap,
     TemplateNotFound,
+    ProviderNotConfigured,
     ProviderUnavailable,
     Queued,
     DeletionBlocked,
@@ -48,6 +49,7 @@ impl Reason {
             Reason::Unauthorized => "Unauthorized",
             Reason::MissingConfigMap => "MissingConfigMap",
             Reason::TemplateNotFound => "TemplateNotFound",
+            Reason::ProviderNotConfigured => "ProviderNotConfigured",
             Reason::ProviderUnavailable => "ProviderUnavailable",
             Reason::Queued => "Queued",
             Reason::DeletionBlocked => "DeletionBlocked",
@@ -64,6 +66,7 @@ impl Reason {
                 | Reason::Unauthorized
                 | Reason::MissingConfigMap
                 | Reason::TemplateNotFound
+                | Reason::ProviderNotConfigured
         )
     }
 }

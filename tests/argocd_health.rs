@@ -251,7 +251,7 @@ fn round_trip<K: serde::de::DeserializeOwned + serde::Serialize>(object: &Value)
 
 /// Every variant of `template_build::Reason`; compared with the enum's source so a new
 /// reason cannot skip these tests.
-const TEMPLATE_REASONS: [Reason; 12] = [
+const TEMPLATE_REASONS: [Reason; 13] = [
     Reason::BuildStarted,
     Reason::Building,
     Reason::BuildSucceeded,
@@ -261,6 +261,7 @@ const TEMPLATE_REASONS: [Reason; 12] = [
     Reason::Unauthorized,
     Reason::MissingConfigMap,
     Reason::TemplateNotFound,
+    Reason::ProviderNotConfigured,
     Reason::ProviderUnavailable,
     Reason::Queued,
     Reason::DeletionBlocked,
@@ -350,7 +351,8 @@ fn template_stages(reason: Reason) -> (&'static [TemplatePhase], &'static str) {
         Reason::MissingCredentials
         | Reason::Unauthorized
         | Reason::MissingConfigMap
-        | Reason::TemplateNotFound => (&[Pending], "Degraded"),
+        | Reason::TemplateNotFound
+        | Reason::ProviderNotConfigured => (&[Pending], "Degraded"),
         // Recorded during deletion, keeping whatever phase the template had.
         Reason::DeletionBlocked => (&[Pending, Building, Ready, Failed], "Progressing"),
     }

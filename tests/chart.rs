@@ -828,7 +828,7 @@ fn notes_warn_about_the_embedded_provider_and_a_missing_api_key() {
 
     let keyless = notes(&[]);
     assert!(keyless.contains("spec.provider.e2b"), "{keyless}");
-    assert!(keyless.contains("MissingCredentials"), "{keyless}");
+    assert!(keyless.contains("ProviderNotConfigured"), "{keyless}");
     assert!(!keyless.contains("DEVELOPMENT ONLY"), "{keyless}");
 
     let keyed = notes(&["--set", "provider.e2b.apiKeySecretRef.name=e2b"]);

@@ -89,6 +89,7 @@ fn main() -> ExitCode {
         a_refused_sandbox_fails_the_task_at_once,
         the_standby_takes_over_a_running_task,
         a_leader_that_loses_its_lease_stops,
+        templates_name_the_provider_the_operator_lacks,
         the_charts_rbac_is_enough_and_no_more,
     ]
     .into_iter()

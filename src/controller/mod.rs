@@ -86,6 +86,8 @@ pub struct Settings {
     /// The provider of templates that do not name their own: the embedded server, an
     /// E2B account configured on the operator, or none.
     pub default_provider: Option<E2bClient>,
+    /// The operator's embedded server, when it runs one (`spec.provider.embedded`).
+    pub embedded: Option<E2bClient>,
     pub metrics: Arc<Metrics>,
     /// Template builds allowed to run at once.
     pub max_concurrent_builds: usize,
@@ -108,6 +110,7 @@ struct Context {
     client: Client,
     recorder: Recorder,
     default_provider: Option<E2bClient>,
+    embedded: Option<E2bClient>,
     metrics: Arc<Metrics>,
     builds: BuildTracker,
     verify_templates_every: Duration,
@@ -230,6 +233,7 @@ pub async fn run(
         client: client.clone(),
         recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
         default_provider: settings.default_provider,
+        embedded: settings.embedded,
         metrics: settings.metrics,
         builds: BuildTracker::new(settings.max_concurrent_builds),
         verify_templates_every: settings.verify_templates_every,

@@ -217,14 +217,27 @@ pub(super) async fn resolve_provider(
         .as_ref()
         .and_then(|provider| provider.e2b.as_ref());
     let Some(e2b) = e2b else {
-        return ctx.default_provider.clone().ok_or_else(|| {
-            Blocked::new(
-                Reason::MissingCredentials,
-                "the template names no provider and the operator has none configured: set \
-                 spec.provider.e2b, or give the operator an E2B API key (E2B_API_KEY)"
-                    .to_string(),
+        let asks_embedded = template
+            .spec
+            .provider
+            .as_ref()
+            .is_some_and(|provider| provider.embedded.is_some());
+        let (chosen, missing) = if asks_embedded {
+            (
+                &ctx.embedded,
+                "the template asks for the embedded provider, which this operator does not \
+                 run: start it with --provider embedded, or name an e2b provider",
             )
-        });
+        } else {
+            (
+                &ctx.default_provider,
+                "the template names no provider and the operator has no default one: set \
+                 spec.provider.e2b, or give the operator an E2B API key (E2B_API_KEY)",
+            )
+        };
+        return chosen
+            .clone()
+            .ok_or_else(|| Blocked::new(Reason::ProviderNotConfigured, missing.to_string()));
     };
     let namespace = template.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);

@@ -444,3 +444,55 @@ pub async fn the_charts_rbac_is_enough_and_no_more(env: Arc<TestEnv>) {
         env.kubectl_ok(&["delete", &object]);
     }
 }
+
+/// An operator started for E2B without a key (the chart's defaults) runs, and templates
+/// that rely on a provider it lacks say which and what to do.
+pub async fn templates_name_the_provider_the_operator_lacks(env: Arc<TestEnv>) {
+    let ns = env.namespace("unprovided").await;
+    let _operator = Operator::start_with(
+        env.kubeconfig_path(),
+        &ns,
+        &[("SANDCASTLE_PROVIDER", "e2b")],
+    );
+    let templates: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
+    for (name, provider) in [
+        ("implicit", json!(null)),
+        ("embedded", json!({"embedded": {}})),
+    ] {
+        let mut spec = json!({"existing": {"templateId": "base"}});
+        if !provider.is_null() {
+            spec["provider"] = provider;
+        }
+        create(
+            &templates,
+            json!({
+                "apiVersion": "sandcastle.dev/v1alpha1", "kind": "SandboxTemplate",
+                "metadata": {"name": name}, "spec": spec,
+            }),
+        )
+        .await;
+    }
+    for (name, hint) in [
+        ("implicit", "E2B_API_KEY"),
+        ("embedded", "--provider embedded"),
+    ] {
+        let status = wait_for(&templates, name, "stalled", |status| {
+            status
+                .conditions
+                .iter()
+                .any(|condition| condition.type_ == "Stalled" && condition.status == "True")
+        })
+        .await;
+        let stalled = status
+            .conditions
+            .iter()
+            .find(|condition| condition.type_ == "Stalled")
+            .expect("Stalled");
+        assert_eq!(stalled.reason, "ProviderNotConfigured", "{name}");
+        assert!(
+            stalled.message.contains(hint),
+            "{name}: {}",
+            stalled.message
+        );
+    }
+}
