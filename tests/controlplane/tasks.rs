@@ -556,35 +556,27 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
     drop(operator);
 }
 
-/// The operator's own embedded server dies with it, so restart safety is shown with a
-/// sandbox server that outlives the operator, as e2b.dev does: a standalone embedded
-/// server in the test process, reached as an E2B provider.
-pub async fn a_restart_reattaches_and_a_lost_sandbox_is_retried(env: Arc<TestEnv>) {
-    let (ns, mut operator, api) = setup(&env, "resilience", &[]).await;
+/// A sandbox server in the test process (it outlives any operator, as e2b.dev does) and
+/// a template `name` adopting its `base` through it as an E2B provider, with the key in
+/// the Secret `external`. Returns the server and its directory.
+async fn external_template(
+    env: &TestEnv,
+    ns: &str,
+    name: &str,
+    configure: impl FnOnce(&mut sandcastle::sandboxd::Config),
+) -> (sandcastle::sandboxd::Sandboxd, std::path::PathBuf) {
     let root = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("external-{ns}"));
     let mut config = sandcastle::sandboxd::Config::new(&root);
     config.api_key = Some("external-key".into());
+    configure(&mut config);
     let external = sandcastle::sandboxd::Sandboxd::start(config)
         .await
         .expect("server");
-    let provider =
-        sandcastle::e2b::client::E2bClient::new(sandcastle::e2b::client::ClientConfig::with_urls(
-            external.api_url(),
-            external.sandbox_url(),
-            "external-key",
-        ))
-        .expect("client");
-    put_secret(
-        &env,
-        &ns,
-        "external",
-        json!({"E2B_API_KEY": "external-key"}),
-    )
-    .await;
-    let templates: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
-    let remote: SandboxTemplate = serde_json::from_value(json!({
+    put_secret(env, ns, "external", json!({"E2B_API_KEY": "external-key"})).await;
+    let templates: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), ns);
+    let template: SandboxTemplate = serde_json::from_value(json!({
         "apiVersion": "sandcastle.dev/v1alpha1", "kind": "SandboxTemplate",
-        "metadata": {"name": "remote"},
+        "metadata": {"name": name},
         "spec": {
             "provider": {"e2b": {
                 "apiUrl": external.api_url(),
@@ -596,9 +588,25 @@ pub async fn a_restart_reattaches_and_a_lost_sandbox_is_retried(env: Arc<TestEnv
     }))
     .unwrap();
     templates
-        .create(&PostParams::default(), &remote)
+        .create(&PostParams::default(), &template)
         .await
         .expect("template");
+    (external, root)
+}
+
+/// The operator's own embedded server dies with it, so restart safety is shown with a
+/// sandbox server that outlives the operator, as e2b.dev does: a standalone embedded
+/// server in the test process, reached as an E2B provider.
+pub async fn a_restart_reattaches_and_a_lost_sandbox_is_retried(env: Arc<TestEnv>) {
+    let (ns, mut operator, api) = setup(&env, "resilience", &[]).await;
+    let (external, root) = external_template(&env, &ns, "remote", |_| {}).await;
+    let provider =
+        sandcastle::e2b::client::E2bClient::new(sandcastle::e2b::client::ClientConfig::with_urls(
+            external.api_url(),
+            external.sandbox_url(),
+            "external-key",
+        ))
+        .expect("client");
     let count = |uid: String| {
         let provider = provider.clone();
         async move {
@@ -780,38 +788,10 @@ pub async fn the_sandbox_cap_queues_tasks_in_creation_order(env: Arc<TestEnv>) {
 /// provider's words, instead of at its deadline.
 pub async fn a_refused_sandbox_fails_the_task_at_once(env: Arc<TestEnv>) {
     let (ns, operator, api) = setup(&env, "refused", &[]).await;
-    let root = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("external-{ns}"));
-    let mut config = sandcastle::sandboxd::Config::new(&root);
-    config.api_key = Some("external-key".into());
-    config.max_timeout = Duration::from_secs(3600);
-    let external = sandcastle::sandboxd::Sandboxd::start(config)
-        .await
-        .expect("server");
-    put_secret(
-        &env,
-        &ns,
-        "external",
-        json!({"E2B_API_KEY": "external-key"}),
-    )
+    let (external, root) = external_template(&env, &ns, "capped", |config| {
+        config.max_timeout = Duration::from_secs(3600);
+    })
     .await;
-    let templates: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
-    let capped: SandboxTemplate = serde_json::from_value(json!({
-        "apiVersion": "sandcastle.dev/v1alpha1", "kind": "SandboxTemplate",
-        "metadata": {"name": "capped"},
-        "spec": {
-            "provider": {"e2b": {
-                "apiUrl": external.api_url(),
-                "sandboxUrl": external.sandbox_url(),
-                "apiKeySecretRef": {"name": "external"},
-            }},
-            "existing": {"templateId": "base"},
-        },
-    }))
-    .unwrap();
-    templates
-        .create(&PostParams::default(), &capped)
-        .await
-        .expect("template");
     create(
         &api,
         "too-long",
