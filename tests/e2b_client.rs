@@ -1300,6 +1300,22 @@ async fn random_faults_reach_both_listeners() {
             .any(|process| process.tag.as_deref() == Some("unseen")),
         "{running:?}"
     );
+    faults.set(FaultPlan {
+        cut_starts: 1,
+        ..FaultPlan::default()
+    });
+    let counted = envd
+        .start(&CommandSpec {
+            args: vec!["30".into()],
+            ..CommandSpec::new("sleep").tag("counted")
+        })
+        .await;
+    assert!(
+        matches!(counted, Err(Error::StreamInterrupted(_))),
+        "{counted:?}"
+    );
+    let output = envd.run("echo whole").await.expect("only one start is cut");
+    assert_eq!(output.stdout, "whole\n");
 
     faults.set(always(Fault::Vanish(Duration::from_millis(200))));
     harness.detail(&id).await;
@@ -1323,7 +1339,7 @@ async fn random_faults_reach_both_listeners() {
             rate_limited: 2,
             unavailable: 2,
             delayed: 2,
-            cut_streams: 1,
+            cut_streams: 2,
             vanished: 1,
         }
     );

@@ -273,6 +273,27 @@ fn finished(status: Option<&AgentTaskStatus>) -> bool {
     )
 }
 
+/// The reasons of the namespace's Warning events about tasks, with how often each was
+/// given: why attempts were retried, among others.
+async fn warnings(env: &TestEnv, ns: &str) -> BTreeMap<String, usize> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), ns);
+    let mut reasons = BTreeMap::new();
+    for event in api
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+    {
+        if event.type_.as_deref() == Some("Warning")
+            && event.regarding.and_then(|object| object.kind).as_deref() == Some("AgentTask")
+        {
+            *reasons.entry(event.reason.unwrap_or_default()).or_default() +=
+                event.deprecated_count.unwrap_or(1).max(1) as usize;
+        }
+    }
+    reasons
+}
+
 async fn tasks(api: &Api<AgentTask>) -> Vec<AgentTask> {
     api.list(&ListParams::default())
         .await

@@ -296,12 +296,10 @@ fn event_stream(
     deadline: Option<(Duration, Arc<runtime::Process>)>,
     cut: Option<Cut>,
 ) -> Body {
-    let cut = cut.or_else(|| {
-        state
-            .faults
-            .take(|plan| &mut plan.cut_streams)
-            .then_some(Cut::AfterFirstOutput)
-    });
+    let take = |counter: fn(&mut super::FaultPlan) -> &mut u32| state.faults.take(counter);
+    let cut = cut
+        .or_else(|| take(|plan| &mut plan.cut_starts).then_some(Cut::BeforeStart))
+        .or_else(|| take(|plan| &mut plan.cut_streams).then_some(Cut::AfterFirstOutput));
     let faults = state.faults.clone();
     let (sender, receiver) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let cut_off = |sender: mpsc::Sender<Result<Bytes, std::io::Error>>| async move {

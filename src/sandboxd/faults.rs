@@ -21,6 +21,9 @@ pub struct FaultPlan {
     /// The next N process streams are cut (connection dropped, no end frame) after their
     /// first output.
     pub cut_streams: u32,
+    /// The next N process streams are cut before their start event, like
+    /// [`Fault::CutStream`].
+    pub cut_starts: u32,
     /// The next N creates make a sandbox that vanishes this long after it starts.
     pub vanish_after: Option<(u32, Duration)>,
     /// Faults drawn at random, on top of the counted ones.

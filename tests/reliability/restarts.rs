@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use super::cluster::TestEnv;
 use super::{
     Provider, create_task, figure, finished, identifying_task, misreport, overlapping, setting,
-    setup, tasks,
+    setup, tasks, warnings,
 };
 
 pub async fn killed_operators_lose_and_duplicate_nothing(env: Arc<TestEnv>) {
@@ -21,7 +21,7 @@ pub async fn killed_operators_lose_and_duplicate_nothing(env: Arc<TestEnv>) {
     // A sixth of the tasks at a time at most, so the run lasts long enough for at least
     // `kills` kills to land while work is in flight (it goes on killing until the end).
     let slots = (count / 6).max(2).to_string();
-    let (_ns, mut operator, api) = setup(
+    let (ns, mut operator, api) = setup(
         &env,
         "chaos",
         &provider,
@@ -97,8 +97,9 @@ pub async fn killed_operators_lose_and_duplicate_nothing(env: Arc<TestEnv>) {
         .into_iter()
         .partition(|line| line.contains("(\"runs.log\", 8)"));
     duplicate.extend(ran_twice);
+    let warned = warnings(&env, &ns).await;
     figure(format!(
-        "chaos: {count} tasks, {killed} kills, {} lost, {} duplicate, {leaked} leaked; {created} sandboxes for {attempts} attempts ({} retries), seed {seed}",
+        "chaos: {count} tasks, {killed} kills, {} lost, {} duplicate, {leaked} leaked; {created} sandboxes for {attempts} attempts ({} retries), warnings {warned:?}, seed {seed}",
         lost.len(),
         duplicate.len(),
         attempts.saturating_sub(count),

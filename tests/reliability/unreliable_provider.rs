@@ -12,7 +12,7 @@ use sandcastle::sandboxd::{Fault, FaultPlan, RandomFaults};
 use super::cluster::TestEnv;
 use super::{
     Provider, create_task, figure, finished, identifying_task, misreport, overlapping, setting,
-    setup, tasks,
+    setup, tasks, warnings,
 };
 
 /// The reasons a task may fail with once its retries are spent: infrastructure failures
@@ -25,9 +25,13 @@ pub async fn a_failing_provider_ends_every_task_cleanly(env: Arc<TestEnv>) {
     let seed: u64 = setting("SANDCASTLE_FAULT_SEED", 30);
     let mut rng = StdRng::seed_from_u64(seed);
     let provider = Provider::start("faults").await;
-    let (_ns, operator, api) = setup(&env, "faults", &provider, &[]).await;
+    let (ns, operator, api) = setup(&env, "faults", &provider, &[]).await;
     provider.server.faults().set(FaultPlan {
         retry_after_secs: 1,
+        // A few of the rarer faults for certain, whatever the draws: only creates can
+        // vanish and only starts can be cut, a small share of all requests.
+        cut_starts: 2,
+        vanish_after: Some((2, Duration::from_millis(1500))),
         random: Some(RandomFaults {
             rate,
             seed,
@@ -107,8 +111,9 @@ pub async fn a_failing_provider_ends_every_task_cleanly(env: Arc<TestEnv>) {
         failed.push(reason);
     }
     let created: usize = lives.values().map(Vec::len).sum();
+    let warned = warnings(&env, &ns).await;
     figure(format!(
-        "faults: {count} tasks, {} of {} requests faulted ({:.0} %: {} 429, {} 503, {} delayed 2 s, {} streams cut, {} sandboxes vanished); {succeeded} succeeded, {} failed {failed:?}, {} stuck, {leaked} leaked; {created} sandboxes for {attempts} attempts, seed {seed}",
+        "faults: {count} tasks, {} of {} requests faulted ({:.0} %: {} 429, {} 503, {} delayed 2 s, {} streams cut, {} sandboxes vanished); {succeeded} succeeded, {} failed {failed:?}, {} stuck, {leaked} leaked; {created} sandboxes for {attempts} attempts, warnings {warned:?}, seed {seed}",
         injected.total(),
         injected.requests,
         100.0 * injected.total() as f64 / injected.requests.max(1) as f64,
