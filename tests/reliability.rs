@@ -74,6 +74,7 @@ fn main() -> ExitCode {
         killed_operators_lose_and_duplicate_nothing,
         a_failing_provider_ends_every_task_cleanly,
         tasks_deleted_mid_flight_take_their_sandboxes,
+        an_outage_holds_deletion_until_the_sandbox_is_killed,
         a_deleted_namespace_goes_away_with_its_sandboxes,
     ]
     .into_iter()

@@ -287,7 +287,8 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     if let Some(deadline) = deadline(task)
         && jiff::Timestamp::now() >= deadline
     {
-        kill_sandboxes(ctx, task, status.sandbox_id.as_deref()).await;
+        // Should this kill fail, the sweep finds the sandbox of a finished task.
+        let _ = kill_sandboxes(ctx, task, status.sandbox_id.as_deref()).await;
         let message = format!(
             "the task did not finish within {} s",
             task.spec.active_deadline_seconds
@@ -871,7 +872,8 @@ async fn finish(
     save_transcript(ctx, task, redactor, &stdout, &stderr).await?;
     // The verdict is written before the sandbox is killed: the other way round, a crash in
     // between leaves a task whose sandbox is gone and whose result is lost, and the next
-    // pass would run the agent again. A sandbox left by a crash here is the sweep's.
+    // pass would run the agent again. A sandbox a crash or a failed kill leaves here is
+    // the sweep's.
     let sandbox = previous(task).sandbox_id;
     let record = |status: &mut AgentTaskStatus| {
         status.result = Some(result.clone());
@@ -899,7 +901,7 @@ async fn finish(
             );
             write(ctx, task, status.clone()).await?;
             count_finished(ctx, &status);
-            kill_sandboxes(ctx, task, sandbox.as_deref()).await;
+            let _ = kill_sandboxes(ctx, task, sandbox.as_deref()).await;
             publish(
                 ctx,
                 task,
@@ -912,7 +914,7 @@ async fn finish(
         }
         Some((reason, message)) => {
             let action = fail(ctx, task, reason, &message, record).await?;
-            kill_sandboxes(ctx, task, sandbox.as_deref()).await;
+            let _ = kill_sandboxes(ctx, task, sandbox.as_deref()).await;
             Ok(action)
         }
     }
@@ -1054,7 +1056,13 @@ async fn sandbox_lost(
 }
 
 /// Kills the task's sandbox, by ID and by its metadata (one created but not yet recorded).
-async fn kill_sandboxes(ctx: &Context, task: &AgentTask, recorded: Option<&str>) {
+/// Fails when the provider could not be asked or refused; with no provider to ask there
+/// is nothing to kill.
+async fn kill_sandboxes(
+    ctx: &Context,
+    task: &AgentTask,
+    recorded: Option<&str>,
+) -> Result<(), ProviderError> {
     let provider = match template_of(ctx, task).await {
         Some(template) => super::template::resolve_provider(ctx, &template)
             .await
@@ -1062,9 +1070,11 @@ async fn kill_sandboxes(ctx: &Context, task: &AgentTask, recorded: Option<&str>)
             .or_else(|| ctx.default_provider.clone()),
         None => ctx.default_provider.clone(),
     };
-    let Some(provider) = provider else { return };
+    let Some(provider) = provider else {
+        return Ok(());
+    };
     if let Some(id) = recorded {
-        let _ = provider.kill_sandbox(id).await;
+        provider.kill_sandbox(id).await?;
     }
     let query = ListQuery {
         metadata: BTreeMap::from([(
@@ -1073,11 +1083,10 @@ async fn kill_sandboxes(ctx: &Context, task: &AgentTask, recorded: Option<&str>)
         )]),
         ..ListQuery::default()
     };
-    if let Ok(found) = provider.list_sandboxes(&query).await {
-        for sandbox in found {
-            let _ = provider.kill_sandbox(&sandbox.sandbox_id).await;
-        }
+    for sandbox in provider.list_sandboxes(&query).await? {
+        provider.kill_sandbox(&sandbox.sandbox_id).await?;
     }
+    Ok(())
 }
 
 async fn template_of(ctx: &Context, task: &AgentTask) -> Option<SandboxTemplate> {
@@ -1119,9 +1128,22 @@ async fn expire(
     Ok(Action::await_change())
 }
 
-/// A deleted task takes its sandbox with it.
+/// A deleted task takes its sandbox with it: the finalizer stays until the provider has
+/// confirmed the kill, so a provider outage delays the deletion rather than leaking the
+/// sandbox.
 async fn cleanup(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
-    kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
+    if let Err(error) = kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await {
+        let message = format!("cannot kill the task's sandbox yet: {error}");
+        publish(
+            ctx,
+            task,
+            EventType::Warning,
+            "CleanupBlocked",
+            message.clone(),
+        )
+        .await;
+        return Err(Error::CleanupBlocked(message));
+    }
     Ok(Action::await_change())
 }
 

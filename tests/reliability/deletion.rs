@@ -14,7 +14,7 @@ use sandcastle::sandboxd::FaultPlan;
 use serde_json::json;
 
 use super::cluster::TestEnv;
-use super::{Provider, create_task, figure, setting, setup, tasks};
+use super::{Provider, create_task, figure, setting, setup, tasks, warnings};
 
 const FINALIZER: &str = "sandcastle.dev/task-cleanup";
 
@@ -261,6 +261,92 @@ pub async fn a_deleted_namespace_goes_away_with_its_sandboxes(env: Arc<TestEnv>)
     ));
     assert_eq!(killed, count, "every task's sandbox is killed with it");
     assert_eq!(leaked, 0);
+    drop(operator);
+    provider.stop().await;
+}
+
+/// With the provider down, a deleted task keeps its finalizer (and says why) until its
+/// sandbox can be killed; then it goes, and the sandbox with it.
+pub async fn an_outage_holds_deletion_until_the_sandbox_is_killed(env: Arc<TestEnv>) {
+    let provider = Provider::start("outage").await;
+    let (ns, operator, api) = setup(&env, "outage", &provider, &[]).await;
+    let names = ["outage-0", "outage-1"];
+    for name in names {
+        create_task(&api, name, sleeper()).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tasks(&api)
+        .await
+        .iter()
+        .filter(|task| task.status.as_ref().and_then(|s| s.phase) == Some(TaskPhase::Running))
+        .count()
+        < names.len()
+    {
+        assert!(Instant::now() < deadline, "the tasks did not start");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let uids: Vec<String> = tasks(&api)
+        .await
+        .iter()
+        .filter_map(|task| task.metadata.uid.clone())
+        .collect();
+    provider.server.faults().set(FaultPlan {
+        unavailable: u32::MAX,
+        ..FaultPlan::default()
+    });
+    for name in names {
+        api.delete(name, &DeleteParams::default())
+            .await
+            .expect("delete");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = tasks(&api).await;
+        assert_eq!(
+            left.len(),
+            names.len(),
+            "a task went away while its sandbox could not be killed"
+        );
+        let blocked = warnings(&env, &ns)
+            .await
+            .get("CleanupBlocked")
+            .copied()
+            .unwrap_or(0);
+        if blocked >= names.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no CleanupBlocked event for each task"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let lives = provider.lives_by_task();
+    let alive_during = uids
+        .iter()
+        .filter(|uid| lives[*uid].iter().any(|life| life.ended.is_none()))
+        .count();
+    provider.server.faults().clear();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !tasks(&api).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the tasks were not removed after the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let lives = provider.lives_by_task();
+    let killed = uids
+        .iter()
+        .filter(|uid| lives[*uid].iter().all(|life| life.ended.is_some()))
+        .count();
+    figure(format!(
+        "outage: {} tasks deleted during a provider outage, {alive_during} held by their finalizer with CleanupBlocked, {killed} sandboxes killed once it ended, {} leaked",
+        names.len(),
+        provider.live().await,
+    ));
+    assert_eq!(alive_during, names.len());
+    assert_eq!(killed, names.len());
     drop(operator);
     provider.stop().await;
 }
