@@ -66,8 +66,10 @@ pub async fn a_failing_provider_ends_every_task_cleanly(env: Arc<TestEnv>) {
     let injected = provider.server.faults().injected();
     provider.server.faults().clear();
     let leaked = provider.settle(Duration::from_secs(30)).await;
-
     let lives = provider.lives_by_task();
+    let warned = warnings(&env, &ns).await;
+    let spent = a_spent_budget(&api, &provider).await;
+
     let stuck: Vec<String> = all
         .iter()
         .filter(|task| !finished(task.status.as_ref()))
@@ -111,9 +113,8 @@ pub async fn a_failing_provider_ends_every_task_cleanly(env: Arc<TestEnv>) {
         failed.push(reason);
     }
     let created: usize = lives.values().map(Vec::len).sum();
-    let warned = warnings(&env, &ns).await;
     figure(format!(
-        "faults: {count} tasks, {} of {} requests faulted ({:.0} %: {} 429, {} 503, {} delayed 2 s, {} streams cut, {} sandboxes vanished); {succeeded} succeeded, {} failed {failed:?}, {} stuck, {leaked} leaked; {created} sandboxes for {attempts} attempts, warnings {warned:?}, seed {seed}",
+        "faults: {count} tasks, {} of {} requests faulted ({:.0} %: {} 429, {} 503, {} delayed 2 s, {} streams cut, {} sandboxes vanished); {succeeded} succeeded, {} failed {failed:?}, {} stuck, {leaked} leaked; {created} sandboxes for {attempts} attempts, warnings {warned:?}, seed {seed}; every sandbox vanishing: {spent}",
         injected.total(),
         injected.requests,
         100.0 * injected.total() as f64 / injected.requests.max(1) as f64,
@@ -146,4 +147,58 @@ pub async fn a_failing_provider_ends_every_task_cleanly(env: Arc<TestEnv>) {
     }
     drop(operator);
     provider.stop().await;
+}
+
+/// A task whose every sandbox vanishes: it fails once `backoffLimit` retries are spent,
+/// saying why and after how many attempts, with one sandbox per attempt and none left.
+async fn a_spent_budget(
+    api: &kube::Api<sandcastle::crd::AgentTask>,
+    provider: &Provider,
+) -> String {
+    provider.server.faults().set(FaultPlan {
+        vanish_after: Some((3, Duration::from_millis(500))),
+        ..FaultPlan::default()
+    });
+    create_task(
+        api,
+        "unlucky",
+        serde_json::json!({
+            "templateRef": {"name": "base"},
+            "agent": {"command": {"command": ["sleep", "5"]}},
+            "backoffLimit": 2,
+        }),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let task = loop {
+        let task = api.get("unlucky").await.expect("the task");
+        if finished(task.status.as_ref()) {
+            break task;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not finished: {:#?}",
+            task.status
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    provider.server.faults().clear();
+    let status = task.status.clone().unwrap_or_default();
+    let uid = task.metadata.uid.clone().unwrap_or_default();
+    let lives = provider.lives_by_task().remove(&uid).unwrap_or_default();
+    let message = status.message.clone().unwrap_or_default();
+    assert_eq!(
+        (status.phase, status.reason.as_deref(), status.attempts),
+        (Some(TaskPhase::Failed), Some("SandboxLost"), Some(3)),
+        "{status:#?}"
+    );
+    assert!(message.contains("after 3 attempts"), "{message}");
+    assert_eq!(lives.len(), 3, "one sandbox per attempt");
+    assert!(lives.iter().all(|life| life.ended.is_some()));
+    format!(
+        "Failed/{} after {} attempts and {} sandboxes",
+        status.reason.unwrap_or_default(),
+        status.attempts.unwrap_or_default(),
+        lives.len()
+    )
 }
