@@ -51,7 +51,7 @@ pub async fn a_failing_provider_ends_every_task_cleanly(env: Arc<TestEnv>) {
         create_task(&api, name, identifying_task(name, sleep)).await;
     }
 
-    let wait = Duration::from_secs(240);
+    let wait = Duration::from_secs(120 + 6 * count as u64);
     let deadline = Instant::now() + wait;
     let all = loop {
         let all = tasks(&api).await;
