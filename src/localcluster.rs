@@ -2,8 +2,9 @@
 //! processes on free 127.0.0.1 ports, for the tests and the quickstart.
 //!
 //! There is no container runtime here, so no kind or k3d; the binaries are built from
-//! Go modules by `tools/controlplane/build.sh`. No controller-manager runs, so
-//! garbage collection and namespace finalization do not happen.
+//! Go modules by `tools/controlplane/build.sh`. No controller-manager runs unless asked
+//! for ([`LocalCluster::start_controller_manager`]), so by default garbage collection
+//! and namespace finalization do not happen.
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
@@ -69,6 +70,8 @@ pub fn tools_bin_dir() -> PathBuf {
 pub struct LocalCluster {
     apiserver: Child,
     etcd: Child,
+    /// Behind a lock so a cluster shared by many tests can start it and report on it.
+    controller_manager: std::sync::Mutex<Option<Child>>,
     dir: PathBuf,
     kubeconfig: Kubeconfig,
     kubeconfig_path: PathBuf,
@@ -162,6 +165,7 @@ impl LocalCluster {
         let mut cluster = Self {
             apiserver,
             etcd,
+            controller_manager: std::sync::Mutex::default(),
             dir,
             kubeconfig,
             kubeconfig_path,
@@ -204,6 +208,53 @@ impl LocalCluster {
         }
     }
 
+    /// Starts kube-controller-manager from `bin_dir` with only the namespace and garbage
+    /// collector controllers, so deleted namespaces are emptied and finalized and owned
+    /// objects follow their owners. It runs until the cluster is dropped; its log is
+    /// `kube-controller-manager.log` in the cluster's directory.
+    pub fn start_controller_manager(&self, bin_dir: &Path) -> Result<(), Error> {
+        let binary = "kube-controller-manager";
+        if !bin_dir.join(binary).is_file() {
+            return Err(Error::MissingBinary {
+                binary,
+                dir: bin_dir.to_owned(),
+            });
+        }
+        let child = spawn(
+            Command::new(bin_dir.join(binary)).args([
+                format!("--kubeconfig={}", self.kubeconfig_path.display()),
+                "--controllers=namespace-controller,garbage-collector-controller".into(),
+                "--leader-elect=false".into(),
+                // Nothing here scrapes its metrics or health.
+                "--secure-port=0".into(),
+            ]),
+            &self.dir.join("kube-controller-manager.log"),
+        )?;
+        let replaced = self
+            .controller_manager
+            .lock()
+            .expect("controller manager")
+            .replace(child);
+        if let Some(mut earlier) = replaced {
+            stop(&mut earlier);
+        }
+        Ok(())
+    }
+
+    /// The end of kube-controller-manager's log, and whether it has exited, for a test
+    /// to explain why a namespace did not go away.
+    pub fn controller_manager_report(&self) -> String {
+        let mut controller_manager = self.controller_manager.lock().expect("controller manager");
+        let state = match controller_manager.as_mut().map(Child::try_wait) {
+            None => "not started".to_string(),
+            Some(Ok(None)) => "running".to_string(),
+            Some(Ok(Some(status))) => format!("exited ({status})"),
+            Some(Err(error)) => format!("unknown ({error})"),
+        };
+        let log = log_tail(&self.dir.join("kube-controller-manager.log"));
+        format!("kube-controller-manager {state}; last output:\n{log}")
+    }
+
     /// A client with cluster-admin rights.
     pub async fn client(&self) -> Result<Client, Error> {
         let config =
@@ -225,6 +276,13 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
+        if let Some(controller_manager) = self
+            .controller_manager
+            .get_mut()
+            .expect("controller manager")
+        {
+            stop(controller_manager);
+        }
         stop(&mut self.apiserver);
         stop(&mut self.etcd);
         let _ = fs::remove_dir_all(&self.dir);

@@ -20,7 +20,7 @@ use sandcastle::e2b::models::{
 };
 use sandcastle::e2b::retry::RetryPolicy;
 use sandcastle::e2b::template::{ContextFile, CopyLayer};
-use sandcastle::sandboxd::{self, FaultPlan, Sandboxd};
+use sandcastle::sandboxd::{self, Fault, FaultPlan, Injected, RandomFaults, Sandboxd};
 
 /// The shared scenario list, exactly as `tests/conformance/scenarios.txt` has it (same
 /// order). Each entry is the name of a `#[tokio::test] async fn` in this file, which asserts
@@ -67,6 +67,8 @@ const EXTRA_SCENARIOS: &[&str] = &[
     "envd_refuses_a_missing_access_token",
     "paths_outside_the_sandbox_are_refused",
     "sandboxes_are_isolated",
+    "history_records_every_sandbox_life",
+    "random_faults_reach_both_listeners",
 ];
 
 const API_KEY: &str = "sandcastle-test-key";
@@ -90,6 +92,11 @@ impl Harness {
     }
 
     async fn with_retry(retry: RetryPolicy) -> Harness {
+        Harness::with(retry, |_| {}).await
+    }
+
+    /// A server whose configuration is changed by `configure`, and a client of it.
+    async fn with(retry: RetryPolicy, configure: impl FnOnce(&mut sandboxd::Config)) -> Harness {
         let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "e2b-client-{}-{}",
             std::process::id(),
@@ -97,6 +104,7 @@ impl Harness {
         ));
         let mut config = sandboxd::Config::new(&root);
         config.api_key = Some(API_KEY.into());
+        configure(&mut config);
         let server = Sandboxd::start(config)
             .await
             .expect("embedded server starts");
@@ -1148,5 +1156,193 @@ async fn sandboxes_are_isolated() {
     );
     let user = first.run("id -un; echo $HOME").await.unwrap();
     assert_eq!(user.stdout, "user\n/home/user\n");
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn history_records_every_sandbox_life() {
+    let harness = Harness::with(RetryPolicy::default(), |config| config.keep_history = true).await;
+    let labelled = |name: &str| {
+        let mut spec = SandboxSpec::new("base", LIFETIME);
+        spec.metadata = map(&[("name", name)]);
+        spec
+    };
+    let killed = harness.create(&labelled("killed")).await;
+    harness.server.faults().set(FaultPlan {
+        vanish_after: Some((1, Duration::from_millis(200))),
+        ..FaultPlan::default()
+    });
+    let vanished = harness.create(&labelled("vanished")).await;
+    let alive = harness.create(&labelled("alive")).await;
+    assert!(
+        harness
+            .client
+            .kill_sandbox(&killed.sandbox_id)
+            .await
+            .unwrap()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while harness
+        .client
+        .get_sandbox(&vanished.sandbox_id)
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "the sandbox did not vanish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let history = harness.server.history();
+    let lives: Vec<(&str, &str, bool)> = history
+        .iter()
+        .map(|life| {
+            (
+                life.sandbox_id.as_str(),
+                life.metadata["name"].as_str(),
+                life.ended.is_some(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        lives,
+        [
+            (killed.sandbox_id.as_str(), "killed", true),
+            (vanished.sandbox_id.as_str(), "vanished", true),
+            (alive.sandbox_id.as_str(), "alive", false),
+        ]
+    );
+    assert!(
+        history
+            .windows(2)
+            .all(|pair| pair[0].created <= pair[1].created)
+    );
+    assert!(
+        history
+            .iter()
+            .all(|life| life.ended.is_none_or(|ended| ended >= life.created))
+    );
+    assert_eq!(harness.server.faults().injected().vanished, 1);
+    harness.stop().await;
+
+    let forgetful = Harness::start().await;
+    forgetful.create(&SandboxSpec::new("base", LIFETIME)).await;
+    assert!(
+        forgetful.server.history().is_empty(),
+        "history is kept only when asked for"
+    );
+    forgetful.stop().await;
+}
+
+/// The random plan's wiring: each kind of fault reaches the requests it fits, on the
+/// control plane and on envd, and is counted. (The draws themselves are unit-tested.)
+#[tokio::test]
+async fn random_faults_reach_both_listeners() {
+    let harness = Harness::with_retry(RetryPolicy::none()).await;
+    let faults = harness.server.faults();
+    let always = |kind: Fault| FaultPlan {
+        retry_after_secs: 3,
+        random: Some(RandomFaults {
+            rate: 1.0,
+            seed: 1,
+            kinds: vec![kind],
+        }),
+        ..FaultPlan::default()
+    };
+    let envd = harness.sandbox().await;
+    let id = envd.sandbox_id().to_string();
+
+    faults.set(always(Fault::Unavailable));
+    let api = harness.client.get_sandbox(&id).await;
+    assert!(
+        matches!(api, Err(Error::Unavailable { status: 503, .. })),
+        "{api:?}"
+    );
+    let rpc = envd.exists("/tmp").await;
+    assert!(
+        matches!(&rpc, Err(Error::Envd(error)) if error.code == Code::Unavailable && !rpc.as_ref().unwrap_err().is_sandbox_gone()),
+        "{rpc:?}"
+    );
+
+    faults.set(always(Fault::RateLimited));
+    let api = harness.client.get_sandbox(&id).await.expect_err("429");
+    assert_eq!(api.retry_after(), Some(Duration::from_secs(3)), "{api:?}");
+    let rpc = envd.exists("/tmp").await;
+    assert!(
+        matches!(&rpc, Err(Error::Envd(error)) if error.code == Code::ResourceExhausted),
+        "{rpc:?}"
+    );
+
+    faults.set(always(Fault::Latency(Duration::from_millis(200))));
+    let began = Instant::now();
+    harness.client.get_sandbox(&id).await.expect("only delayed");
+    assert!(envd.exists("/tmp").await.expect("only delayed"));
+    assert!(began.elapsed() >= Duration::from_millis(400));
+
+    // A cut stream hides the start from the client; the process runs all the same.
+    faults.set(always(Fault::CutStream));
+    assert!(
+        envd.exists("/tmp").await.unwrap(),
+        "a cut fits only streams"
+    );
+    let started = envd
+        .start(&CommandSpec {
+            args: vec!["30".into()],
+            ..CommandSpec::new("sleep").tag("unseen")
+        })
+        .await;
+    assert!(
+        matches!(started, Err(Error::StreamInterrupted(_))),
+        "{started:?}"
+    );
+    let running = envd.list_processes().await.unwrap();
+    assert!(
+        running
+            .iter()
+            .any(|process| process.tag.as_deref() == Some("unseen")),
+        "{running:?}"
+    );
+    faults.set(FaultPlan {
+        cut_starts: 1,
+        ..FaultPlan::default()
+    });
+    let counted = envd
+        .start(&CommandSpec {
+            args: vec!["30".into()],
+            ..CommandSpec::new("sleep").tag("counted")
+        })
+        .await;
+    assert!(
+        matches!(counted, Err(Error::StreamInterrupted(_))),
+        "{counted:?}"
+    );
+    let output = envd.run("echo whole").await.expect("only one start is cut");
+    assert_eq!(output.stdout, "whole\n");
+
+    faults.set(always(Fault::Vanish(Duration::from_millis(200))));
+    harness.detail(&id).await;
+    let doomed = harness.create(&SandboxSpec::new("base", LIFETIME)).await;
+    faults.clear();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while harness.client.get_sandbox(&doomed.sandbox_id).await.is_ok() {
+        assert!(Instant::now() < deadline, "the sandbox did not vanish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    harness.detail(&id).await;
+
+    let injected = faults.injected();
+    assert_eq!(
+        Injected {
+            requests: 0,
+            ..injected
+        },
+        Injected {
+            requests: 0,
+            rate_limited: 2,
+            unavailable: 2,
+            delayed: 2,
+            cut_streams: 2,
+            vanished: 1,
+        }
+    );
+    assert!(injected.requests > injected.total());
     harness.stop().await;
 }

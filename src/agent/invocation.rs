@@ -8,15 +8,20 @@ use crate::crd::{ClaudeCodeAgent, CommandAgent, PermissionMode};
 
 /// Where the recording wrapper writes, inside the sandbox.
 pub const RUN_DIR: &str = "/tmp/sandcastle-run";
+/// The file in [`RUN_DIR`] the recorder creates as it starts the agent.
+pub const STARTED_MARKER: &str = "started";
 /// The process tag the agent runs under, to find it again after a restart.
 pub const AGENT_TAG: &str = "sandcastle-agent";
 /// The variable the `command` agent receives the prompt in.
 pub const PROMPT_VARIABLE: &str = "SANDCASTLE_PROMPT";
 
-/// Writes the outputs, then the exit code; the exit file is renamed into place, so its
-/// presence means the run is over and both output files are complete.
+/// Marks the start, writes the outputs, then the exit code. The start marker is the
+/// process's own, so it exists exactly when the agent was started, whatever the start
+/// call's answer said; the exit file is renamed into place, so its presence means the run
+/// is over and both output files are complete.
 const RECORDER: &str = r#"dir=$1; shift
 mkdir -p "$dir"
+: >"$dir/started"
 "$@" >"$dir/stdout" 2>"$dir/stderr" </dev/null
 echo "$?" >"$dir/exit.partial"
 mv "$dir/exit.partial" "$dir/exit""#;
@@ -203,6 +208,7 @@ mod tests {
         );
         assert_eq!(parse_exit(&read("exit")), Some(7));
         assert!(!dir.join("exit.partial").exists());
+        assert!(dir.join(STARTED_MARKER).exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -16,7 +16,7 @@ use kube::{Resource, ResourceExt};
 
 use super::{Context, Error, apply_status, now};
 use crate::agent::files::{self, Listed, Listing};
-use crate::agent::invocation::{self, AGENT_TAG, Invocation, RUN_DIR};
+use crate::agent::invocation::{self, AGENT_TAG, Invocation, RUN_DIR, STARTED_MARKER};
 use crate::agent::redact::Redactor;
 use crate::agent::stream_json::{FailureReason, StreamParser, Verdict};
 use crate::agent::transcript;
@@ -48,7 +48,6 @@ const RESULT_TAIL: usize = 4096;
 /// Progress is written at most this often.
 const PROGRESS_INTERVAL: i64 = 5;
 const BEFORE_LISTING: &str = "before.json";
-const STARTED_MARKER: &str = "started";
 const CONDITION_SUCCEEDED: &str = "Succeeded";
 
 pub async fn reconcile(task: Arc<AgentTask>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -292,7 +291,8 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     if let Some(deadline) = deadline(task)
         && jiff::Timestamp::now() >= deadline
     {
-        kill_sandboxes(ctx, task, status.sandbox_id.as_deref()).await;
+        // Should this kill fail, the sweep finds the sandbox of a finished task.
+        let _ = kill_sandboxes(ctx, task, status.sandbox_id.as_deref()).await;
         let message = format!(
             "the task did not finish within {} s",
             task.spec.active_deadline_seconds
@@ -430,9 +430,11 @@ async fn provision(
             return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3).await;
         }
     };
-    let attempts = previous(task).attempts.unwrap_or(0);
+    // An adopted sandbox was created for the attempt after the recorded ones, by a pass
+    // that could not record it.
+    let attempts = previous(task).attempts.unwrap_or(0) + 1;
     let (sandbox_id, attempts) = match existing {
-        Some(id) => (id, attempts.max(1)),
+        Some(id) => (id, attempts),
         None => {
             let remaining = deadline(task)
                 .map(|deadline| (deadline - jiff::Timestamp::now()).get_seconds().max(1) as u64)
@@ -454,7 +456,7 @@ async fn provision(
             match provider.create_sandbox(&spec).await {
                 Ok(sandbox) => {
                     ctx.metrics.sandbox_created(asked.elapsed());
-                    (sandbox.sandbox_id, attempts + 1)
+                    (sandbox.sandbox_id, attempts)
                 }
                 Err(error) if matches!(error, ProviderError::RateLimited { .. }) => {
                     let again = error.retry_after().unwrap_or(WAIT_INTERVAL * 3);
@@ -503,8 +505,11 @@ fn run_file(name: &str) -> String {
     format!("{RUN_DIR}/{name}")
 }
 
-/// One step with a live sandbox: finish from the recorder's files, follow the agent, or
-/// start it.
+/// One step with a live sandbox: follow the agent, finish from the recorder's files, or
+/// start it. The agent is looked for before its exit file: the recorder writes that file
+/// before it exits, so an agent not running with no exit file was killed, whereas the
+/// other order could miss an exit that landed between the two reads. Any answer that is
+/// not a clear one is waited out, never read as "not running" or "not started".
 async fn run(
     task: &AgentTask,
     ctx: &Context,
@@ -513,61 +518,70 @@ async fn run(
     env: BTreeMap<String, String>,
     redactor: &Redactor,
 ) -> Result<Action, Error> {
-    match envd.read_file(&run_file("exit")).await {
-        Ok(exit) => return finish(task, ctx, provider, envd, &exit, redactor).await,
-        Err(error) if error.is_not_found() => {}
-        Err(error) if error.is_sandbox_gone() => {
-            return sandbox_lost(task, ctx, provider).await;
-        }
-        Err(error) => {
-            return provider_trouble(
-                ctx,
-                task,
-                &redactor.redact(&error.to_string()),
-                WAIT_INTERVAL,
-            )
-            .await;
-        }
-    }
-    let running = envd
-        .list_processes()
-        .await
-        .map(|processes| {
-            processes
-                .iter()
-                .any(|process| process.tag.as_deref() == Some(AGENT_TAG))
-        })
-        .unwrap_or(false);
+    let running = match envd.list_processes().await {
+        Ok(processes) => processes
+            .iter()
+            .any(|process| process.tag.as_deref() == Some(AGENT_TAG)),
+        Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
+    };
     if running {
         return follow(task, ctx, envd).await;
     }
-    if envd
-        .exists(&run_file(STARTED_MARKER))
-        .await
-        .unwrap_or(false)
-    {
-        // Started, gone, and no exit recorded: the agent was killed from outside.
-        return retry(
-            task,
-            ctx,
-            provider,
-            "AgentLost",
-            "the agent process ended without a recorded exit",
-        )
-        .await;
+    match envd.read_file(&run_file("exit")).await {
+        Ok(exit) => return finish(task, ctx, provider, envd, &exit, redactor).await,
+        Err(error) if error.is_not_found() => {}
+        Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
     }
-    start(task, ctx, envd, env).await
+    match envd.exists(&run_file(STARTED_MARKER)).await {
+        // Started, gone, and no exit recorded: the agent was killed from outside.
+        Ok(true) => {
+            retry(
+                task,
+                ctx,
+                provider,
+                "AgentLost",
+                "the agent process ended without a recorded exit",
+            )
+            .await
+        }
+        Ok(false) => start(task, ctx, provider, envd, env, redactor).await,
+        Err(error) => envd_trouble(task, ctx, provider, &error, redactor).await,
+    }
+}
+
+/// An envd call failed: the sandbox is gone, or the provider is in trouble for now.
+async fn envd_trouble(
+    task: &AgentTask,
+    ctx: &Context,
+    provider: &E2bClient,
+    error: &ProviderError,
+    redactor: &Redactor,
+) -> Result<Action, Error> {
+    if error.is_sandbox_gone() {
+        return sandbox_lost(task, ctx, provider).await;
+    }
+    provider_trouble(
+        ctx,
+        task,
+        &redactor.redact(&error.to_string()),
+        WAIT_INTERVAL,
+    )
+    .await
 }
 
 fn workspace(task: &AgentTask) -> String {
     task.spec.workspace.path.trim_end_matches('/').to_string()
 }
 
+/// Prepares the workspace and starts the agent under the recorder. Safe to repeat until
+/// the recorder's start marker exists: nothing here runs the agent twice.
 async fn start(
     task: &AgentTask,
     ctx: &Context,
+    provider: &E2bClient,
     envd: &EnvdClient,
     env: BTreeMap<String, String>,
+    redactor: &Redactor,
 ) -> Result<Action, Error> {
     let workspace = workspace(task);
     // Read before anything is written: an API error here is retried by the reconcile, a
@@ -609,8 +623,6 @@ async fn start(
             serde_json::to_vec(&listing_json(&before)).expect("listing serializes"),
         )
         .await?;
-        envd.write_file(&run_file(STARTED_MARKER), Vec::new())
-            .await?;
         Ok::<_, ProviderError>(())
     }
     .await;
@@ -619,7 +631,7 @@ async fn start(
             kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
             return fail(ctx, task, "InvalidWorkspace", message, |_| {}).await;
         }
-        return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL).await;
+        return envd_trouble(task, ctx, provider, &error, redactor).await;
     }
     let agent = agent_invocation(task, ctx);
     let mut invocation = invocation::recorded(agent, RUN_DIR);
@@ -634,9 +646,10 @@ async fn start(
         stdin: false,
     };
     // The stream is dropped at once: the process keeps running and its outcome is read
-    // from the recorder's files, never from this stream.
+    // from the recorder's files, never from this stream. A failed call may still have
+    // started it; the next pass finds it running or finds the start marker.
     if let Err(error) = envd.start(&spec).await {
-        return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL).await;
+        return envd_trouble(task, ctx, provider, &error, redactor).await;
     }
     let status = staged(
         task,
@@ -692,7 +705,8 @@ fn is_claude(task: &AgentTask) -> bool {
 /// Progress from the transcript so far, written at most every few seconds.
 async fn follow(task: &AgentTask, ctx: &Context, envd: &EnvdClient) -> Result<Action, Error> {
     let status = previous(task);
-    if status.phase != Some(TaskPhase::Running) {
+    // Also after a passing trouble, so the status does not go on naming it.
+    if status.phase != Some(TaskPhase::Running) || status.reason.as_deref() != Some("Running") {
         write(
             ctx,
             task,
@@ -752,6 +766,14 @@ fn listing_from_json(bytes: &[u8]) -> Listing {
         .collect()
 }
 
+/// One of the recorder's files; one it never wrote reads as empty.
+async fn read_recorded(envd: &EnvdClient, name: &str) -> Result<bytes::Bytes, ProviderError> {
+    match envd.read_file(&run_file(name)).await {
+        Err(error) if error.is_not_found() => Ok(bytes::Bytes::new()),
+        read => read,
+    }
+}
+
 /// The regular files under the workspace, by path relative to it.
 async fn listing(envd: &EnvdClient, workspace: &str) -> Result<Listing, ProviderError> {
     let entries = envd.list_dir(workspace, 64).await?;
@@ -783,21 +805,21 @@ async fn finish(
     redactor: &Redactor,
 ) -> Result<Action, Error> {
     let exit_code = invocation::parse_exit(&String::from_utf8_lossy(exit));
-    let stdout = envd
-        .read_file(&run_file("stdout"))
-        .await
-        .unwrap_or_default();
-    let stderr = envd
-        .read_file(&run_file("stderr"))
-        .await
-        .unwrap_or_default();
     let workspace = workspace(task);
-    let before = envd
-        .read_file(&run_file(BEFORE_LISTING))
-        .await
-        .map(|bytes| listing_from_json(&bytes))
-        .unwrap_or_default();
-    let after = listing(envd, &workspace).await.unwrap_or_default();
+    // What the recorder left, read in full or not at all: a failed read must not become an
+    // empty result or an empty file list.
+    let outcome = async {
+        let stdout = read_recorded(envd, "stdout").await?;
+        let stderr = read_recorded(envd, "stderr").await?;
+        let before = listing_from_json(&read_recorded(envd, BEFORE_LISTING).await?);
+        let after = listing(envd, &workspace).await?;
+        Ok::<_, ProviderError>((stdout, stderr, before, after))
+    }
+    .await;
+    let (stdout, stderr, before, after) = match outcome {
+        Ok(outcome) => outcome,
+        Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
+    };
     let outputs = &task.spec.outputs;
     let changes = match files::exclusions(&outputs.exclude) {
         Ok(exclude) => files::changes(&before, &after, &exclude, outputs.max_files.max(0) as usize),
@@ -885,7 +907,11 @@ async fn finish(
         }
     };
     save_transcript(ctx, task, redactor, &stdout, &stderr).await?;
-    kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
+    // The verdict is written before the sandbox is killed: the other way round, a crash in
+    // between leaves a task whose sandbox is gone and whose result is lost, and the next
+    // pass would run the agent again. A sandbox a crash or a failed kill leaves here is
+    // the sweep's.
+    let sandbox = previous(task).sandbox_id;
     let record = |status: &mut AgentTaskStatus| {
         status.result = Some(result.clone());
         status.usage = usage.clone();
@@ -912,6 +938,7 @@ async fn finish(
             );
             write(ctx, task, status.clone()).await?;
             count_finished(ctx, &status);
+            let _ = kill_sandboxes(ctx, task, sandbox.as_deref()).await;
             publish(
                 ctx,
                 task,
@@ -922,7 +949,11 @@ async fn finish(
             .await;
             Ok(Action::await_change())
         }
-        Some((reason, message)) => fail(ctx, task, reason, &message, record).await,
+        Some((reason, message)) => {
+            let action = fail(ctx, task, reason, &message, record).await?;
+            let _ = kill_sandboxes(ctx, task, sandbox.as_deref()).await;
+            Ok(action)
+        }
     }
 }
 
@@ -1014,8 +1045,13 @@ async fn retry(
     message: &str,
 ) -> Result<Action, Error> {
     let status = previous(task);
-    if let Some(id) = &status.sandbox_id {
-        let _ = provider.kill_sandbox(id).await;
+    // The next attempt adopts any live sandbox of the task's, so the old one must be
+    // gone first, or it would be taken for the new one.
+    if let Some(id) = &status.sandbox_id
+        && let Err(error) = provider.kill_sandbox(id).await
+        && !error.is_not_found()
+    {
+        return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL).await;
     }
     let attempts = status.attempts.unwrap_or(1);
     if attempts > task.spec.backoff_limit {
@@ -1057,7 +1093,13 @@ async fn sandbox_lost(
 }
 
 /// Kills the task's sandbox, by ID and by its metadata (one created but not yet recorded).
-async fn kill_sandboxes(ctx: &Context, task: &AgentTask, recorded: Option<&str>) {
+/// Fails when the provider could not be asked or refused; with no provider to ask there
+/// is nothing to kill.
+async fn kill_sandboxes(
+    ctx: &Context,
+    task: &AgentTask,
+    recorded: Option<&str>,
+) -> Result<(), ProviderError> {
     let provider = match template_of(ctx, task).await {
         Some(template) => super::template::resolve_provider(ctx, &template)
             .await
@@ -1065,9 +1107,11 @@ async fn kill_sandboxes(ctx: &Context, task: &AgentTask, recorded: Option<&str>)
             .or_else(|| ctx.default_provider.clone()),
         None => ctx.default_provider.clone(),
     };
-    let Some(provider) = provider else { return };
+    let Some(provider) = provider else {
+        return Ok(());
+    };
     if let Some(id) = recorded {
-        let _ = provider.kill_sandbox(id).await;
+        provider.kill_sandbox(id).await?;
     }
     let query = ListQuery {
         metadata: BTreeMap::from([(
@@ -1076,11 +1120,10 @@ async fn kill_sandboxes(ctx: &Context, task: &AgentTask, recorded: Option<&str>)
         )]),
         ..ListQuery::default()
     };
-    if let Ok(found) = provider.list_sandboxes(&query).await {
-        for sandbox in found {
-            let _ = provider.kill_sandbox(&sandbox.sandbox_id).await;
-        }
+    for sandbox in provider.list_sandboxes(&query).await? {
+        provider.kill_sandbox(&sandbox.sandbox_id).await?;
     }
+    Ok(())
 }
 
 async fn template_of(ctx: &Context, task: &AgentTask) -> Option<SandboxTemplate> {
@@ -1122,14 +1165,28 @@ async fn expire(
     Ok(Action::await_change())
 }
 
-/// A deleted task takes its sandbox with it.
+/// A deleted task takes its sandbox with it: the finalizer stays until the provider has
+/// confirmed the kill, so a provider outage delays the deletion rather than leaking the
+/// sandbox.
 async fn cleanup(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
-    kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
+    if let Err(error) = kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await {
+        let message = format!("cannot kill the task's sandbox yet: {error}");
+        publish(
+            ctx,
+            task,
+            EventType::Warning,
+            "CleanupBlocked",
+            message.clone(),
+        )
+        .await;
+        return Err(Error::CleanupBlocked(message));
+    }
     Ok(Action::await_change())
 }
 
 /// Kills the default provider's sandboxes that this operator made for tasks that no
-/// longer exist (deleted while the operator was down, or a create whose task is gone).
+/// longer exist (deleted while the operator was down, or a create whose task is gone) or
+/// that have finished (a crash between the verdict and the kill).
 pub async fn sweep_orphans(ctx: &Context) {
     let query = ListQuery {
         metadata: BTreeMap::from([(OPERATOR.to_string(), ctx.instance.clone())]),
@@ -1158,8 +1215,12 @@ pub async fn sweep_orphans(ctx: &Context) {
             Ok(found) => found,
             Err(_) => continue,
         };
-        if owner.and_then(|task| task.metadata.uid).as_deref() != Some(uid.as_str()) {
-            tracing::info!(sandbox = %sandbox.sandbox_id, %namespace, %name, "killing an orphaned sandbox");
+        let owned = owner.filter(|task| task.metadata.uid.as_deref() == Some(uid.as_str()));
+        let finished = owned
+            .as_ref()
+            .is_some_and(|task| is_terminal(task.status.as_ref().and_then(|s| s.phase)));
+        if owned.is_none() || finished {
+            tracing::info!(sandbox = %sandbox.sandbox_id, %namespace, %name, finished, "killing an orphaned sandbox");
             let _ = provider.kill_sandbox(&sandbox.sandbox_id).await;
         }
     }

@@ -16,12 +16,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use futures::TryStreamExt;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use super::faults::{self, Fault};
 use super::runtime::{self, Launch};
 use super::templates::{self, TemplateError, TemplateRecord};
 use super::{SandboxRecord, State, random_id, random_token};
@@ -132,46 +133,78 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn inject_faults(Extract(state): Extract<Shared>, request: Request, next: Next) -> Response {
+async fn inject_faults(
+    Extract(state): Extract<Shared>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let latency = state.faults.latency();
     if !latency.is_zero() {
+        state.faults.count(|injected| &mut injected.delayed);
         tokio::time::sleep(latency).await;
     }
-    if request.uri().path() != "/health" {
-        if state.faults.take(|plan| &mut plan.rate_limited) {
-            let mut response = error(StatusCode::TOO_MANY_REQUESTS, "Rate limit exceeded");
-            response
-                .headers_mut()
-                .insert("retry-after", HeaderValue::from(state.faults.retry_after()));
-            return response;
+    if request.uri().path() == "/health" {
+        return next.run(request).await;
+    }
+    let creates = request.method() == axum::http::Method::POST
+        && matches!(request.uri().path(), "/sandboxes" | "/v2/sandboxes");
+    let kind = if creates {
+        faults::Request::CreateSandbox
+    } else {
+        faults::Request::Plain
+    };
+    let drawn = state.faults.draw(kind);
+    if state.faults.take(|plan| &mut plan.rate_limited) || drawn == Some(Fault::RateLimited) {
+        state.faults.count(|injected| &mut injected.rate_limited);
+        let mut response = error(StatusCode::TOO_MANY_REQUESTS, "Rate limit exceeded");
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from(state.faults.retry_after()));
+        return response;
+    }
+    if state.faults.take(|plan| &mut plan.unavailable) || drawn == Some(Fault::Unavailable) {
+        state.faults.count(|injected| &mut injected.unavailable);
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Service is temporarily unavailable",
+        );
+    }
+    match drawn {
+        Some(Fault::Latency(delay)) => {
+            state.faults.count(|injected| &mut injected.delayed);
+            tokio::time::sleep(delay).await;
         }
-        if state.faults.take(|plan| &mut plan.unavailable) {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Service is temporarily unavailable",
-            );
+        Some(Fault::Vanish(after)) => {
+            request.extensions_mut().insert(Doomed(after));
         }
+        _ => {}
     }
     next.run(request).await
 }
+
+/// Marks a create whose sandbox is to vanish this long after it starts.
+#[derive(Clone, Copy)]
+struct Doomed(Duration);
 
 // ---------------------------------------------------------------------------------------
 // Sandboxes
 
 async fn create_v1(
     Extract(state): Extract<Shared>,
+    doomed: Option<Extension<Doomed>>,
     Body400(body): Body400<NewSandbox>,
 ) -> Response {
     let secure = body.secure.unwrap_or(false);
-    create(state, body, DEFAULT_TIMEOUT_V1, secure).await
+    create(state, body, DEFAULT_TIMEOUT_V1, secure, doomed).await
 }
 
 /// v2 sandboxes are always secured, whatever `secure` says.
 async fn create_v2(
     Extract(state): Extract<Shared>,
+    doomed: Option<Extension<Doomed>>,
     Body400(body): Body400<NewSandbox>,
 ) -> Response {
-    create(state, body, DEFAULT_TIMEOUT_V2, true).await
+    create(state, body, DEFAULT_TIMEOUT_V2, true, doomed).await
 }
 
 fn checked_timeout(state: &State, timeout: i64) -> Result<Duration, Response> {
@@ -199,8 +232,15 @@ fn deadline(timeout: Duration) -> jiff::Timestamp {
         + jiff::SignedDuration::try_from(timeout).unwrap_or(jiff::SignedDuration::ZERO)
 }
 
-async fn create(state: Shared, body: NewSandbox, default_timeout: i64, secure: bool) -> Response {
-    match create_sandbox(&state, body, default_timeout, secure).await {
+async fn create(
+    state: Shared,
+    body: NewSandbox,
+    default_timeout: i64,
+    secure: bool,
+    doomed: Option<Extension<Doomed>>,
+) -> Response {
+    let vanish = doomed.map(|Extension(Doomed(after))| after);
+    match create_sandbox(&state, body, default_timeout, secure, vanish).await {
         Ok(sandbox) => (StatusCode::CREATED, Json(sandbox)).into_response(),
         Err(response) => response,
     }
@@ -211,6 +251,7 @@ async fn create_sandbox(
     body: NewSandbox,
     default_timeout: i64,
     secure: bool,
+    vanish: Option<Duration>,
 ) -> Result<Sandbox, Response> {
     let timeout = checked_timeout(
         state,
@@ -261,18 +302,13 @@ async fn create_sandbox(
         dir: dir.clone(),
         processes: Arc::default(),
     });
-    {
-        let mut sandboxes = state.sandboxes.lock().expect("sandboxes");
-        if sandboxes.len() >= state.config.max_sandboxes {
-            return Err(error(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "you have reached the maximum number of concurrent E2B sandboxes ({}). If you need more, please contact support.",
-                    state.config.max_sandboxes
-                ),
-            ));
-        }
-        sandboxes.insert(id.clone(), record.clone());
+    if let Err(limit) = state.add_sandbox(record.clone()) {
+        return Err(error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "you have reached the maximum number of concurrent E2B sandboxes ({limit}). If you need more, please contact support."
+            ),
+        ));
     }
     let prepare = {
         let (from, dir) = (ready.fs.clone(), dir.clone());
@@ -303,11 +339,12 @@ async fn create_sandbox(
         state.kill_sandbox(&id).await;
         return Err(error(StatusCode::INTERNAL_SERVER_ERROR, failure));
     }
-    if let Some(after) = state.faults.take_vanish() {
+    if let Some(after) = state.faults.take_vanish().or(vanish) {
         let (state, id) = (state.clone(), id.clone());
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            state.kill_sandbox(&id).await;
+            let vanished = || state.faults.count(|injected| &mut injected.vanished);
+            state.end_sandbox(&id, vanished).await;
         });
     }
     tracing::info!(sandbox = %id, template = %ready.template_id, "sandbox created");

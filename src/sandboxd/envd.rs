@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
+use super::faults::{self, Fault};
 use super::runtime::{self, Launch, PathError, User};
 use super::{SandboxRecord, State};
 use crate::e2b::envd::{
@@ -58,8 +59,67 @@ pub fn router(state: Shared) -> Router {
         .route("/files", get(download).post(upload))
         .route("/envs", get(envs))
         .fallback(|| async { rpc_error(ConnectError::new(Code::Unimplemented, "no such method")) })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            inject_faults,
+        ))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)
+}
+
+/// The random faults of [`super::RandomFaults`] on envd calls; the counted ones stay with
+/// the control plane, as the scenarios written for them expect.
+async fn inject_faults(
+    Extract(state): Extract<Shared>,
+    mut request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request.uri().path() == "/health" {
+        return next.run(request).await;
+    }
+    let kind = match request.uri().path() {
+        "/process.Process/Start" | "/process.Process/Connect" => faults::Request::ProcessStream,
+        _ => faults::Request::Plain,
+    };
+    match state.faults.draw(kind) {
+        Some(Fault::RateLimited) => {
+            state.faults.count(|injected| &mut injected.rate_limited);
+            let mut response = rpc_error(ConnectError::new(
+                Code::ResourceExhausted,
+                "Rate limit exceeded",
+            ));
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(state.faults.retry_after()),
+            );
+            return response;
+        }
+        Some(Fault::Unavailable) => {
+            state.faults.count(|injected| &mut injected.unavailable);
+            return rpc_error(ConnectError::new(
+                Code::Unavailable,
+                "Service is temporarily unavailable",
+            ));
+        }
+        Some(Fault::Latency(delay)) => {
+            state.faults.count(|injected| &mut injected.delayed);
+            tokio::time::sleep(delay).await;
+        }
+        Some(Fault::CutStream) => {
+            request.extensions_mut().insert(Cut::BeforeStart);
+        }
+        Some(Fault::Vanish(_)) | None => {}
+    }
+    next.run(request).await
+}
+
+/// Where a process stream is cut by a fault, if it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cut {
+    /// Before the start event: the process runs, the client never hears of it.
+    BeforeStart,
+    /// After the first output.
+    AfterFirstOutput,
 }
 
 /// No token needed, but like the real proxy only a live sandbox answers: this is how the
@@ -234,10 +294,28 @@ fn event_stream(
     mut events: mpsc::Receiver<ProcessEvent>,
     keepalive: Duration,
     deadline: Option<(Duration, Arc<runtime::Process>)>,
+    cut: Option<Cut>,
 ) -> Body {
-    let cut = state.faults.take(|plan| &mut plan.cut_streams);
+    let take = |counter: fn(&mut super::FaultPlan) -> &mut u32| state.faults.take(counter);
+    let cut = cut
+        .or_else(|| take(|plan| &mut plan.cut_starts).then_some(Cut::BeforeStart))
+        .or_else(|| take(|plan| &mut plan.cut_streams).then_some(Cut::AfterFirstOutput));
+    let faults = state.faults.clone();
     let (sender, receiver) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let cut_off = |sender: mpsc::Sender<Result<Bytes, std::io::Error>>| async move {
+        faults.count(|injected| &mut injected.cut_streams);
+        let _ = sender
+            .send(Err(std::io::Error::new(
+                ErrorKind::ConnectionReset,
+                "fault injection: stream cut",
+            )))
+            .await;
+    };
     tokio::spawn(async move {
+        if cut == Some(Cut::BeforeStart) {
+            cut_off(sender).await;
+            return;
+        }
         if let Some(first) = first
             && sender.send(Ok(event_envelope(&first))).await.is_err()
         {
@@ -283,13 +361,8 @@ fn event_stream(
                     if sender.send(Ok(event_envelope(&event))).await.is_err() {
                         return;
                     }
-                    if cut && is_data {
-                        let _ = sender
-                            .send(Err(std::io::Error::new(
-                                ErrorKind::ConnectionReset,
-                                "fault injection: stream cut",
-                            )))
-                            .await;
+                    if cut == Some(Cut::AfterFirstOutput) && is_data {
+                        cut_off(sender).await;
                         return;
                     }
                     if is_end {
@@ -315,6 +388,8 @@ struct Call<T> {
     caller: Caller,
     request: T,
     headers: HeaderMap,
+    /// Set by the fault layer.
+    cut: Option<Cut>,
 }
 
 impl<T: DeserializeOwned> FromRequest<Shared> for Call<T> {
@@ -342,6 +417,7 @@ impl<T: DeserializeOwned> FromRequest<Shared> for Call<T> {
         Ok(Call {
             caller,
             request,
+            cut: parts.extensions.get::<Cut>().copied(),
             headers: parts.headers,
         })
     }
@@ -361,6 +437,7 @@ fn process_stream(
     process: &Arc<runtime::Process>,
     events: mpsc::Receiver<ProcessEvent>,
     deadline: Option<Duration>,
+    cut: Option<Cut>,
 ) -> Response {
     let keepalive = header_number(headers, "keepalive-ping-interval")
         .map_or(DEFAULT_KEEPALIVE, Duration::from_secs)
@@ -373,6 +450,7 @@ fn process_stream(
         events,
         keepalive,
         deadline,
+        cut,
     ))
 }
 
@@ -381,6 +459,7 @@ async fn start(Extract(state): Extract<Shared>, call: Call<StartRequest>) -> Res
         caller,
         request,
         headers,
+        cut: call_cut,
     } = call;
     if request.pty.is_some() {
         return rpc_error(ConnectError::new(
@@ -445,14 +524,14 @@ async fn start(Extract(state): Extract<Shared>, call: Call<StartRequest>) -> Res
         }
     };
     let deadline = header_number(&headers, "connect-timeout-ms").map(Duration::from_millis);
-    process_stream(&state, &headers, &process, events, deadline)
+    process_stream(&state, &headers, &process, events, deadline, call_cut)
 }
 
 async fn connect(Extract(state): Extract<Shared>, call: Call<ConnectRequest>) -> Response {
     match call.caller.sandbox.processes.find(&call.request.process) {
         Ok(process) => {
             let events = process.subscribe();
-            process_stream(&state, &call.headers, &process, events, None)
+            process_stream(&state, &call.headers, &process, events, None, call.cut)
         }
         Err(error) => rpc_error(error),
     }

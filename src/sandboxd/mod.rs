@@ -39,6 +39,9 @@ pub struct Config {
     /// Host directories every sandbox sees read-only at the same path: agent CLIs
     /// installed outside `/usr`, for instance.
     pub host_paths: Vec<PathBuf>,
+    /// Keeps every sandbox's life for [`Sandboxd::history`]. Off by default: the record
+    /// grows with every sandbox a long-running server makes.
+    pub keep_history: bool,
 }
 
 impl Config {
@@ -55,31 +58,18 @@ impl Config {
             max_body_bytes: 512 << 20,
             max_timeout: Duration::from_secs(24 * 3600),
             host_paths: Vec::new(),
+            keep_history: false,
         }
     }
 }
 
-/// Faults a test can switch on; all off by default. Each counter is consumed per request.
-#[derive(Clone, Debug, Default)]
-pub struct FaultPlan {
-    /// The next N control-plane requests answer 429 with `Retry-After`.
-    pub rate_limited: u32,
-    pub retry_after_secs: u32,
-    /// The next N control-plane requests answer 503.
-    pub unavailable: u32,
-    /// Added before every request is handled.
-    pub latency: Duration,
-    /// The next N process streams are cut (connection dropped, no end frame) after their
-    /// first output.
-    pub cut_streams: u32,
-    /// The next N creates make a sandbox that vanishes this long after it starts.
-    pub vanish_after: Option<(u32, Duration)>,
-}
-
 mod api;
 mod envd;
+mod faults;
 mod runtime;
 mod templates;
+
+pub use faults::{Fault, FaultPlan, Faults, Injected, RandomFaults};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -167,6 +157,7 @@ impl Sandboxd {
             launcher,
             faults: Faults::default(),
             sandboxes: Mutex::new(HashMap::new()),
+            history: Mutex::default(),
             templates,
             upload_secret: random_token(32),
         });
@@ -206,6 +197,14 @@ impl Sandboxd {
         self.state.faults.clone()
     }
 
+    /// Every sandbox this server made, in the order they were made, with when each ended
+    /// (killed, timed out or vanished); empty unless [`Config::keep_history`] is set. This
+    /// is the server's own account, for tests that check what its clients did: how many
+    /// sandboxes they made and whether two ever overlapped.
+    pub fn history(&self) -> Vec<SandboxLife> {
+        self.state.history.lock().expect("history").clone()
+    }
+
     /// Stops listening and kills every sandbox.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
@@ -226,60 +225,28 @@ impl Sandboxd {
     }
 }
 
-/// The switch tests use to inject faults into a running server.
-#[derive(Clone, Debug, Default)]
-pub struct Faults(Arc<Mutex<FaultPlan>>);
-
-impl Faults {
-    pub fn set(&self, plan: FaultPlan) {
-        *self.0.lock().expect("fault plan") = plan;
-    }
-
-    pub fn clear(&self) {
-        self.set(FaultPlan::default());
-    }
-
-    fn take(&self, pick: impl FnOnce(&mut FaultPlan) -> &mut u32) -> bool {
-        let mut plan = self.0.lock().expect("fault plan");
-        let counter = pick(&mut plan);
-        if *counter > 0 {
-            *counter -= 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn latency(&self) -> Duration {
-        self.0.lock().expect("fault plan").latency
-    }
-
-    fn retry_after(&self) -> u32 {
-        self.0.lock().expect("fault plan").retry_after_secs.max(1)
-    }
-
-    fn take_vanish(&self) -> Option<Duration> {
-        let mut plan = self.0.lock().expect("fault plan");
-        match &mut plan.vanish_after {
-            Some((count, after)) if *count > 0 => {
-                *count -= 1;
-                Some(*after)
-            }
-            _ => None,
-        }
-    }
-}
-
 pub(crate) struct State {
     config: Config,
     api_url: String,
     launcher: Launcher,
     faults: Faults,
     sandboxes: Mutex<HashMap<String, Arc<SandboxRecord>>>,
+    history: Mutex<Vec<SandboxLife>>,
     templates: templates::Registry,
     /// Signs the upload links handed out for COPY sources, in place of a storage bucket's
     /// presigned URLs.
     upload_secret: String,
+}
+
+/// One sandbox's life on the server: from the moment it is registered by its create to
+/// the moment it is removed.
+#[derive(Clone, Debug)]
+pub struct SandboxLife {
+    pub sandbox_id: String,
+    pub metadata: BTreeMap<String, String>,
+    pub created: std::time::Instant,
+    /// `None` while it lives.
+    pub ended: Option<std::time::Instant>,
 }
 
 /// A live sandbox: its root directory, identity and processes.
@@ -319,9 +286,50 @@ impl State {
         self.sandboxes.lock().expect("sandboxes").get(id).cloned()
     }
 
+    /// Registers a new sandbox, unless the server is at its limit of live ones.
+    fn add_sandbox(&self, record: Arc<SandboxRecord>) -> Result<(), usize> {
+        let mut sandboxes = self.sandboxes.lock().expect("sandboxes");
+        if sandboxes.len() >= self.config.max_sandboxes {
+            return Err(self.config.max_sandboxes);
+        }
+        if self.config.keep_history {
+            self.history.lock().expect("history").push(SandboxLife {
+                sandbox_id: record.id.clone(),
+                metadata: record.metadata.clone(),
+                created: std::time::Instant::now(),
+                ended: None,
+            });
+        }
+        sandboxes.insert(record.id.clone(), record);
+        Ok(())
+    }
+
+    fn record_end(&self, id: &str) {
+        if !self.config.keep_history {
+            return;
+        }
+        let mut history = self.history.lock().expect("history");
+        if let Some(life) = history.iter_mut().rev().find(|life| life.sandbox_id == id) {
+            life.ended = Some(std::time::Instant::now());
+        }
+    }
+
     /// Removes the sandbox, kills its processes and deletes its files. False if unknown.
     async fn kill_sandbox(&self, id: &str) -> bool {
-        let Some(sandbox) = self.sandboxes.lock().expect("sandboxes").remove(id) else {
+        self.end_sandbox(id, || {}).await
+    }
+
+    /// [`State::kill_sandbox`], calling `removed` as the sandbox is removed: no request
+    /// sees it gone before that call.
+    async fn end_sandbox(&self, id: &str, removed: impl FnOnce()) -> bool {
+        let removed = {
+            let mut sandboxes = self.sandboxes.lock().expect("sandboxes");
+            sandboxes.remove(id).inspect(|_| {
+                removed();
+                self.record_end(id);
+            })
+        };
+        let Some(sandbox) = removed else {
             return false;
         };
         sandbox.processes.kill_all();

@@ -26,10 +26,21 @@ impl TestEnv {
     /// Starts etcd and kube-apiserver and installs the CRDs the way a user does, with
     /// `kubectl apply -f crds/`.
     pub async fn start() -> Result<Self, String> {
+        Self::start_with(false).await
+    }
+
+    /// [`TestEnv::start`], with kube-controller-manager's namespace and garbage-collector
+    /// controllers running too when `controller_manager` says so.
+    pub async fn start_with(controller_manager: bool) -> Result<Self, String> {
         let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         let cluster = LocalCluster::start(&tools_bin_dir(), &work)
             .await
             .map_err(|err| err.to_string())?;
+        if controller_manager {
+            cluster
+                .start_controller_manager(&tools_bin_dir())
+                .map_err(|err| err.to_string())?;
+        }
         let client = cluster.client().await.map_err(|err| err.to_string())?;
         let env = Self {
             cluster,
@@ -66,6 +77,13 @@ impl TestEnv {
             .await
             .unwrap_or_else(|err| panic!("creating namespace {name}: {err}"));
         name
+    }
+
+    /// Whether kube-controller-manager runs, with the end of its log.
+    // Only the reliability suite runs it.
+    #[allow(dead_code)]
+    pub fn controller_manager_report(&self) -> String {
+        self.cluster.controller_manager_report()
     }
 
     pub fn kubeconfig_path(&self) -> &Path {

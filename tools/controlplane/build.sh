@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver and etcd from the modules pinned in go.mod into a cache
-# directory stamped with their versions and the Go version, and prints that
-# directory. A warm cache skips the build entirely.
+# Builds kube-apiserver, kube-controller-manager and etcd from the modules pinned in
+# go.mod into a cache directory stamped with their versions and the Go version, and
+# prints that directory. Only binaries missing from the cache are built, so a warm
+# cache skips the build entirely.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
@@ -20,21 +21,24 @@ go_version=$(go env GOVERSION)
 cache_root=${SANDCASTLE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sandcastle}
 out="$cache_root/controlplane-k8s-$k8s_version-etcd-$etcd_version-$go_version"
 
-if [[ -x "$out/kube-apiserver" && -x "$out/etcd" ]]; then
-  echo "$out"
-  exit 0
-fi
-
-mkdir -p "$out.partial"
+mkdir -p "$out"
 minor=${k8s_version#v1.}; minor=${minor%%.*}
 ldflags="-s -w \
  -X k8s.io/component-base/version.gitVersion=$k8s_version \
  -X k8s.io/component-base/version.gitMajor=1 \
  -X k8s.io/component-base/version.gitMinor=$minor \
  -X k8s.io/component-base/version.gitTreeState=clean"
-echo "building kube-apiserver $k8s_version and etcd $etcd_version with $go_version into $out" >&2
-go build -trimpath -ldflags "$ldflags" -o "$out.partial/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver >&2
-go build -trimpath -ldflags "-s -w" -o "$out.partial/etcd" go.etcd.io/etcd/server/v3 >&2
-rm -rf "$out"
-mv "$out.partial" "$out"
+# Each binary is built beside its final name and renamed into place, so an interrupted
+# build never leaves a binary that looks complete.
+build() {
+  local name=$1 flags=$2 package=$3
+  [[ -x "$out/$name" ]] && return
+  echo "building $name with $go_version into $out" >&2
+  go build -trimpath -ldflags "$flags" -o "$out/$name.partial" "$package" >&2
+  mv "$out/$name.partial" "$out/$name"
+}
+build kube-apiserver "$ldflags" k8s.io/kubernetes/cmd/kube-apiserver
+# Only the reliability suite runs it, for the namespace and garbage-collector controllers.
+build kube-controller-manager "$ldflags" k8s.io/kubernetes/cmd/kube-controller-manager
+build etcd "-s -w" go.etcd.io/etcd/server/v3
 echo "$out"

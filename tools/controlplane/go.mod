@@ -1,4 +1,5 @@
-// Builds the test control plane (kube-apiserver, etcd) from pinned Go modules.
+// Builds the test control plane (kube-apiserver, kube-controller-manager, etcd) from
+// pinned Go modules.
 // The replace lines pin k8s.io/kubernetes' staging modules, which its own go.mod
 // leaves at v0.0.0.
 module sandcastle.dev/tools/controlplane
