@@ -603,8 +603,7 @@ async fn start(
                     None => {
                         let message =
                             format!("ConfigMap {} has no key {}", selector.name, selector.key);
-                        kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
-                        return fail(ctx, task, "InvalidWorkspace", &message, |_| {}).await;
+                        return fail_and_kill(ctx, task, "InvalidWorkspace", &message).await;
                     }
                 }
             }
@@ -628,8 +627,7 @@ async fn start(
     .await;
     if let Err(error) = prepared {
         if let ProviderError::InvalidArgument(message) = &error {
-            kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
-            return fail(ctx, task, "InvalidWorkspace", message, |_| {}).await;
+            return fail_and_kill(ctx, task, "InvalidWorkspace", message).await;
         }
         return envd_trouble(task, ctx, provider, &error, redactor).await;
     }
@@ -1018,6 +1016,19 @@ async fn fail(
     count_finished(ctx, &status);
     publish(ctx, task, EventType::Warning, reason, message.to_string()).await;
     Ok(Action::await_change())
+}
+
+/// Fails a task that holds a sandbox: the verdict first, so a crash between the two
+/// never loses it; a kill that fails here is the orphan sweep's to repeat.
+async fn fail_and_kill(
+    ctx: &Context,
+    task: &AgentTask,
+    reason: &str,
+    message: &str,
+) -> Result<Action, Error> {
+    let action = fail(ctx, task, reason, message, |_| {}).await?;
+    let _ = kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
+    Ok(action)
 }
 
 /// Records a task that just reached Succeeded or Failed in the metrics.
