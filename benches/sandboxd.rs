@@ -3,18 +3,12 @@
 //! directly), and 256 MiB of stdout streamed through envd (against a plain local pipe of the
 //! same bytes). Run with `cargo bench --bench sandboxd`.
 
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+#[path = "support/sandboxd.rs"]
+mod figures;
 
-use sandcastle::e2b::client::{ClientConfig, E2bClient, SandboxSpec};
-use sandcastle::e2b::envd_client::{CommandSpec, ProcessUpdate};
+use figures::{ROUND_TRIPS, STREAM_RUNS, mib_per_second, millis};
+use sandcastle::e2b::client::{ClientConfig, E2bClient};
 use sandcastle::sandboxd::{Config, Sandboxd};
-use tokio::io::AsyncReadExt;
-
-const ROUND_TRIPS: usize = 200;
-const WARM_UP: usize = 5;
-const STREAM_BYTES: u64 = 256 << 20;
-const STREAM_RUNS: usize = 7;
 
 #[tokio::main]
 async fn main() {
@@ -36,172 +30,28 @@ async fn main() {
             "none"
         }
     );
-    round_trips(&client).await;
-    streaming(&client).await;
-    server.stop().await;
-    let _ = std::fs::remove_dir_all(&root);
-}
-
-async fn round_trip(client: &E2bClient) -> Duration {
-    let started = Instant::now();
-    let sandbox = client
-        .create_sandbox(&SandboxSpec::new("base", Duration::from_secs(60)))
-        .await
-        .expect("create");
-    let output = client
-        .envd(&sandbox)
-        .start(&CommandSpec::new("/usr/bin/true"))
-        .await
-        .expect("start")
-        .wait()
-        .await
-        .expect("exec");
-    assert_eq!(output.exit_code, 0);
-    assert!(
-        client
-            .kill_sandbox(&sandbox.sandbox_id)
-            .await
-            .expect("kill")
-    );
-    started.elapsed()
-}
-
-async fn local_true() -> Duration {
-    let started = Instant::now();
-    let status = tokio::process::Command::new("/usr/bin/true")
-        .status()
-        .await
-        .expect("true runs");
-    assert!(status.success());
-    started.elapsed()
-}
-
-fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
-    let index = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[index]
-}
-
-fn millis(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
-}
-
-async fn round_trips(client: &E2bClient) {
-    for _ in 0..WARM_UP {
-        round_trip(client).await;
-    }
-    let mut sandbox = Vec::with_capacity(ROUND_TRIPS);
-    let mut local = Vec::with_capacity(ROUND_TRIPS);
-    for _ in 0..ROUND_TRIPS {
-        sandbox.push(round_trip(client).await);
-        local.push(local_true().await);
-    }
-    sandbox.sort();
-    local.sort();
-    let (p50, p99) = (percentile(&sandbox, 0.50), percentile(&sandbox, 0.99));
-    let (base50, base99) = (percentile(&local, 0.50), percentile(&local, 0.99));
+    let trips = figures::round_trips(&client).await;
     println!("create -> exec true -> kill, {ROUND_TRIPS} sandboxes:");
     println!(
         "  sandbox round trip  p50 {:8.2} ms   p99 {:8.2} ms",
-        millis(p50),
-        millis(p99)
+        millis(trips.sandbox.p50),
+        millis(trips.sandbox.p99)
     );
     println!(
         "  baseline: spawn true p50 {:8.2} ms   p99 {:8.2} ms   (round trip = {:.1}x / {:.1}x the baseline)",
-        millis(base50),
-        millis(base99),
-        p50.as_secs_f64() / base50.as_secs_f64(),
-        p99.as_secs_f64() / base99.as_secs_f64()
+        millis(trips.spawn.p50),
+        millis(trips.spawn.p99),
+        trips.sandbox.p50.as_secs_f64() / trips.spawn.p50.as_secs_f64(),
+        trips.sandbox.p99.as_secs_f64() / trips.spawn.p99.as_secs_f64()
     );
-}
-
-fn producer_args() -> [String; 3] {
-    ["-c".into(), STREAM_BYTES.to_string(), "/dev/zero".into()]
-}
-
-/// Both sides time the bytes only, from the first one to the last: starting a process is
-/// the round-trip figure's business, not the stream's.
-async fn through_pipe() -> Duration {
-    let mut child = tokio::process::Command::new("/usr/bin/head")
-        .args(producer_args())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("head runs");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    let mut first = None;
-    loop {
-        let read = stdout.read(&mut buffer).await.expect("read");
-        if read == 0 {
-            break;
-        }
-        first.get_or_insert_with(Instant::now);
-        total += read as u64;
-    }
-    let elapsed = first.expect("bytes arrived").elapsed();
-    assert!(child.wait().await.expect("wait").success());
-    assert_eq!(total, STREAM_BYTES);
-    elapsed
-}
-
-async fn through_envd(client: &E2bClient) -> Duration {
-    let sandbox = client
-        .create_sandbox(&SandboxSpec::new("base", Duration::from_secs(300)))
-        .await
-        .expect("create");
-    let envd = client.envd(&sandbox);
-    let mut stream = envd
-        .start(&CommandSpec {
-            args: producer_args().to_vec(),
-            ..CommandSpec::new("/usr/bin/head")
-        })
-        .await
-        .expect("start");
-    let mut total = 0u64;
-    let mut first = None;
-    let mut last = None;
-    let mut exit_code = None;
-    while let Some(update) = stream.next_update().await.expect("stream") {
-        match update {
-            ProcessUpdate::Stdout(data) => {
-                first.get_or_insert_with(Instant::now);
-                total += data.len() as u64;
-                last = Some(Instant::now());
-            }
-            ProcessUpdate::End(end) => exit_code = Some(end.exit_code),
-            ProcessUpdate::Stderr(_) | ProcessUpdate::Pty(_) => {}
-        }
-    }
-    let elapsed = last.expect("bytes arrived") - first.expect("bytes arrived");
-    assert_eq!((total, exit_code), (STREAM_BYTES, Some(0)));
-    client
-        .kill_sandbox(&sandbox.sandbox_id)
-        .await
-        .expect("kill");
-    elapsed
-}
-
-fn mib_per_second(duration: Duration) -> f64 {
-    STREAM_BYTES as f64 / (1 << 20) as f64 / duration.as_secs_f64()
-}
-
-/// Pairs of runs, each pipe run right next to its envd run, so drift in the machine's load
-/// hits both sides of a ratio alike; the median pair is reported with the spread.
-async fn streaming(client: &E2bClient) {
-    let mut pairs = Vec::with_capacity(STREAM_RUNS);
-    for _ in 0..STREAM_RUNS {
-        let pipe = through_pipe().await;
-        let envd = through_envd(client).await;
-        pairs.push((pipe.as_secs_f64() / envd.as_secs_f64(), pipe, envd));
-    }
-    pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (ratio, pipe, envd) = pairs[pairs.len() / 2];
+    let stream = figures::streaming(&client).await;
     println!("256 MiB of stdout, median of {STREAM_RUNS} paired runs:");
-    println!("  through envd   {:8.1} MiB/s", mib_per_second(envd));
-    println!("  plain pipe     {:8.1} MiB/s", mib_per_second(pipe));
+    println!("  through envd   {:8.1} MiB/s", mib_per_second(stream.envd));
+    println!("  plain pipe     {:8.1} MiB/s", mib_per_second(stream.pipe));
     println!(
-        "  ratio envd / pipe = {ratio:.2} (target >= 0.5; lowest {:.2}, highest {:.2})",
-        pairs[0].0,
-        pairs[pairs.len() - 1].0
+        "  ratio envd / pipe = {:.2} (target >= 0.5; lowest {:.2}, highest {:.2})",
+        stream.ratio, stream.lowest, stream.highest
     );
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&root);
 }
