@@ -51,6 +51,9 @@ const OPERATOR_MANAGER: &str = "sandcastle";
 /// Requests the bench keeps in flight when it creates objects, like a client applying a
 /// directory of manifests in parallel; the minimal writer gets the same.
 const CLIENT_CONCURRENCY: usize = 32;
+/// Tasks run before each timed run, so that connections, caches and the apiserver's first
+/// use of a kind are not counted in it.
+const WARM_UP: usize = 5;
 /// Write verbs as the apiserver's `apiserver_request_total` names them.
 const WRITE_VERBS: [&str; 6] = [
     "POST",
@@ -653,10 +656,43 @@ where
         .await
 }
 
-fn task_burst(count: usize, finalizers: &[&str]) -> Vec<AgentTask> {
+fn task_burst(prefix: &str, count: usize, finalizers: &[&str]) -> Vec<AgentTask> {
     (0..count)
-        .map(|index| task_object(&format!("task-{index:05}"), finalizers))
+        .map(|index| task_object(&format!("{prefix}-{index:05}"), finalizers))
         .collect()
+}
+
+/// The minimal writer's run over `tasks`: from the first create sent to the last
+/// terminal status written.
+async fn minimal_writes(
+    user: &Api<AgentTask>,
+    writer: &Api<AgentTask>,
+    tasks: Vec<AgentTask>,
+) -> Duration {
+    let (created, queue) = futures::channel::mpsc::unbounded::<String>();
+    let started = Instant::now();
+    let creating = async {
+        create_burst(user, tasks, |task| {
+            let _ = created.unbounded_send(task.name.clone());
+        })
+        .await;
+        created.close_channel();
+    };
+    let writing = queue
+        .map(|name| async move {
+            let finalizer = json!({"metadata": {"finalizers": [FINALIZER]}});
+            writer
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&finalizer))
+                .await
+                .expect("finalizer");
+            let sandbox = format!("sbx-{name}");
+            write_status(writer, &name, provisioning_status(&sandbox)).await;
+            write_status(writer, &name, succeeded_status(&sandbox)).await;
+        })
+        .buffer_unordered(CLIENT_CONCURRENCY)
+        .collect::<Vec<()>>();
+    futures::join!(creating, writing);
+    started.elapsed()
 }
 
 async fn namespace(client: &kube::Client, name: &str) {
@@ -790,34 +826,12 @@ impl Bench {
         let user: Api<AgentTask> = Api::namespaced(self.client.clone(), ns);
         let writer: Api<AgentTask> =
             Api::namespaced(self.cluster.client().await.expect("a second client"), ns);
+        // Connections, and the apiserver's first use of the kind, are not the burst's.
+        minimal_writes(&user, &writer, task_burst("warm-up", WARM_UP, &[])).await;
         let before = apiserver_requests(&self.client).await;
-        let (created, queue) = futures::channel::mpsc::unbounded::<String>();
-        let started = Instant::now();
-        let creating = async {
-            create_burst(&user, task_burst(tasks, &[]), |task| {
-                let _ = created.unbounded_send(task.name.clone());
-            })
-            .await;
-            created.close_channel();
-        };
-        let writing = queue
-            .map(|name| {
-                let writer = writer.clone();
-                async move {
-                    let finalizer = json!({"metadata": {"finalizers": [FINALIZER]}});
-                    writer
-                        .patch(&name, &PatchParams::default(), &Patch::Merge(&finalizer))
-                        .await
-                        .expect("finalizer");
-                    let sandbox = format!("sbx-{name}");
-                    write_status(&writer, &name, provisioning_status(&sandbox)).await;
-                    write_status(&writer, &name, succeeded_status(&sandbox)).await;
-                }
-            })
-            .buffer_unordered(CLIENT_CONCURRENCY)
-            .collect::<Vec<()>>();
-        futures::join!(creating, writing);
-        let seconds = started.elapsed().as_secs_f64();
+        let seconds = minimal_writes(&user, &writer, task_burst("task", tasks, &[]))
+            .await
+            .as_secs_f64();
         let after = apiserver_requests(&self.client).await;
         let (writes, _) = requests_between(&before, &after, &BTreeMap::new());
         eprintln!("baseline: {tasks} tasks in {seconds:.2} s");
@@ -837,19 +851,28 @@ impl Bench {
         base_template(&self.client, &ns).await;
         let api: Api<AgentTask> = Api::namespaced(self.client.clone(), &ns);
         let finishes = Sightings::finished_tasks(api.clone()).await;
-        // Let the start-up settle so the figures are the burst's.
+        create_burst(&api, task_burst("warm-up", WARM_UP, &[]), |_| {}).await;
+        finishes
+            .wait_for(WARM_UP, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|error| panic!("warm-up before the burst of {tasks}: {error}"));
+        // The warm-up's last event follows its last status write.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let memory_before = Memory::of(operator.pid());
         let cpu_before = cpu_time(operator.pid());
         let requests_before = apiserver_requests(&self.client).await;
         let started = Instant::now();
-        let created = create_burst(&api, task_burst(tasks, &[]), |_| {}).await;
+        let created = create_burst(&api, task_burst("task", tasks, &[]), |_| {}).await;
         let limit = Duration::from_secs(120) + Duration::from_millis(500) * tasks as u32;
         let finished = finishes
-            .wait_for(tasks, limit)
+            .wait_for(WARM_UP + tasks, limit)
             .await
             .unwrap_or_else(|error| panic!("burst of {tasks}: {error}"));
-        let last = finished.values().map(|(at, _)| *at).max().expect("tasks");
+        let last = created
+            .iter()
+            .map(|task| finished[&task.name].0)
+            .max()
+            .expect("tasks");
         let seconds = (last - started).as_secs_f64();
         // The operator's last event follows its last status write.
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -875,9 +898,9 @@ impl Bench {
                     .saturating_duration_since(task.answered),
             );
         }
-        let failed = finished
-            .values()
-            .filter(|(_, succeeded)| !succeeded)
+        let failed = created
+            .iter()
+            .filter(|task| !finished[&task.name].1)
             .count();
         let warnings = operator.warnings.load(Ordering::Relaxed);
         eprintln!("burst of {tasks}: {seconds:.2} s, {failed} failed, {warnings} warnings");
@@ -907,7 +930,7 @@ impl Bench {
         let api: Api<AgentTask> = Api::namespaced(self.client.clone(), ns);
         let config_maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
         let started = Instant::now();
-        let created = create_burst(&api, task_burst(tasks, &[FINALIZER]), |_| {}).await;
+        let created = create_burst(&api, task_burst("task", tasks, &[FINALIZER]), |_| {}).await;
         futures::stream::iter(&created)
             .map(|task| {
                 let (api, config_maps) = (api.clone(), config_maps.clone());
