@@ -73,7 +73,7 @@ struct Sizes {
 
 impl Sizes {
     fn from_env() -> Sizes {
-        let read = |name: &str, default: &str| std::env::var(name).unwrap_or(default.into());
+        let setting = |name: &str, default: &str| std::env::var(name).unwrap_or(default.into());
         let count = |name: &str, value: &str| -> usize {
             value
                 .trim()
@@ -82,23 +82,21 @@ impl Sizes {
         };
         let tasks = count(
             "SANDCASTLE_BENCH_TASKS",
-            &read("SANDCASTLE_BENCH_TASKS", "200"),
+            &setting("SANDCASTLE_BENCH_TASKS", "200"),
         );
-        let bursts = read("SANDCASTLE_BENCH_BURSTS", "100");
-        let mut bursts: BTreeSet<usize> = bursts
+        let mut bursts: BTreeSet<usize> = setting("SANDCASTLE_BENCH_BURSTS", "100")
             .split(',')
             .filter(|part| !part.trim().is_empty())
             .map(|part| count("SANDCASTLE_BENCH_BURSTS", part))
+            .filter(|&burst| burst > 0)
             .collect();
         bursts.insert(tasks);
+        let finished = setting("SANDCASTLE_BENCH_FINISHED", "2000");
         Sizes {
             tasks,
-            bursts: bursts.into_iter().filter(|&n| n > 0).collect(),
-            finished: count(
-                "SANDCASTLE_BENCH_FINISHED",
-                &read("SANDCASTLE_BENCH_FINISHED", "2000"),
-            ),
-            peer: read("SANDCASTLE_BENCH_PEER", "1") != "0",
+            bursts: bursts.into_iter().collect(),
+            finished: count("SANDCASTLE_BENCH_FINISHED", &finished),
+            peer: setting("SANDCASTLE_BENCH_PEER", "1") != "0",
         }
     }
 }
@@ -107,8 +105,8 @@ impl Sizes {
 async fn main() {
     let began = Instant::now();
     let sizes = Sizes::from_env();
-    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let work = target.join("bench-operator");
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let work = tmp.join("bench-operator");
     let cluster = LocalCluster::start(&tools_bin_dir(), &work)
         .await
         .expect("the control plane starts (scripts/setup builds it)");
@@ -157,7 +155,7 @@ async fn main() {
         seconds: began.elapsed().as_secs_f64(),
     };
     print!("{}", report.markdown());
-    let json_path = target
+    let json_path = tmp
         .parent()
         .expect("the target directory")
         .join("bench-operator.json");
@@ -221,7 +219,7 @@ struct Footprint {
 }
 
 /// Resident memory of a process, now and at its peak, in KiB.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Memory {
     rss: u64,
     peak: u64,
@@ -559,51 +557,45 @@ fn task_object(name: &str, finalizers: &[&str]) -> AgentTask {
     .expect("a task")
 }
 
-fn condition(type_: &str, value: bool, reason: &str, message: &str, at: &str) -> Value {
-    json!({
-        "type": type_, "status": if value { "True" } else { "False" },
-        "reason": reason, "message": message,
-        "lastTransitionTime": at, "observedGeneration": 1,
-    })
-}
-
-/// The status the operator writes once it has a sandbox.
-fn provisioning_status(sandbox_id: &str) -> Value {
-    let at = jiff::Timestamp::now().round(jiff::Unit::Second).unwrap();
-    let at = at.to_string();
-    let message = format!("sandbox {sandbox_id} is being prepared");
-    json!({
-        "phase": "Provisioning",
-        "conditions": [
-            condition("Ready", false, "Provisioning", &message, &at),
-            condition("Reconciling", true, "Provisioning", &message, &at),
-            condition("Stalled", false, "Provisioning", &message, &at),
-        ],
-        "observedGeneration": 1,
-        "sandboxId": sandbox_id, "templateId": "base", "attempts": 1,
-        "startTime": at, "reason": "Provisioning", "message": message,
-    })
-}
-
-/// The status the operator leaves on a `true` task that succeeded.
-fn succeeded_status(sandbox_id: &str) -> Value {
-    let at = jiff::Timestamp::now().round(jiff::Unit::Second).unwrap();
-    let at = at.to_string();
-    let message = "the agent finished";
-    json!({
-        "phase": "Succeeded",
-        "conditions": [
-            condition("Ready", true, "Succeeded", message, &at),
-            condition("Reconciling", false, "Succeeded", message, &at),
-            condition("Stalled", false, "Succeeded", message, &at),
-            condition("Succeeded", true, "Succeeded", message, &at),
-        ],
-        "observedGeneration": 1,
-        "sandboxId": sandbox_id, "templateId": "base", "attempts": 1,
-        "startTime": at, "completionTime": at,
-        "result": {"isError": false, "exitCode": 0},
-        "fileCount": 0, "reason": "Succeeded", "message": message,
-    })
+/// A status as the operator writes it once it has a sandbox (`Provisioning`) or when a
+/// `true` task has succeeded.
+fn task_status(sandbox_id: &str, succeeded: bool) -> Value {
+    let at = jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .expect("a whole second")
+        .to_string();
+    let (phase, message) = if succeeded {
+        ("Succeeded", "the agent finished".to_string())
+    } else {
+        (
+            "Provisioning",
+            format!("sandbox {sandbox_id} is being prepared"),
+        )
+    };
+    let condition = |type_: &str, value: bool| {
+        json!({
+            "type": type_, "status": if value { "True" } else { "False" },
+            "reason": phase, "message": message,
+            "lastTransitionTime": at, "observedGeneration": 1,
+        })
+    };
+    let mut conditions = vec![
+        condition("Ready", succeeded),
+        condition("Reconciling", !succeeded),
+        condition("Stalled", false),
+    ];
+    let mut status = json!({
+        "phase": phase, "reason": phase, "message": message, "observedGeneration": 1,
+        "sandboxId": sandbox_id, "templateId": "base", "attempts": 1, "startTime": at,
+    });
+    if succeeded {
+        conditions.push(condition("Succeeded", true));
+        status["completionTime"] = json!(at);
+        status["result"] = json!({"isError": false, "exitCode": 0});
+        status["fileCount"] = json!(0);
+    }
+    status["conditions"] = json!(conditions);
+    status
 }
 
 async fn write_status(api: &Api<AgentTask>, name: &str, status: Value) {
@@ -686,8 +678,8 @@ async fn minimal_writes(
                 .await
                 .expect("finalizer");
             let sandbox = format!("sbx-{name}");
-            write_status(writer, &name, provisioning_status(&sandbox)).await;
-            write_status(writer, &name, succeeded_status(&sandbox)).await;
+            write_status(writer, &name, task_status(&sandbox, false)).await;
+            write_status(writer, &name, task_status(&sandbox, true)).await;
         })
         .buffer_unordered(CLIENT_CONCURRENCY)
         .collect::<Vec<()>>();
@@ -935,7 +927,7 @@ impl Bench {
             .map(|task| {
                 let (api, config_maps) = (api.clone(), config_maps.clone());
                 async move {
-                    write_status(&api, &task.name, succeeded_status(&task.uid)).await;
+                    write_status(&api, &task.name, task_status(&task.uid, true)).await;
                     let transcript = json!({
                         "apiVersion": "v1", "kind": "ConfigMap",
                         "metadata": {
