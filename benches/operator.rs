@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::serve::ListenerExt;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -212,8 +213,9 @@ struct Footprint {
     tasks: usize,
     /// Creating the finished tasks (task, status, transcript ConfigMap each).
     create_seconds: f64,
-    /// From the operator's start to having reconciled every task once.
+    /// From the operator's admin endpoint answering to its having reconciled every task.
     sync_seconds: f64,
+    /// The operator's CPU time from its start until it settled.
     cpu: Duration,
     memory: Memory,
 }
@@ -301,7 +303,6 @@ impl Provider {
             .expect("relay port");
         let relay_url = format!("http://{}", listener.local_addr().expect("address"));
         let app = axum::Router::new().fallback(pass_on).with_state(relay);
-        use axum::serve::ListenerExt;
         // Like the server's own listeners: small answers must not wait for delayed ACKs.
         let listener = listener.tap_io(|stream| {
             let _ = stream.set_nodelay(true);
