@@ -21,8 +21,8 @@ use kube::core::DeserializeGuard;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, CustomResourceExt, Resource, ResourceExt};
 use serde::Serialize;
 
@@ -281,16 +281,35 @@ where
     }
 }
 
+/// A controller for `api`'s objects whose cache keeps them without
+/// `metadata.managedFields`: nothing in the operator reads them, and they are most of the
+/// memory a finished task takes (each field a tree of maps).
+fn cached_controller<K>(api: Api<K>) -> Controller<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let objects = watcher(api, watcher::Config::default().any_semantic())
+        .modify(|object| object.managed_fields_mut().clear());
+    Controller::for_stream(
+        reflector::reflector(writer, objects).applied_objects(),
+        store,
+    )
+}
+
 async fn task_controller(
     client: &Client,
     namespace: Option<&str>,
     ctx: &Arc<Context>,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let tasks = Controller::new(
-        api_in::<DeserializeGuard<AgentTask>>(client, namespace),
-        watcher::Config::default().any_semantic(),
-    );
+    let tasks = cached_controller(api_in::<DeserializeGuard<AgentTask>>(client, namespace));
     let task_store = tasks.store();
     ctx.metrics.watch_tasks(task_store.clone());
     let secret_task_store = task_store.clone();
@@ -334,10 +353,9 @@ async fn template_controller(
     ctx: &Arc<Context>,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let templates = Controller::new(
-        api_in::<DeserializeGuard<SandboxTemplate>>(client, namespace),
-        watcher::Config::default().any_semantic(),
-    );
+    let templates = cached_controller(api_in::<DeserializeGuard<SandboxTemplate>>(
+        client, namespace,
+    ));
     let store = templates.store();
     let config_map_store = store.clone();
     // Metadata only: a data change bumps the resourceVersion, and Secret values never
