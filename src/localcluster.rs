@@ -68,7 +68,10 @@ pub fn tools_bin_dir() -> PathBuf {
 
 /// A running etcd + kube-apiserver pair. Dropping it stops both and removes their data.
 pub struct LocalCluster {
-    apiserver: Child,
+    /// Behind a lock so a test sharing the cluster can stop and restart it.
+    apiserver: std::sync::Mutex<Child>,
+    /// The apiserver's program and flags, to start it again exactly as before.
+    apiserver_command: (PathBuf, Vec<String>),
     etcd: Child,
     /// Behind a lock so a cluster shared by many tests can start it and report on it.
     controller_manager: std::sync::Mutex<Option<Child>>,
@@ -117,33 +120,35 @@ impl LocalCluster {
 
         let api_port = free_port()?;
         let api_url = format!("https://127.0.0.1:{api_port}");
+        let apiserver_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            format!("--secure-port={api_port}"),
+            "--bind-address=127.0.0.1".into(),
+            // Without it the apiserver looks for a default route, which a sandbox may lack.
+            "--advertise-address=127.0.0.1".into(),
+            format!("--cert-dir={}", dir.join("certs").display()),
+            format!("--tls-cert-file={}", creds.serving_cert.display()),
+            format!("--tls-private-key-file={}", creds.serving_key.display()),
+            format!("--token-auth-file={}", creds.token_file.display()),
+            format!("--service-account-issuer={api_url}"),
+            format!(
+                "--service-account-key-file={}",
+                creds.sa_public_key.display()
+            ),
+            format!(
+                "--service-account-signing-key-file={}",
+                creds.sa_key.display()
+            ),
+            "--authorization-mode=RBAC".into(),
+            // No controller-manager runs to create ServiceAccount tokens.
+            "--disable-admission-plugins=ServiceAccount".into(),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--allow-privileged=true".into(),
+            "--endpoint-reconciler-type=none".into(),
+        ];
+        let apiserver_program = bin_dir.join("kube-apiserver");
         let apiserver = spawn(
-            Command::new(bin_dir.join("kube-apiserver")).args([
-                format!("--etcd-servers={etcd_url}"),
-                format!("--secure-port={api_port}"),
-                "--bind-address=127.0.0.1".into(),
-                // Without it the apiserver looks for a default route, which a sandbox may lack.
-                "--advertise-address=127.0.0.1".into(),
-                format!("--cert-dir={}", dir.join("certs").display()),
-                format!("--tls-cert-file={}", creds.serving_cert.display()),
-                format!("--tls-private-key-file={}", creds.serving_key.display()),
-                format!("--token-auth-file={}", creds.token_file.display()),
-                format!("--service-account-issuer={api_url}"),
-                format!(
-                    "--service-account-key-file={}",
-                    creds.sa_public_key.display()
-                ),
-                format!(
-                    "--service-account-signing-key-file={}",
-                    creds.sa_key.display()
-                ),
-                "--authorization-mode=RBAC".into(),
-                // No controller-manager runs to create ServiceAccount tokens.
-                "--disable-admission-plugins=ServiceAccount".into(),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
-                "--allow-privileged=true".into(),
-                "--endpoint-reconciler-type=none".into(),
-            ]),
+            Command::new(&apiserver_program).args(&apiserver_args),
             &dir.join("kube-apiserver.log"),
         );
         let apiserver = match apiserver {
@@ -163,7 +168,8 @@ impl LocalCluster {
         .map_err(io("writing the kubeconfig"))?;
 
         let mut cluster = Self {
-            apiserver,
+            apiserver: std::sync::Mutex::new(apiserver),
+            apiserver_command: (apiserver_program, apiserver_args),
             etcd,
             controller_manager: std::sync::Mutex::default(),
             dir,
@@ -176,20 +182,27 @@ impl LocalCluster {
     }
 
     async fn wait_ready(&mut self) -> Result<(), Error> {
+        if let Ok(Some(status)) = self.etcd.try_wait() {
+            return Err(Error::Exited {
+                process: "etcd",
+                status,
+                log: log_tail(&self.dir.join("etcd.log")),
+            });
+        }
+        self.wait_apiserver_ready().await
+    }
+
+    async fn wait_apiserver_ready(&self) -> Result<(), Error> {
         let client = self.client().await?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            for (process, child, log) in [
-                ("etcd", &mut self.etcd, "etcd.log"),
-                ("kube-apiserver", &mut self.apiserver, "kube-apiserver.log"),
-            ] {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(Error::Exited {
-                        process,
-                        status,
-                        log: log_tail(&self.dir.join(log)),
-                    });
-                }
+            let exited = self.apiserver.lock().expect("apiserver").try_wait();
+            if let Ok(Some(status)) = exited {
+                return Err(Error::Exited {
+                    process: "kube-apiserver",
+                    status,
+                    log: log_tail(&self.dir.join("kube-apiserver.log")),
+                });
             }
             let request = http::Request::get("/readyz")
                 .body(Vec::new())
@@ -206,6 +219,36 @@ impl LocalCluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Kills kube-apiserver, as a control-plane outage would; etcd and its data stay.
+    pub fn stop_apiserver(&self) {
+        stop(&mut self.apiserver.lock().expect("apiserver"));
+    }
+
+    /// Starts kube-apiserver again with the flags, port, certificates and etcd it had,
+    /// and waits until it is ready. Its log goes on in the same file.
+    pub async fn restart_apiserver(&self) -> Result<(), Error> {
+        let (program, args) = &self.apiserver_command;
+        let log = self.dir.join("kube-apiserver.log");
+        let out = fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .map_err(io(format!("opening {}", log.display())))?;
+        let err = out.try_clone().map_err(io("duplicating a log handle"))?;
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        die_with_parent(&mut command);
+        let child = command
+            .spawn()
+            .map_err(io(format!("starting {}", program.display())))?;
+        let mut earlier = std::mem::replace(&mut *self.apiserver.lock().expect("apiserver"), child);
+        stop(&mut earlier);
+        self.wait_apiserver_ready().await
     }
 
     /// Starts kube-controller-manager from `bin_dir` with only the namespace and garbage
@@ -283,7 +326,7 @@ impl Drop for LocalCluster {
         {
             stop(controller_manager);
         }
-        stop(&mut self.apiserver);
+        stop(self.apiserver.get_mut().expect("apiserver"));
         stop(&mut self.etcd);
         let _ = fs::remove_dir_all(&self.dir);
     }

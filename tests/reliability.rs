@@ -1,6 +1,7 @@
 //! The operator under failure, on a real control plane of its own: killed at random
 //! moments, facing a provider that fails a share of its requests, and racing deletions of
-//! its tasks and of a whole namespace. Each part prints one figure line.
+//! its tasks and of a whole namespace, its apiserver stopped and started again. Each part
+//! prints one figure line.
 //!
 //! Sandboxes live in a sandbox server inside this test process, reached by the operator as
 //! its E2B provider, so they outlive the operator as e2b.dev's do, and the server's own
@@ -11,7 +12,8 @@
 //! Sizes are bounded for CI and set by the environment for longer runs:
 //! `SANDCASTLE_CHAOS_TASKS` (60), `SANDCASTLE_CHAOS_KILLS` (10), `SANDCASTLE_CHAOS_SEED`,
 //! `SANDCASTLE_FAULT_TASKS` (20), `SANDCASTLE_FAULT_RATE` (0.3), `SANDCASTLE_FAULT_SEED`,
-//! `SANDCASTLE_DELETION_TASKS` (8 per phase) and `SANDCASTLE_NAMESPACE_TASKS` (20).
+//! `SANDCASTLE_DELETION_TASKS` (8 per phase), `SANDCASTLE_NAMESPACE_TASKS` (20),
+//! `SANDCASTLE_OUTAGE_TASKS` (8) and `SANDCASTLE_OUTAGE_SECONDS` (10).
 
 // The control-plane suite uses the rest of the shared support modules.
 #[allow(dead_code)]
@@ -22,6 +24,8 @@ mod deletion;
 #[allow(dead_code)]
 #[path = "support/operator.rs"]
 mod operator;
+#[path = "reliability/outage.rs"]
+mod outage;
 #[path = "reliability/restarts.rs"]
 mod restarts;
 #[path = "reliability/unreliable_provider.rs"]
@@ -53,6 +57,7 @@ macro_rules! tests {
 }
 
 use deletion::*;
+use outage::*;
 use restarts::*;
 use unreliable_provider::*;
 
@@ -76,6 +81,7 @@ fn main() -> ExitCode {
         tasks_deleted_mid_flight_take_their_sandboxes,
         an_outage_holds_deletion_until_the_sandbox_is_killed,
         a_deleted_namespace_goes_away_with_its_sandboxes,
+        an_apiserver_outage_loses_nothing,
     ]
     .into_iter()
     .map(|(name, test)| {

@@ -86,6 +86,22 @@ impl TestEnv {
         self.cluster.controller_manager_report()
     }
 
+    /// Kills kube-apiserver, leaving etcd: an outage of the control plane.
+    // Only the reliability suite stops it.
+    #[allow(dead_code)]
+    pub fn stop_apiserver(&self) {
+        self.cluster.stop_apiserver();
+    }
+
+    /// Starts kube-apiserver again as it was (same port, certificates and etcd).
+    #[allow(dead_code)]
+    pub async fn restart_apiserver(&self) -> Result<(), String> {
+        self.cluster
+            .restart_apiserver()
+            .await
+            .map_err(|err| err.to_string())
+    }
+
     pub fn kubeconfig_path(&self) -> &Path {
         self.cluster.kubeconfig_path()
     }

@@ -133,7 +133,7 @@ impl Operator {
         .expect("client")
     }
 
-    /// Everything the operator logged so far.
+    /// Everything the operator logged so far, stderr included.
     pub fn logs(&self) -> String {
         self.logs.lock().expect("logs").join("\n")
     }
@@ -191,12 +191,23 @@ fn spawn(
         .env("SANDCASTLE_SWEEP_ORPHANS_EVERY", "2")
         .envs(settings.iter().map(|(key, value)| (key, value)))
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("the operator starts");
     let embedded = !settings
         .iter()
         .any(|(key, value)| key == "SANDCASTLE_PROVIDER" && value != "embedded");
     let stdout = child.stdout.take().expect("stdout");
+    // A panic's message goes to stderr, outside the JSON log: kept with the log so a test
+    // can look for it.
+    let stderr = child.stderr.take().expect("stderr");
+    let (name, kept) = (namespace.to_string(), logs.clone());
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("operator[{name}] stderr: {line}");
+            kept.lock().expect("logs").push(line);
+        }
+    });
     let (announced, found) = mpsc::channel();
     let name = namespace.to_string();
     let kept = logs.clone();
