@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use cluster::{TestEnv, repo, stderr};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use libtest_mimic::{Arguments, Trial};
 use operations::*;
 use sandcastle::crd::{AgentTask, SandboxTemplate};
@@ -112,18 +112,6 @@ where
     K: kube::Resource<DynamicType = ()>,
 {
     Api::namespaced_with(env.client.clone(), ns, &ApiResource::erase::<K>(&()))
-}
-
-fn api_for_kind(env: &TestEnv, ns: &str, kind: &str) -> Api<DynamicObject> {
-    match kind {
-        "AgentTask" => dynamic_api::<AgentTask>(env, ns),
-        "SandboxTemplate" => dynamic_api::<SandboxTemplate>(env, ns),
-        other => panic!("no API for kind {other}"),
-    }
-}
-
-fn object(value: Value) -> DynamicObject {
-    serde_json::from_value(value).expect("a valid object")
 }
 
 async fn crds_are_established_and_reapply_cleanly(env: Arc<TestEnv>) {
@@ -222,39 +210,8 @@ async fn invalid_manifests_are_rejected_with_their_message(env: Arc<TestEnv>) {
     assert!(cases.len() >= 40, "the table lost cases");
     let mut failures = Vec::new();
     for (i, case) in cases.iter().enumerate() {
-        let api = api_for_kind(&env, &ns, &case.kind);
-        let name = format!("case-{i}");
-        let result = match case.updated_object(&name) {
-            None => api
-                .create(&PostParams::default(), &object(case.object(&name)))
-                .await
-                .map(drop),
-            Some(updated) => {
-                api.create(&PostParams::default(), &object(case.object(&name)))
-                    .await
-                    .unwrap_or_else(|err| {
-                        panic!("case {:?}: the original is valid: {err}", case.name)
-                    });
-                api.patch(&name, &PatchParams::default(), &Patch::Merge(&updated))
-                    .await
-                    .map(drop)
-            }
-        };
-        match result {
-            Ok(()) => failures.push(format!("{:?} was accepted", case.name)),
-            Err(kube::Error::Api(status)) => {
-                let text = &status.message;
-                if status.code != 422
-                    || !text.contains(&case.field)
-                    || !text.contains(&case.message)
-                {
-                    failures.push(format!(
-                        "{:?} ({:?} check): expected 422 with {:?} and {:?}, got {}: {text}",
-                        case.name, case.check, case.field, case.message, status.code
-                    ));
-                }
-            }
-            Err(other) => failures.push(format!("{:?}: unexpected error {other}", case.name)),
+        if let Err(failure) = cases::rejection(&env.client, &ns, &format!("case-{i}"), case).await {
+            failures.push(failure);
         }
     }
     assert!(

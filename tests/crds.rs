@@ -1,6 +1,8 @@
 //! The CRDs without a cluster: drift against `crds/`, the examples, and the CEL rules
 //! evaluated client-side on the same table the apiserver test uses.
 
+// Without a cluster, the apiserver's side of the table is unused here.
+#[allow(dead_code)]
 #[path = "support/cases.rs"]
 mod cases;
 

@@ -15,6 +15,12 @@
 //! `SANDCASTLE_DELETION_TASKS` (8 per phase), `SANDCASTLE_NAMESPACE_TASKS` (20),
 //! `SANDCASTLE_OUTAGE_TASKS` (8) and `SANDCASTLE_OUTAGE_SECONDS` (10).
 
+#[path = "reliability/bad_input.rs"]
+mod bad_input;
+// The crds suite uses the examples.
+#[allow(dead_code)]
+#[path = "support/cases.rs"]
+mod cases;
 // The control-plane suite uses the rest of the shared support modules.
 #[allow(dead_code)]
 #[path = "support/cluster.rs"]
@@ -56,6 +62,7 @@ macro_rules! tests {
     };
 }
 
+use bad_input::*;
 use deletion::*;
 use outage::*;
 use restarts::*;
@@ -82,6 +89,7 @@ fn main() -> ExitCode {
         an_outage_holds_deletion_until_the_sandbox_is_killed,
         a_deleted_namespace_goes_away_with_its_sandboxes,
         an_apiserver_outage_loses_nothing,
+        bad_input_is_refused_or_reported,
     ]
     .into_iter()
     .map(|(name, test)| {

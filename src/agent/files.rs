@@ -30,6 +30,25 @@ pub struct Changes {
     pub truncated: bool,
 }
 
+/// The most bytes of one path in the status. Linux allows 4,096, and 500 such paths
+/// would fill a status; a path this long is unreadable anyway, its start tells where it is.
+pub const MAX_SHOWN_PATH_BYTES: usize = 1024;
+/// Ends a path cut to [`MAX_SHOWN_PATH_BYTES`].
+pub const CUT_MARKER: &str = "…";
+
+/// `path` as the status lists it: at most [`MAX_SHOWN_PATH_BYTES`], cut on a character
+/// boundary and ended with [`CUT_MARKER`] when longer.
+pub fn shown_path(path: &str) -> String {
+    if path.len() <= MAX_SHOWN_PATH_BYTES {
+        return path.to_string();
+    }
+    let mut end = MAX_SHOWN_PATH_BYTES - CUT_MARKER.len();
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{CUT_MARKER}", &path[..end])
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("invalid exclude pattern {pattern:?}: {source}")]
 pub struct PatternError {
@@ -152,6 +171,18 @@ mod tests {
         assert_eq!(changes.files.len(), 3);
         assert_eq!((changes.count, changes.truncated), (10, true));
         assert_eq!(changes.files[0].path, "f00");
+    }
+
+    #[test]
+    fn long_paths_are_cut_on_a_character_boundary() {
+        assert_eq!(shown_path("a/b.txt"), "a/b.txt");
+        let long = format!("{}/{}", "é".repeat(1000), "x".repeat(2000));
+        let shown = shown_path(&long);
+        assert!(shown.len() <= MAX_SHOWN_PATH_BYTES, "{}", shown.len());
+        assert!(shown.len() > MAX_SHOWN_PATH_BYTES - 4);
+        assert!(
+            shown.ends_with(CUT_MARKER) && long.starts_with(shown.trim_end_matches(CUT_MARKER))
+        );
     }
 
     #[test]

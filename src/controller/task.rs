@@ -136,7 +136,8 @@ fn staged(
     status
 }
 
-async fn write(ctx: &Context, task: &AgentTask, status: AgentTaskStatus) -> Result<(), Error> {
+async fn write(ctx: &Context, task: &AgentTask, mut status: AgentTaskStatus) -> Result<(), Error> {
+    crate::status::fit_task_status(&mut status);
     apply_status(&ctx.client, task, &status).await
 }
 
@@ -307,8 +308,25 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
         let status = template.status.as_ref()?;
         (status.phase == Some(TemplatePhase::Ready)).then(|| status.clone())
     });
-    let (Some(template), Some(template_status)) = (template, ready) else {
-        let message = format!("waiting for SandboxTemplate {template_name} to be Ready");
+    let (Some(template), Some(template_status)) = (template.clone(), ready) else {
+        // Says why the template is not Ready, so the task alone shows what to fix.
+        let failed = template
+            .and_then(|template| template.status)
+            .filter(|status| status.phase == Some(TemplatePhase::Failed))
+            .and_then(|status| {
+                status
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == CONDITION_READY)
+            });
+        let message = match failed {
+            Some(ready) => format!(
+                "waiting for SandboxTemplate {template_name} to be Ready; it failed ({}): {}",
+                ready.reason,
+                truncate(&ready.message, 512)
+            ),
+            None => format!("waiting for SandboxTemplate {template_name} to be Ready"),
+        };
         return wait(ctx, task, "TemplateNotReady", &message, WAIT_INTERVAL).await;
     };
     let (env, secret_values) = match resolve_env(ctx, task).await {
@@ -646,8 +664,20 @@ async fn start(
     // The stream is dropped at once: the process keeps running and its outcome is read
     // from the recorder's files, never from this stream. A failed call may still have
     // started it; the next pass finds it running or finds the start marker.
-    if let Err(error) = envd.start(&spec).await {
-        return envd_trouble(task, ctx, provider, &error, redactor).await;
+    match envd.start(&spec).await {
+        // The process cannot be started as specified (an argument list over the kernel's
+        // limit, say); a new sandbox would get the same answer.
+        Err(ProviderError::Envd(error))
+            if error.code == crate::e2b::envd::Code::InvalidArgument =>
+        {
+            let message = format!(
+                "cannot start the agent: {}",
+                redactor.redact(&error.message)
+            );
+            return fail_and_kill(ctx, task, "AgentFailed", &message).await;
+        }
+        Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
+        Ok(_) => {}
     }
     let status = staged(
         task,
@@ -865,7 +895,10 @@ async fn finish(
             Some(0) => Verdict::Succeeded,
             Some(code) => Verdict::Failed {
                 reason: FailureReason::AgentError,
-                message: format!("the command exited with code {code}"),
+                message: format!(
+                    "the command exited with code {code}: {}",
+                    truncate(String::from_utf8_lossy(&stderr).trim(), 512)
+                ),
             },
             None => Verdict::Incomplete,
         }
@@ -917,7 +950,8 @@ async fn finish(
             .files
             .iter()
             .map(|file| OutputFile {
-                path: redactor.redact(&file.path),
+                // Redacted before it is cut, so no part of a secret is left at the cut.
+                path: files::shown_path(&redactor.redact(&file.path)),
                 size: file.size,
             })
             .collect();
@@ -955,9 +989,23 @@ async fn finish(
     }
 }
 
-/// The name of the ConfigMap that keeps a task's transcript.
+/// The name of the ConfigMap that keeps a task's transcript: `<task>-transcript`, or, for
+/// a name too long to take the suffix (an object name has at most 253 characters), the
+/// name's start, a hash of the whole name and the suffix.
 pub fn transcript_name(task: &AgentTask) -> String {
-    format!("{}-transcript", task.name_any())
+    const SUFFIX: &str = "-transcript";
+    let name = task.name_any();
+    if name.len() + SUFFIX.len() <= 253 {
+        return format!("{name}{SUFFIX}");
+    }
+    use sha2::Digest;
+    let hash: String = sha2::Sha256::digest(name.as_bytes())[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    // Task names are ASCII, so any byte index is a character boundary.
+    let start = name[..253 - SUFFIX.len() - hash.len() - 1].trim_end_matches(['-', '.']);
+    format!("{start}-{hash}{SUFFIX}")
 }
 
 /// Keeps the agent's redacted output in a ConfigMap the task owns, so it is deleted with
@@ -981,7 +1029,12 @@ async fn save_transcript(
         "metadata": {
             "name": transcript_name(task),
             "ownerReferences": [owner],
-            "labels": {"sandcastle.dev/task": task.name_any()},
+            // A label value holds at most 63 characters, a task name 253.
+            "labels": if task.name_any().len() <= 63 {
+                serde_json::json!({"sandcastle.dev/task": task.name_any()})
+            } else {
+                serde_json::json!({})
+            },
         },
         "data": {
             "stdout": keep(stdout, transcript::TRANSCRIPT_LIMIT),

@@ -771,11 +771,20 @@ fn walk(
     let fs = caller.sandbox.fs();
     let mut children: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     children.sort_by_key(|child| child.file_name());
+    // The sandbox's root lies under a host directory, so a path the agent made near
+    // PATH_MAX is too long here: it is left out instead of failing the whole listing.
+    let too_long = |error: &std::io::Error| error.raw_os_error() == Some(libc::ENAMETOOLONG);
     for child in children {
         let path = child.path();
-        entries.push(entry_info(&fs, &path, &caller.sandbox)?);
+        match entry_info(&fs, &path, &caller.sandbox) {
+            Err(error) if too_long(&error) => continue,
+            info => entries.push(info?),
+        }
         if depth > 1 && child.file_type()?.is_dir() {
-            walk(caller, &path, depth - 1, entries)?;
+            match walk(caller, &path, depth - 1, entries) {
+                Err(error) if too_long(&error) => {}
+                walked => walked?,
+            }
         }
     }
     Ok(())

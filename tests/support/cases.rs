@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use sandcastle::crd::{AgentTask, SandboxTemplate};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -40,6 +42,53 @@ impl InvalidCase {
         self.update
             .as_ref()
             .map(|spec| resource(&self.kind, name, spec))
+    }
+}
+
+/// Submits `case` to the apiserver as `name` in `ns`: `Ok` when it is refused with 422
+/// and a message naming both its field and its problem, else what happened instead.
+pub async fn rejection(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    case: &InvalidCase,
+) -> Result<(), String> {
+    let kind = match case.kind.as_str() {
+        "AgentTask" => ApiResource::erase::<AgentTask>(&()),
+        "SandboxTemplate" => ApiResource::erase::<SandboxTemplate>(&()),
+        other => panic!("no API for kind {other}"),
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &kind);
+    let object =
+        |value: Value| -> DynamicObject { serde_json::from_value(value).expect("a valid object") };
+    let result = match case.updated_object(name) {
+        None => api
+            .create(&PostParams::default(), &object(case.object(name)))
+            .await
+            .map(drop),
+        Some(updated) => {
+            api.create(&PostParams::default(), &object(case.object(name)))
+                .await
+                .unwrap_or_else(|err| panic!("case {:?}: the original is valid: {err}", case.name));
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&updated))
+                .await
+                .map(drop)
+        }
+    };
+    match result {
+        Ok(()) => Err(format!("{:?} was accepted", case.name)),
+        Err(kube::Error::Api(status))
+            if status.code == 422
+                && status.message.contains(&case.field)
+                && status.message.contains(&case.message) =>
+        {
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) => Err(format!(
+            "{:?} ({:?} check): expected 422 with {:?} and {:?}, got {}: {}",
+            case.name, case.check, case.field, case.message, status.code, status.message
+        )),
+        Err(other) => Err(format!("{:?}: unexpected error {other}", case.name)),
     }
 }
 
