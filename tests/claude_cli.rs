@@ -267,6 +267,7 @@ async fn echo_secret_leaks_the_value_into_text_and_file_name() {
     let model = ScriptedModel::start(Script::WriteAndRun).await;
     model.set_mode(Mode::EchoSecret {
         marker: "SANDCASTLE_TEST_SECRET".into(),
+        pad: 0,
     });
     let scratch = Scratch::new("echo_secret");
     let secret = "s3cr3t-4f9a";

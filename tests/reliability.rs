@@ -27,6 +27,10 @@ mod cases;
 mod cluster;
 #[path = "reliability/deletion.rs"]
 mod deletion;
+// The secrets part plays one of the scripted model's conversations.
+#[allow(dead_code)]
+#[path = "support/model.rs"]
+mod model;
 #[allow(dead_code)]
 #[path = "support/operator.rs"]
 mod operator;
@@ -34,6 +38,8 @@ mod operator;
 mod outage;
 #[path = "reliability/restarts.rs"]
 mod restarts;
+#[path = "reliability/secrets.rs"]
+mod secrets;
 #[path = "reliability/unreliable_provider.rs"]
 mod unreliable_provider;
 
@@ -66,6 +72,7 @@ use bad_input::*;
 use deletion::*;
 use outage::*;
 use restarts::*;
+use secrets::*;
 use unreliable_provider::*;
 
 fn main() -> ExitCode {
@@ -90,6 +97,7 @@ fn main() -> ExitCode {
         a_deleted_namespace_goes_away_with_its_sandboxes,
         an_apiserver_outage_loses_nothing,
         bad_input_is_refused_or_reported,
+        secrets_never_leave_the_sandbox,
     ]
     .into_iter()
     .map(|(name, test)| {
@@ -134,12 +142,18 @@ struct Provider {
 
 impl Provider {
     async fn start(name: &str) -> Provider {
+        Provider::start_with(name, |_| {}).await
+    }
+
+    /// Like [`Provider::start`], with the server's settings changed by `configure`.
+    async fn start_with(name: &str, configure: impl FnOnce(&mut Config)) -> Provider {
         let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("provider-{name}"));
         let _ = std::fs::remove_dir_all(&root);
         let mut config = Config::new(&root);
         config.api_key = Some(API_KEY.into());
         config.keep_history = true;
         config.max_sandboxes = 200;
+        configure(&mut config);
         let server = Sandboxd::start(config).await.expect("the sandbox server");
         Provider { server, root }
     }

@@ -15,10 +15,6 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-/// The most characters of the final result text an [`Outcome`] keeps; the text ends up
-/// in a status field, which must stay small.
-pub const RESULT_TEXT_LIMIT: usize = 4096;
-
 /// What the run has done so far, for progress reporting while it runs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -58,10 +54,10 @@ pub struct Outcome {
     /// `success`, `error_max_turns`, or whatever a later CLI adds.
     pub subtype: String,
     pub is_error: bool,
-    /// The final text, at most [`RESULT_TEXT_LIMIT`] characters; absent for max turns.
+    /// The final text, whole: secret values are redacted from it before it is cut to a
+    /// status field's size, or a cut through a value would leave a piece of it behind.
+    /// Absent for max turns.
     pub result: Option<String>,
-    /// Whether `result` was cut to the limit.
-    pub result_truncated: bool,
     /// `completed`, `api_error`, `max_turns`, `malformed_tool_use_exhausted`, …
     pub terminal_reason: Option<String>,
     pub num_turns: Option<u32>,
@@ -298,13 +294,7 @@ struct ResultLine {
 
 impl ResultLine {
     fn into_outcome(self) -> Outcome {
-        let (result, result_truncated) = match self.result {
-            Some(text) => {
-                let (text, truncated) = truncate(text, RESULT_TEXT_LIMIT);
-                (Some(text), truncated)
-            }
-            None => (None, false),
-        };
+        let result = self.result;
         let api_failed = self.terminal_reason.as_deref() == Some("api_error")
             || self.api_error_status.is_some()
             || self.api_error_type.is_some();
@@ -317,7 +307,6 @@ impl ResultLine {
             subtype: self.subtype,
             is_error: self.is_error,
             result,
-            result_truncated,
             terminal_reason: self.terminal_reason,
             num_turns: self.num_turns,
             duration_ms: self.duration_ms,
@@ -332,17 +321,6 @@ impl ResultLine {
             api_error,
             errors: self.errors,
         }
-    }
-}
-
-/// Cuts `text` to at most `limit` characters (not bytes, so no character is split).
-fn truncate(mut text: String, limit: usize) -> (String, bool) {
-    match text.char_indices().nth(limit) {
-        Some((cut, _)) => {
-            text.truncate(cut);
-            (text, true)
-        }
-        None => (text, false),
     }
 }
 
@@ -392,7 +370,6 @@ mod tests {
                 subtype: "success".into(),
                 is_error: false,
                 result: Some("done".into()),
-                result_truncated: false,
                 terminal_reason: Some("completed".into()),
                 num_turns: Some(3),
                 duration_ms: Some(977),
@@ -550,20 +527,10 @@ mod tests {
     }
 
     #[test]
-    fn huge_result_text_is_truncated_on_a_character_boundary() {
-        let text = "é".repeat(RESULT_TEXT_LIMIT + 10);
-        let parser = parse(&result_line(&text));
-        let outcome = parser.outcome().unwrap();
-        assert!(outcome.result_truncated);
-        assert_eq!(
-            outcome.result.as_ref().unwrap().chars().count(),
-            RESULT_TEXT_LIMIT
-        );
-
-        let exact = "x".repeat(RESULT_TEXT_LIMIT);
-        let outcome = parse(&result_line(&exact)).outcome().cloned().unwrap();
-        assert!(!outcome.result_truncated);
-        assert_eq!(outcome.result.unwrap(), exact);
+    fn huge_result_text_is_kept_whole() {
+        let text = "é".repeat(100_000);
+        let outcome = parse(&result_line(&text)).outcome().cloned().unwrap();
+        assert_eq!(outcome.result.unwrap(), text);
     }
 
     #[test]

@@ -865,7 +865,7 @@ async fn finish(
         if let Some(outcome) = parser.outcome() {
             let text = redactor.redact(outcome.result.as_deref().unwrap_or_default());
             result.text = truncate(&text, RESULT_TAIL);
-            result.truncated = outcome.result_truncated || text.chars().count() > RESULT_TAIL;
+            result.truncated = text.chars().count() > RESULT_TAIL;
             result.is_error = outcome.is_error;
             result.subtype = Some(outcome.subtype.clone());
             result.num_turns = outcome.num_turns.map(i64::from);
@@ -895,9 +895,13 @@ async fn finish(
             Some(0) => Verdict::Succeeded,
             Some(code) => Verdict::Failed {
                 reason: FailureReason::AgentError,
+                // Redacted before it is cut, so no part of a secret is left at the cut.
                 message: format!(
                     "the command exited with code {code}: {}",
-                    truncate(String::from_utf8_lossy(&stderr).trim(), 512)
+                    truncate(
+                        redactor.redact(&String::from_utf8_lossy(&stderr)).trim(),
+                        512
+                    )
                 ),
             },
             None => Verdict::Incomplete,

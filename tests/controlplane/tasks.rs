@@ -501,6 +501,7 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
     put_secret(&env, &ns, "project", json!({"PROJECT_TOKEN": token})).await;
     model.set_mode(Mode::EchoSecret {
         marker: "PROJECT_TOKEN".into(),
+        pad: 0,
     });
     create(
         &api,

@@ -32,8 +32,9 @@ pub enum Mode {
     LoopToolCalls,
     /// Leaks a secret: reads the environment variable named `marker` through Bash,
     /// then writes a file whose name contains its value and says the value in the
-    /// final text, so tests can check that what leaves the agent gets redacted.
-    EchoSecret { marker: String },
+    /// final text, after `pad` characters of filler (to put the value across a cut of
+    /// the text), so tests can check that what leaves the agent gets redacted.
+    EchoSecret { marker: String, pad: usize },
 }
 
 /// The conversation the model plays in [`Mode::Ok`].
@@ -210,7 +211,7 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
                 json!({"command": format!("echo round {n}")}),
             )]
         }
-        Mode::EchoSecret { marker } => echo_secret(&Conversation::of(&body), &marker),
+        Mode::EchoSecret { marker, pad } => echo_secret(&Conversation::of(&body), &marker, pad),
     };
     let model = body
         .get("model")
@@ -294,7 +295,7 @@ fn write_and_run(conversation: &Conversation) -> Vec<Block> {
     }
 }
 
-fn echo_secret(conversation: &Conversation, marker: &str) -> Vec<Block> {
+fn echo_secret(conversation: &Conversation, marker: &str, pad: usize) -> Vec<Block> {
     let prefix = format!("{marker}=");
     let secret = conversation
         .tool_results
@@ -313,7 +314,10 @@ fn echo_secret(conversation: &Conversation, marker: &str) -> Vec<Block> {
             "Write",
             json!({"file_path": format!("{}/leak-{secret}.txt", conversation.cwd), "content": format!("{secret}\n")}),
         )],
-        Some(secret) => vec![Block::Text(format!("The secret is {secret}"))],
+        Some(secret) => vec![Block::Text(format!(
+            "{}The secret is {secret}",
+            "~".repeat(pad)
+        ))],
         None => vec![Block::Text(format!("{marker} was not in the environment"))],
     }
 }
