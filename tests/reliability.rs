@@ -1,7 +1,8 @@
 //! The operator under failure, on a real control plane of its own: killed at random
 //! moments, facing a provider that fails a share of its requests, and racing deletions of
-//! its tasks and of a whole namespace, its apiserver stopped and started again. Each part
-//! prints one figure line.
+//! its tasks and of a whole namespace, its apiserver stopped and started again, given bad
+//! input, and given secrets its agents echo everywhere they can. Each part prints one
+//! figure line.
 //!
 //! Sandboxes live in a sandbox server inside this test process, reached by the operator as
 //! its E2B provider, so they outlive the operator as e2b.dev's do, and the server's own
