@@ -122,9 +122,14 @@ struct Context {
     admitted: Mutex<HashSet<String>>,
     /// Tasks whose agent process this process follows to its end, by UID.
     followed: Arc<Mutex<HashSet<String>>>,
-    /// For each task whose status this process changed and whose cached copy may not
-    /// have caught up yet: the resourceVersion the change was based on.
-    written: Mutex<HashMap<String, String>>,
+    /// For each task this process changed and whose cached copy may not have caught up
+    /// yet: the resourceVersions its writes were based on, each superseded by the next.
+    written: Mutex<HashMap<String, Vec<String>>>,
+    /// When this process started its controllers: no other process makes sandboxes for a
+    /// task created after that.
+    started: jiff::Timestamp,
+    /// Tasks this process asked the provider for a sandbox, by UID, until they end.
+    creating: Mutex<HashSet<String>>,
 }
 
 type TaskRef = ObjectRef<DeserializeGuard<AgentTask>>;
@@ -324,6 +329,8 @@ pub async fn run(
         admitted: Mutex::default(),
         followed: Arc::default(),
         written: Mutex::default(),
+        started: jiff::Timestamp::now(),
+        creating: Mutex::default(),
     });
     let stop = stop_signal(shutdown);
     // kube's Controller watches one namespace or all; a list of namespaces gets a pair of

@@ -57,9 +57,22 @@ const CONDITION_SUCCEEDED: &str = "Succeeded";
 pub async fn reconcile(task: Arc<AgentTask>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = task.namespace().unwrap_or_default();
     let api: Api<AgentTask> = Api::namespaced(ctx.client.clone(), &namespace);
+    if task.meta().deletion_timestamp.is_none() && is_stale(&ctx, &task) {
+        return Ok(Action::await_change());
+    }
+    let task = if task.meta().deletion_timestamp.is_none()
+        && !task.finalizers().iter().any(|name| name == FINALIZER)
+    {
+        match add_finalizer(&ctx, &api, &task).await {
+            Ok(task) => Arc::new(task),
+            Err(Error::Stale) => return Ok(Action::await_change()),
+            Err(error) => return Err(error),
+        }
+    } else {
+        task
+    };
     finalizer(&api, FINALIZER, task, |event| async {
         match event {
-            Finalizer::Apply(task) if is_stale(&ctx, &task) => Ok(Action::await_change()),
             Finalizer::Apply(task) => match apply(&task, &ctx).await {
                 // A newer copy is on its way, and its pass takes over.
                 Err(Error::Stale) => Ok(Action::await_change()),
@@ -70,6 +83,35 @@ pub async fn reconcile(task: Arc<AgentTask>, ctx: Arc<Context>) -> Result<Action
     })
     .await
     .map_err(|error| Error::Finalizer(Box::new(error)))
+}
+
+/// Adds the finalizer and returns the task as written. `finalizer` would add it too, but
+/// then end the pass and wait for the watch to bring the change back: a new task goes on
+/// to its sandbox in this pass instead. The write holds only if the task is still the
+/// version read, so no other finalizer is lost.
+async fn add_finalizer(
+    ctx: &Context,
+    api: &Api<AgentTask>,
+    task: &AgentTask,
+) -> Result<AgentTask, Error> {
+    let mut finalizers = task.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_string());
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": task.resource_version()},
+    });
+    let written = api
+        .patch(
+            &task.name_any(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .map_err(|error| match error {
+            kube::Error::Api(status) if status.is_conflict() => Error::Stale,
+            error => Error::Kube(error),
+        })?;
+    remember_write(ctx, task, &written.resource_version().unwrap_or_default());
+    Ok(written)
 }
 
 fn previous(task: &AgentTask) -> AgentTaskStatus {
@@ -147,6 +189,12 @@ fn staged(
 
 async fn write(ctx: &Context, task: &AgentTask, status: AgentTaskStatus) -> Result<(), Error> {
     let made = apply_status_unless_changed(&ctx.client, task, &status).await?;
+    remember_write(ctx, task, &made);
+    Ok(())
+}
+
+/// Notes that the task read as `task` is now at version `made`, for `is_stale`.
+fn remember_write(ctx: &Context, task: &AgentTask, made: &str) {
     let read = task.resource_version().unwrap_or_default();
     // A write that changed nothing makes no new version to wait for.
     if let Some(uid) = &task.metadata.uid
@@ -155,24 +203,27 @@ async fn write(ctx: &Context, task: &AgentTask, status: AgentTaskStatus) -> Resu
         ctx.written
             .lock()
             .expect("written statuses")
-            .insert(uid.clone(), read);
+            .entry(uid.clone())
+            .or_default()
+            .push(read);
     }
-    Ok(())
 }
 
-/// Whether the cached copy is older than a status this process wrote: a pass is woken by
-/// the agent's end or by a timer as well as by the watch, and a pass on the copy the last
-/// write was based on would do that step again. The cache only moves forward, so any
-/// other version is the write's or newer.
+/// Whether the cached copy is older than a write this process made: a pass is woken by
+/// the agent's end or by a timer as well as by the watch, and a pass on a copy a write was
+/// based on would do that step again. Each write is based on the version the one before
+/// made (it is refused otherwise), and the cache only moves forward, so a version that
+/// no write was based on is the last write's or newer.
 fn is_stale(ctx: &Context, task: &AgentTask) -> bool {
     let Some(uid) = &task.metadata.uid else {
         return false;
     };
     let mut written = ctx.written.lock().expect("written statuses");
-    let Some(read) = written.get(uid) else {
+    let Some(superseded) = written.get(uid) else {
         return false;
     };
-    if task.resource_version().as_ref() == Some(read) {
+    let version = task.resource_version().unwrap_or_default();
+    if superseded.contains(&version) {
         return true;
     }
     written.remove(uid);
@@ -477,6 +528,27 @@ fn release_slot(ctx: &Context, task: &AgentTask) {
     }
 }
 
+/// Whether no sandbox can exist for the task, so there is none to adopt and the
+/// provider need not be asked: it was created after this process started (a whole second
+/// after, as creation times are in seconds) and this process never asked for one.
+fn never_asked_for_a_sandbox(ctx: &Context, task: &AgentTask) -> bool {
+    let created_since_start = task
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .is_some_and(|created| created.0 >= ctx.started + jiff::SignedDuration::from_secs(1));
+    let uid = task.metadata.uid.as_deref().unwrap_or_default();
+    created_since_start && !ctx.creating.lock().expect("sandbox creates").contains(uid)
+}
+
+/// Forgets what this process noted about a task that ended or is gone.
+fn forget(ctx: &Context, task: &AgentTask) {
+    release_slot(ctx, task);
+    if let Some(uid) = &task.metadata.uid {
+        ctx.creating.lock().expect("sandbox creates").remove(uid);
+    }
+}
+
 fn phase(task: &AgentTask) -> Option<TaskPhase> {
     task.status.as_ref().and_then(|status| status.phase)
 }
@@ -494,11 +566,15 @@ async fn provision(
         metadata: BTreeMap::from([(TASK_UID.to_string(), uid.clone())]),
         ..ListQuery::default()
     };
-    let existing = match provider.list_sandboxes(&query).await {
-        Ok(found) => found.into_iter().next().map(|sandbox| sandbox.sandbox_id),
-        Err(error) => {
-            release_slot(ctx, task);
-            return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3).await;
+    let existing = if never_asked_for_a_sandbox(ctx, task) {
+        None
+    } else {
+        match provider.list_sandboxes(&query).await {
+            Ok(found) => found.into_iter().next().map(|sandbox| sandbox.sandbox_id),
+            Err(error) => {
+                release_slot(ctx, task);
+                return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3).await;
+            }
         }
     };
     // An adopted sandbox was created for the attempt after the recorded ones, by a pass
@@ -515,7 +591,7 @@ async fn provision(
                 Duration::from_secs(remaining) + SANDBOX_GRACE,
             );
             spec.metadata = BTreeMap::from([
-                (TASK_UID.to_string(), uid),
+                (TASK_UID.to_string(), uid.clone()),
                 (
                     TASK_NAMESPACE.to_string(),
                     task.namespace().unwrap_or_default(),
@@ -523,6 +599,11 @@ async fn provision(
                 (TASK_NAME.to_string(), task.name_any()),
                 (OPERATOR.to_string(), ctx.instance.clone()),
             ]);
+            // Before the call: a create that fails may still have made the sandbox.
+            ctx.creating
+                .lock()
+                .expect("sandbox creates")
+                .insert(uid.clone());
             let asked = std::time::Instant::now();
             match provider.create_sandbox(&spec).await {
                 Ok(sandbox) => {
@@ -1059,7 +1140,7 @@ async fn finish(
                 record,
             );
             write(ctx, task, status.clone()).await?;
-            release_slot(ctx, task);
+            forget(ctx, task);
             count_finished(ctx, &status);
             let _ = kill_sandboxes(ctx, task, sandbox.as_deref()).await;
             publish(
@@ -1138,7 +1219,7 @@ async fn fail(
         change(status);
     });
     write(ctx, task, status.clone()).await?;
-    release_slot(ctx, task);
+    forget(ctx, task);
     count_finished(ctx, &status);
     publish(ctx, task, EventType::Warning, reason, message.to_string()).await;
     Ok(Action::await_change())
@@ -1306,7 +1387,7 @@ async fn expire(
 /// confirmed the kill, so a provider outage delays the deletion rather than leaking the
 /// sandbox.
 async fn cleanup(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
-    release_slot(ctx, task);
+    forget(ctx, task);
     if let Some(uid) = &task.metadata.uid {
         ctx.written.lock().expect("written statuses").remove(uid);
     }
