@@ -370,7 +370,7 @@ where
 /// A controller for `api`'s objects whose cache keeps them without
 /// `metadata.managedFields`: nothing in the operator reads them, and they are most of the
 /// memory a finished task takes (each field a tree of maps).
-fn cached_controller<K>(api: Api<K>) -> Controller<K>
+fn cached_controller<K>(api: Api<K>, slim: impl Fn(&mut K) + Send + Sync + 'static) -> Controller<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -380,14 +380,15 @@ where
         + Sync
         + 'static,
 {
-    let (store, objects) = cached_watch(api);
+    let (store, objects) = cached_watch(api, slim);
     Controller::for_stream(objects, store)
 }
 
-/// A watch of `api`'s objects kept in a cache without their `managedFields`, and the
-/// stream of changes that feeds it.
+/// A watch of `api`'s objects kept in a cache without their `managedFields`, and with
+/// whatever else `slim` drops, and the stream of changes that feeds it.
 fn cached_watch<K>(
     api: Api<K>,
+    slim: impl Fn(&mut K) + Send + Sync + 'static,
 ) -> (
     Store<K>,
     impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -402,8 +403,10 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store();
-    let objects = watcher(api, watcher::Config::default().any_semantic())
-        .modify(|object| object.managed_fields_mut().clear());
+    let objects = watcher(api, watcher::Config::default().any_semantic()).modify(move |object| {
+        object.managed_fields_mut().clear();
+        slim(object);
+    });
     (
         store,
         reflector::reflector(writer, objects).applied_objects(),
@@ -416,15 +419,23 @@ async fn task_controller(
     ctx: &Arc<Context>,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let tasks = cached_controller(api_in::<DeserializeGuard<AgentTask>>(client, namespace));
+    let tasks = cached_controller(
+        api_in::<DeserializeGuard<AgentTask>>(client, namespace),
+        |guard| {
+            if let Ok(task) = guard.0.as_mut() {
+                task::slim_if_finished(task);
+            }
+        },
+    );
     let task_store = tasks.store();
     ctx.metrics.watch_tasks(task_store.clone());
     let secret_task_store = task_store.clone();
     // Whole templates, cached: a task reads its template from here, and the cache has the
     // change before the task it wakes is reconciled.
-    let (template_store, templates) = cached_watch(api_in::<DeserializeGuard<SandboxTemplate>>(
-        client, namespace,
-    ));
+    let (template_store, templates) = cached_watch(
+        api_in::<DeserializeGuard<SandboxTemplate>>(client, namespace),
+        |_| {},
+    );
     let (wake, woken) = futures::channel::mpsc::unbounded();
     ctx.caches
         .tasks
@@ -478,9 +489,10 @@ async fn template_controller(
     ctx: &Arc<Context>,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let templates = cached_controller(api_in::<DeserializeGuard<SandboxTemplate>>(
-        client, namespace,
-    ));
+    let templates = cached_controller(
+        api_in::<DeserializeGuard<SandboxTemplate>>(client, namespace),
+        |_| {},
+    );
     let store = templates.store();
     let config_map_store = store.clone();
     // Metadata only: a data change bumps the resourceVersion, and Secret values never

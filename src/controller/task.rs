@@ -549,6 +549,37 @@ fn forget(ctx: &Context, task: &AgentTask) {
     }
 }
 
+/// What the cache keeps of a finished task: its phase and times (for the metrics and its
+/// expiry) and what its cleanup needs (template and sandbox). The result, the file list,
+/// the prompt, the environment and annotations such as kubectl's copy of the whole
+/// manifest are read by no pass once a task has finished, and a cluster may hold
+/// thousands of finished tasks. No pass writes a finished task's status, so nothing
+/// dropped here is written back.
+pub(super) fn slim_if_finished(task: &mut AgentTask) {
+    let Some(status) = task.status.as_mut() else {
+        return;
+    };
+    if !is_terminal(status.phase) {
+        return;
+    }
+    task.metadata.annotations = None;
+    let spec = &mut task.spec;
+    spec.prompt = None;
+    spec.agent = None;
+    spec.env = Vec::new();
+    spec.env_from = Vec::new();
+    spec.workspace = Default::default();
+    spec.outputs = Default::default();
+    status.conditions = Vec::new();
+    status.result = None;
+    status.usage = None;
+    status.files = Vec::new();
+    status.progress = None;
+    status.message = None;
+    status.template_id = None;
+    status.build_id = None;
+}
+
 fn phase(task: &AgentTask) -> Option<TaskPhase> {
     task.status.as_ref().and_then(|status| status.phase)
 }
