@@ -12,6 +12,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::channel::mpsc::UnboundedSender;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -46,6 +47,12 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("{0}")]
     CleanupBlocked(String),
+    #[error("the {0} cache did not sync")]
+    CacheNotReady(&'static str),
+    /// The object changed since this pass read it: the pass worked from an old copy, and
+    /// the change will bring a new one.
+    #[error("the object changed since it was read")]
+    Stale,
 }
 
 /// Which objects the operator watches.
@@ -56,17 +63,6 @@ pub struct Scope {
 }
 
 impl Scope {
-    /// One API per watched namespace, or a single cluster-wide one.
-    fn apis<K>(&self, client: &Client) -> Vec<Api<K>>
-    where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
-    {
-        self.targets()
-            .into_iter()
-            .map(|namespace| api_in(client, namespace))
-            .collect()
-    }
-
     /// Each watched namespace, or `None` for all of them.
     fn targets(&self) -> Vec<Option<&str>> {
         if self.namespaces.is_empty() {
@@ -119,8 +115,93 @@ struct Context {
     scope: Scope,
     max_running_tasks: usize,
     max_running_tasks_per_namespace: Option<usize>,
-    /// Held while a task decides whether it may take a sandbox slot and takes it.
-    admission: tokio::sync::Mutex<()>,
+    caches: Caches,
+    /// Tasks this process gave a sandbox slot to: the cache may not show their sandbox
+    /// yet, and a slot counted late is a slot given twice. Locked while a task decides
+    /// whether it may take one, and only then: the sandbox is created outside it.
+    admitted: Mutex<HashSet<String>>,
+    /// Tasks whose agent process this process follows to its end, by UID.
+    followed: Arc<Mutex<HashSet<String>>>,
+    /// For each task this process changed and whose cached copy may not have caught up
+    /// yet: the resourceVersions its writes were based on, each superseded by the next.
+    written: Mutex<HashMap<String, Vec<String>>>,
+    /// When this process started its controllers: no other process makes sandboxes for a
+    /// task created after that.
+    started: jiff::Timestamp,
+    /// Tasks this process asked the provider for a sandbox, by UID, until they end.
+    creating: Mutex<HashSet<String>>,
+}
+
+type TaskRef = ObjectRef<DeserializeGuard<AgentTask>>;
+
+/// The controllers' caches, which the reconcilers read instead of asking the apiserver on
+/// every pass; each task controller adds its own as it starts.
+#[derive(Default)]
+struct Caches {
+    tasks: Mutex<Vec<Store<DeserializeGuard<AgentTask>>>>,
+    templates: Mutex<Vec<Store<DeserializeGuard<SandboxTemplate>>>>,
+    /// How to wake a task's reconcile, per task controller: its namespace (`None` for
+    /// all) and the trigger it listens to.
+    wake: Mutex<Vec<(Option<String>, UnboundedSender<TaskRef>)>>,
+}
+
+/// A cache that has not listed its objects after this long fails the pass, which is then
+/// retried, instead of answering from half a list.
+const CACHE_SYNC: Duration = Duration::from_secs(30);
+
+impl Caches {
+    async fn synced<K>(stores: Vec<Store<K>>, what: &'static str) -> Result<Vec<Store<K>>, Error>
+    where
+        K: Resource<DynamicType = ()> + Clone + 'static,
+    {
+        for store in &stores {
+            tokio::time::timeout(CACHE_SYNC, store.wait_until_ready())
+                .await
+                .map_err(|_| Error::CacheNotReady(what))?
+                .map_err(|_| Error::CacheNotReady(what))?;
+        }
+        Ok(stores)
+    }
+
+    /// Every task the operator watches (those that match the types), once the caches
+    /// have listed them.
+    async fn tasks(&self) -> Result<Vec<Arc<DeserializeGuard<AgentTask>>>, Error> {
+        let stores = self.tasks.lock().expect("task caches").clone();
+        let stores = Self::synced(stores, "AgentTask").await?;
+        Ok(stores
+            .iter()
+            .flat_map(|store| store.state())
+            .filter(|guard| guard.0.is_ok())
+            .collect())
+    }
+
+    async fn template(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<SandboxTemplate>, Error> {
+        let stores = self.templates.lock().expect("template caches").clone();
+        let stores = Self::synced(stores, "SandboxTemplate").await?;
+        let key = ObjectRef::new(name).within(namespace);
+        Ok(stores
+            .iter()
+            .find_map(|store| store.get(&key))
+            .and_then(|guard| guard.0.as_ref().ok().cloned()))
+    }
+
+    /// The trigger of the task controller that watches `namespace`.
+    fn waker(&self, namespace: &str) -> Option<UnboundedSender<TaskRef>> {
+        self.wake
+            .lock()
+            .expect("wakers")
+            .iter()
+            .find(|(watched, _)| {
+                watched
+                    .as_deref()
+                    .is_none_or(|watched| watched == namespace)
+            })
+            .map(|(_, sender)| sender.clone())
+    }
 }
 
 /// Which templates are building (bounded by the operator setting) and how far each build's
@@ -244,7 +325,12 @@ pub async fn run(
         max_running_tasks_per_namespace: settings
             .max_running_tasks_per_namespace
             .map(|cap| cap.max(1)),
-        admission: tokio::sync::Mutex::new(()),
+        caches: Caches::default(),
+        admitted: Mutex::default(),
+        followed: Arc::default(),
+        written: Mutex::default(),
+        started: jiff::Timestamp::now(),
+        creating: Mutex::default(),
     });
     let stop = stop_signal(shutdown);
     // kube's Controller watches one namespace or all; a list of namespaces gets a pair of
@@ -284,7 +370,29 @@ where
 /// A controller for `api`'s objects whose cache keeps them without
 /// `metadata.managedFields`: nothing in the operator reads them, and they are most of the
 /// memory a finished task takes (each field a tree of maps).
-fn cached_controller<K>(api: Api<K>) -> Controller<K>
+fn cached_controller<K>(api: Api<K>, slim: impl Fn(&mut K) + Send + Sync + 'static) -> Controller<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, objects) = cached_watch(api, slim);
+    Controller::for_stream(objects, store).trigger_backoff(Redial::default())
+}
+
+/// A watch of `api`'s objects kept in a cache without their `managedFields`, and with
+/// whatever else `slim` drops, and the stream of changes that feeds it.
+fn cached_watch<K>(
+    api: Api<K>,
+    slim: impl Fn(&mut K) + Send + Sync + 'static,
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -296,12 +404,15 @@ where
 {
     let (store, writer) = reflector::store();
     let objects = watcher(api, watcher::Config::default().any_semantic())
-        .modify(|object| object.managed_fields_mut().clear());
-    Controller::for_stream(
-        reflector::reflector(writer, objects).applied_objects(),
+        .backoff(Redial::default())
+        .modify(move |object| {
+            object.managed_fields_mut().clear();
+            slim(object);
+        });
+    (
         store,
+        reflector::reflector(writer, objects).applied_objects(),
     )
-    .trigger_backoff(Redial::default())
 }
 
 /// How often the watches try again while the apiserver cannot be reached. kube's default
@@ -345,20 +456,46 @@ async fn task_controller(
     ctx: &Arc<Context>,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let tasks = cached_controller(api_in::<DeserializeGuard<AgentTask>>(client, namespace));
+    let tasks = cached_controller(
+        api_in::<DeserializeGuard<AgentTask>>(client, namespace),
+        |guard| {
+            if let Ok(task) = guard.0.as_mut() {
+                task::slim_if_finished(task);
+            }
+        },
+    );
     let task_store = tasks.store();
     ctx.metrics.watch_tasks(task_store.clone());
     let secret_task_store = task_store.clone();
+    // Whole templates, cached: a task reads its template from here, and the cache has the
+    // change before the task it wakes is reconciled.
+    let (template_store, templates) = cached_watch(
+        api_in::<DeserializeGuard<SandboxTemplate>>(client, namespace),
+        |_| {},
+    );
+    let (wake, woken) = futures::channel::mpsc::unbounded();
+    ctx.caches
+        .tasks
+        .lock()
+        .expect("task caches")
+        .push(task_store.clone());
+    ctx.caches
+        .templates
+        .lock()
+        .expect("template caches")
+        .push(template_store);
+    ctx.caches
+        .wake
+        .lock()
+        .expect("wakers")
+        .push((namespace.map(str::to_string), wake));
     tasks
-        .watches(
-            api_in::<PartialObjectMeta<SandboxTemplate>>(client, namespace),
-            watcher::Config::default().any_semantic(),
-            move |template| {
-                referring(&task_store, &template, |task: &AgentTask, name| {
-                    task.spec.template_ref.name == name
-                })
-            },
-        )
+        .reconcile_on(woken)
+        .watches_stream(templates, move |template| {
+            referring(&task_store, &template, |task: &AgentTask, name| {
+                task.spec.template_ref.name == name
+            })
+        })
         .watches(
             api_in::<PartialObjectMeta<Secret>>(client, namespace),
             watcher::Config::default().any_semantic(),
@@ -389,9 +526,10 @@ async fn template_controller(
     ctx: &Arc<Context>,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let templates = cached_controller(api_in::<DeserializeGuard<SandboxTemplate>>(
-        client, namespace,
-    ));
+    let templates = cached_controller(
+        api_in::<DeserializeGuard<SandboxTemplate>>(client, namespace),
+        |_| {},
+    );
     let store = templates.store();
     let config_map_store = store.clone();
     // Metadata only: a data change bumps the resourceVersion, and Secret values never
@@ -549,6 +687,42 @@ fn guard_name<K: Resource>(guard: &DeserializeGuard<K>) -> String {
 
 fn now() -> Time {
     Time(jiff::Timestamp::now())
+}
+
+/// Applies `status` only if the object is still the one that was read, so a pass working
+/// from a stale cache cannot undo a newer status (`Error::Stale`); returns the
+/// resourceVersion it made.
+async fn apply_status_unless_changed<K, S>(
+    client: &Client,
+    object: &K,
+    status: &S,
+) -> Result<String, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    S: Serialize,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), &object.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": {"resourceVersion": object.resource_version()},
+        "status": status,
+    });
+    let written = api
+        .patch_status(
+            &object.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|error| match error {
+            kube::Error::Api(status) if status.is_conflict() => Error::Stale,
+            error => Error::Kube(error),
+        })?;
+    Ok(written.resource_version().unwrap_or_default())
 }
 
 async fn apply_status<K, S>(client: &Client, object: &K, status: &S) -> Result<(), Error>

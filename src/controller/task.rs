@@ -9,12 +9,14 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DeleteParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
-use super::{Context, Error, apply_status, now};
+use super::{Context, Error, apply_status_unless_changed, now};
 use crate::agent::files::{self, Listed, Listing};
 use crate::agent::invocation::{self, AGENT_TAG, Invocation, RUN_DIR, STARTED_MARKER};
 use crate::agent::redact::Redactor;
@@ -25,8 +27,8 @@ use crate::crd::{
     OutputFile, Progress, SandboxTemplate, TaskPhase, TaskResult, TemplatePhase, Usage,
 };
 use crate::e2b::client::{E2bClient, ListQuery, SandboxSpec};
-use crate::e2b::envd::FileType;
-use crate::e2b::envd_client::{CommandSpec, EnvdClient};
+use crate::e2b::envd::{FileType, ProcessSelector};
+use crate::e2b::envd_client::{CommandSpec, EnvdClient, ProcessStream, ProcessUpdate};
 use crate::e2b::error::Error as ProviderError;
 use crate::status::condition;
 use crate::template_build::truncate;
@@ -39,6 +41,8 @@ const TASK_NAME: &str = "sandcastle.dev/task-name";
 /// Which operator made the sandbox: the orphan sweep touches only its own.
 const OPERATOR: &str = "sandcastle.dev/operator";
 const FOLLOW_INTERVAL: Duration = Duration::from_secs(2);
+/// How often an agent whose end will wake the task is looked at all the same.
+const FOLLOW_FALLBACK: Duration = Duration::from_secs(30);
 const WAIT_INTERVAL: Duration = Duration::from_secs(5);
 /// The sandbox outlives the task's deadline by this much, as the provider's own dead-man
 /// switch should the operator be gone.
@@ -53,14 +57,61 @@ const CONDITION_SUCCEEDED: &str = "Succeeded";
 pub async fn reconcile(task: Arc<AgentTask>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = task.namespace().unwrap_or_default();
     let api: Api<AgentTask> = Api::namespaced(ctx.client.clone(), &namespace);
+    if task.meta().deletion_timestamp.is_none() && is_stale(&ctx, &task) {
+        return Ok(Action::await_change());
+    }
+    let task = if task.meta().deletion_timestamp.is_none()
+        && !task.finalizers().iter().any(|name| name == FINALIZER)
+    {
+        match add_finalizer(&ctx, &api, &task).await {
+            Ok(task) => Arc::new(task),
+            Err(Error::Stale) => return Ok(Action::await_change()),
+            Err(error) => return Err(error),
+        }
+    } else {
+        task
+    };
     finalizer(&api, FINALIZER, task, |event| async {
         match event {
-            Finalizer::Apply(task) => apply(&task, &ctx).await,
+            Finalizer::Apply(task) => match apply(&task, &ctx).await {
+                // A newer copy is on its way, and its pass takes over.
+                Err(Error::Stale) => Ok(Action::await_change()),
+                outcome => outcome,
+            },
             Finalizer::Cleanup(task) => cleanup(&task, &ctx).await,
         }
     })
     .await
     .map_err(|error| Error::Finalizer(Box::new(error)))
+}
+
+/// Adds the finalizer and returns the task as written. `finalizer` would add it too, but
+/// then end the pass and wait for the watch to bring the change back: a new task goes on
+/// to its sandbox in this pass instead. The write holds only if the task is still the
+/// version read, so no other finalizer is lost.
+async fn add_finalizer(
+    ctx: &Context,
+    api: &Api<AgentTask>,
+    task: &AgentTask,
+) -> Result<AgentTask, Error> {
+    let mut finalizers = task.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_string());
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": task.resource_version()},
+    });
+    let written = api
+        .patch(
+            &task.name_any(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .map_err(|error| match error {
+            kube::Error::Api(status) if status.is_conflict() => Error::Stale,
+            error => Error::Kube(error),
+        })?;
+    remember_write(ctx, task, &written.resource_version().unwrap_or_default());
+    Ok(written)
 }
 
 fn previous(task: &AgentTask) -> AgentTaskStatus {
@@ -138,7 +189,46 @@ fn staged(
 
 async fn write(ctx: &Context, task: &AgentTask, mut status: AgentTaskStatus) -> Result<(), Error> {
     crate::status::fit_task_status(&mut status);
-    apply_status(&ctx.client, task, &status).await
+    let made = apply_status_unless_changed(&ctx.client, task, &status).await?;
+    remember_write(ctx, task, &made);
+    Ok(())
+}
+
+/// Notes that the task read as `task` is now at version `made`, for `is_stale`.
+fn remember_write(ctx: &Context, task: &AgentTask, made: &str) {
+    let read = task.resource_version().unwrap_or_default();
+    // A write that changed nothing makes no new version to wait for.
+    if let Some(uid) = &task.metadata.uid
+        && made != read
+    {
+        ctx.written
+            .lock()
+            .expect("written statuses")
+            .entry(uid.clone())
+            .or_default()
+            .push(read);
+    }
+}
+
+/// Whether the cached copy is older than a write this process made: a pass is woken by
+/// the agent's end or by a timer as well as by the watch, and a pass on a copy a write was
+/// based on would do that step again. Each write is based on the version the one before
+/// made (it is refused otherwise), and the cache only moves forward, so a version that
+/// no write was based on is the last write's or newer.
+fn is_stale(ctx: &Context, task: &AgentTask) -> bool {
+    let Some(uid) = &task.metadata.uid else {
+        return false;
+    };
+    let mut written = ctx.written.lock().expect("written statuses");
+    let Some(superseded) = written.get(uid) else {
+        return false;
+    };
+    let version = task.resource_version().unwrap_or_default();
+    if superseded.contains(&version) {
+        return true;
+    }
+    written.remove(uid);
+    false
 }
 
 /// The provider could not be reached or answered with an error: wait and look again.
@@ -301,9 +391,8 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
         return fail(ctx, task, "DeadlineExceeded", &message, |_| {}).await;
     }
     let namespace = task.namespace().unwrap_or_default();
-    let templates: Api<SandboxTemplate> = Api::namespaced(ctx.client.clone(), &namespace);
     let template_name = &task.spec.template_ref.name;
-    let template = templates.get_opt(template_name).await?;
+    let template = ctx.caches.template(&namespace, template_name).await?;
     let ready = template.as_ref().and_then(|template| {
         let status = template.status.as_ref()?;
         (status.phase == Some(TemplatePhase::Ready)).then(|| status.clone())
@@ -341,9 +430,8 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
         }
     };
     let Some(sandbox_id) = status.sandbox_id.clone() else {
-        // Held until the sandbox is recorded, so two tasks never take the last slot.
-        let _admission = ctx.admission.lock().await;
-        if let Some(message) = queue_position(ctx, task).await? {
+        let tasks = ctx.caches.tasks().await?;
+        if let Some(message) = admit(ctx, task, &tasks) {
             let status = staged(task, TaskPhase::Queued, "Queued", &message, |_| {});
             let before = previous(task);
             if before.message.as_deref() != status.message.as_deref() {
@@ -375,58 +463,143 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     run(task, ctx, &provider, &envd, env, &redactor).await
 }
 
-/// Why the task must wait for a sandbox slot, or `None` when it may have one. Tasks with a
-/// sandbox count against `--max-running-tasks`; older tasks that could start go first.
-async fn queue_position(ctx: &Context, task: &AgentTask) -> Result<Option<String>, Error> {
-    let mut all = Vec::new();
-    for api in ctx.scope.apis::<AgentTask>(&ctx.client) {
-        all.extend(api.list(&kube::api::ListParams::default()).await?.items);
-    }
+/// Gives the task a sandbox slot, or says why it must wait. Tasks with a sandbox, or
+/// with a slot from this process whose sandbox the cache does not show yet, count
+/// against `--max-running-tasks`; older tasks that could start go first. Counted from the
+/// cache: a pass must not cost a LIST of every task.
+fn admit(
+    ctx: &Context,
+    task: &AgentTask,
+    cached: &[Arc<DeserializeGuard<AgentTask>>],
+) -> Option<String> {
+    let mut admitted = ctx.admitted.lock().expect("admitted tasks");
+    let all: Vec<&AgentTask> = cached
+        .iter()
+        .filter_map(|guard| guard.0.as_ref().ok())
+        .filter(|other| other.metadata.uid != task.metadata.uid && !is_terminal(phase(other)))
+        .collect();
     let key = |other: &AgentTask| {
         (
-            other.metadata.creation_timestamp.clone().map(|time| time.0),
-            other.name_any(),
+            other
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|time| time.0),
+            other.metadata.name.clone(),
         )
     };
-    let holding = |other: &&AgentTask| {
-        let status = other.status.as_ref();
-        status.is_some_and(|status| status.sandbox_id.is_some() && !is_terminal(status.phase))
+    let own_key = key(task);
+    let slot_taken = |other: &AgentTask| {
+        other
+            .metadata
+            .uid
+            .as_ref()
+            .is_some_and(|uid| admitted.contains(uid))
+    };
+    let holding = |other: &&&AgentTask| {
+        let recorded = other
+            .status
+            .as_ref()
+            .is_some_and(|status| status.sandbox_id.is_some());
+        recorded || slot_taken(other)
     };
     // Every older task that could start now is ahead, whether or not it has been looked at
     // yet; those waiting for their template or a Secret are not, so they hold nobody up.
-    let queued_ahead = |other: &&AgentTask| {
-        let status = other.status.clone().unwrap_or_default();
-        let waiting_on_input = matches!(
-            status.reason.as_deref(),
-            Some("MissingSecret" | "TemplateNotReady" | "ProviderUnavailable")
-        );
-        other.metadata.uid != task.metadata.uid
-            && status.sandbox_id.is_none()
-            && !is_terminal(status.phase)
+    let queued_ahead = |other: &&&AgentTask| {
+        let waiting_on_input = other.status.as_ref().is_some_and(|status| {
+            matches!(
+                status.reason.as_deref(),
+                Some("MissingSecret" | "TemplateNotReady" | "ProviderUnavailable")
+            )
+        });
+        !holding(other)
             && !waiting_on_input
             && other.metadata.deletion_timestamp.is_none()
-            && key(other) < key(task)
+            && key(other) < own_key
     };
     let running = all.iter().filter(holding).count();
     let ahead = all.iter().filter(queued_ahead).count();
     if running + ahead >= ctx.max_running_tasks {
-        return Ok(Some(format!(
+        return Some(format!(
             "waiting for a sandbox slot: {running} running, {ahead} queued ahead, at most {} at once",
             ctx.max_running_tasks
-        )));
+        ));
     }
     if let Some(cap) = ctx.max_running_tasks_per_namespace {
-        let namespace = task.metadata.namespace.clone();
-        let here = |other: &&AgentTask| other.metadata.namespace == namespace;
+        let here = |other: &&&AgentTask| other.metadata.namespace == task.metadata.namespace;
         let running = all.iter().filter(holding).filter(here).count();
         let ahead = all.iter().filter(queued_ahead).filter(here).count();
         if running + ahead >= cap {
-            return Ok(Some(format!(
+            return Some(format!(
                 "waiting for a sandbox slot in this namespace: {running} running, {ahead} queued ahead, at most {cap} at once"
-            )));
+            ));
         }
     }
-    Ok(None)
+    admitted.insert(task.metadata.uid.clone().unwrap_or_default());
+    None
+}
+
+/// Gives back the task's sandbox slot: it finished, was deleted, or has no sandbox.
+fn release_slot(ctx: &Context, task: &AgentTask) {
+    if let Some(uid) = &task.metadata.uid {
+        ctx.admitted.lock().expect("admitted tasks").remove(uid);
+    }
+}
+
+/// Whether no sandbox can exist for the task, so there is none to adopt and the
+/// provider need not be asked: it was created after this process started (a whole second
+/// after, as creation times are in seconds) and this process never asked for one.
+fn never_asked_for_a_sandbox(ctx: &Context, task: &AgentTask) -> bool {
+    let created_since_start = task
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .is_some_and(|created| created.0 >= ctx.started + jiff::SignedDuration::from_secs(1));
+    let uid = task.metadata.uid.as_deref().unwrap_or_default();
+    created_since_start && !ctx.creating.lock().expect("sandbox creates").contains(uid)
+}
+
+/// Forgets what this process noted about a task that ended or is gone.
+fn forget(ctx: &Context, task: &AgentTask) {
+    release_slot(ctx, task);
+    if let Some(uid) = &task.metadata.uid {
+        ctx.creating.lock().expect("sandbox creates").remove(uid);
+    }
+}
+
+/// What the cache keeps of a finished task: its phase and times (for the metrics and its
+/// expiry) and what its cleanup needs (template and sandbox). The result, the file list,
+/// the prompt, the environment and annotations such as kubectl's copy of the whole
+/// manifest are read by no pass once a task has finished, and a cluster may hold
+/// thousands of finished tasks. No pass writes a finished task's status, so nothing
+/// dropped here is written back.
+pub(super) fn slim_if_finished(task: &mut AgentTask) {
+    let Some(status) = task.status.as_mut() else {
+        return;
+    };
+    if !is_terminal(status.phase) {
+        return;
+    }
+    task.metadata.annotations = None;
+    let spec = &mut task.spec;
+    spec.prompt = None;
+    spec.agent = None;
+    spec.env = Vec::new();
+    spec.env_from = Vec::new();
+    spec.workspace = Default::default();
+    spec.outputs = Default::default();
+    status.conditions = Vec::new();
+    status.result = None;
+    status.usage = None;
+    status.files = Vec::new();
+    status.progress = None;
+    status.message = None;
+    status.template_id = None;
+    status.build_id = None;
+}
+
+fn phase(task: &AgentTask) -> Option<TaskPhase> {
+    task.status.as_ref().and_then(|status| status.phase)
 }
 
 /// Creates the sandbox, or adopts the one an earlier pass created before it could record
@@ -442,10 +615,15 @@ async fn provision(
         metadata: BTreeMap::from([(TASK_UID.to_string(), uid.clone())]),
         ..ListQuery::default()
     };
-    let existing = match provider.list_sandboxes(&query).await {
-        Ok(found) => found.into_iter().next().map(|sandbox| sandbox.sandbox_id),
-        Err(error) => {
-            return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3).await;
+    let existing = if never_asked_for_a_sandbox(ctx, task) {
+        None
+    } else {
+        match provider.list_sandboxes(&query).await {
+            Ok(found) => found.into_iter().next().map(|sandbox| sandbox.sandbox_id),
+            Err(error) => {
+                release_slot(ctx, task);
+                return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3).await;
+            }
         }
     };
     // An adopted sandbox was created for the attempt after the recorded ones, by a pass
@@ -462,7 +640,7 @@ async fn provision(
                 Duration::from_secs(remaining) + SANDBOX_GRACE,
             );
             spec.metadata = BTreeMap::from([
-                (TASK_UID.to_string(), uid),
+                (TASK_UID.to_string(), uid.clone()),
                 (
                     TASK_NAMESPACE.to_string(),
                     task.namespace().unwrap_or_default(),
@@ -470,6 +648,11 @@ async fn provision(
                 (TASK_NAME.to_string(), task.name_any()),
                 (OPERATOR.to_string(), ctx.instance.clone()),
             ]);
+            // Before the call: a create that fails may still have made the sandbox.
+            ctx.creating
+                .lock()
+                .expect("sandbox creates")
+                .insert(uid.clone());
             let asked = std::time::Instant::now();
             match provider.create_sandbox(&spec).await {
                 Ok(sandbox) => {
@@ -477,6 +660,7 @@ async fn provision(
                     (sandbox.sandbox_id, attempts)
                 }
                 Err(error) if matches!(error, ProviderError::RateLimited { .. }) => {
+                    release_slot(ctx, task);
                     let again = error.retry_after().unwrap_or(WAIT_INTERVAL * 3);
                     return wait(ctx, task, "ProviderBusy", &error.to_string(), again).await;
                 }
@@ -492,6 +676,7 @@ async fn provision(
                     return fail(ctx, task, "ProviderRejected", &message, |_| {}).await;
                 }
                 Err(error) => {
+                    release_slot(ctx, task);
                     return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3)
                         .await;
                 }
@@ -661,10 +846,11 @@ async fn start(
         timeout: None,
         stdin: false,
     };
-    // The stream is dropped at once: the process keeps running and its outcome is read
-    // from the recorder's files, never from this stream. A failed call may still have
-    // started it; the next pass finds it running or finds the start marker.
+    // The stream only says when the process ends: its outcome is read from the
+    // recorder's files, never from this stream. A failed call may still have started it;
+    // the next pass finds it running or finds the start marker.
     match envd.start(&spec).await {
+        Ok(process) => follow_to_end(ctx, task, process),
         // The process cannot be started as specified (an argument list over the kernel's
         // limit, say); a new sandbox would get the same answer.
         Err(ProviderError::Envd(error))
@@ -677,7 +863,6 @@ async fn start(
             return fail_and_kill(ctx, task, "AgentFailed", &message).await;
         }
         Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
-        Ok(_) => {}
     }
     let status = staged(
         task,
@@ -730,8 +915,53 @@ fn is_claude(task: &AgentTask) -> bool {
         .is_none()
 }
 
+/// Wakes the task's reconcile the moment its agent ends, so a finished agent is read at
+/// once and a running one needs no frequent look. A broken stream wakes it too, after a
+/// pause, to look again and follow anew.
+fn follow_to_end(ctx: &Context, task: &AgentTask, mut process: ProcessStream) {
+    let (Some(uid), Some(namespace)) = (task.metadata.uid.clone(), task.namespace()) else {
+        return;
+    };
+    let Some(wake) = ctx.caches.waker(&namespace) else {
+        return;
+    };
+    if !ctx
+        .followed
+        .lock()
+        .expect("followed agents")
+        .insert(uid.clone())
+    {
+        return;
+    }
+    let followed = ctx.followed.clone();
+    let key = ObjectRef::new(&task.name_any()).within(&namespace);
+    tokio::spawn(async move {
+        let ended = loop {
+            match process.next_update().await {
+                Ok(Some(ProcessUpdate::End(_)) | None) => break true,
+                Ok(Some(_)) => {}
+                Err(_) => break false,
+            }
+        };
+        followed.lock().expect("followed agents").remove(&uid);
+        if !ended {
+            tokio::time::sleep(FOLLOW_INTERVAL).await;
+        }
+        let _ = wake.unbounded_send(key);
+    });
+}
+
 /// Progress from the transcript so far, written at most every few seconds.
 async fn follow(task: &AgentTask, ctx: &Context, envd: &EnvdClient) -> Result<Action, Error> {
+    let uid = task.metadata.uid.clone().unwrap_or_default();
+    let followed = || ctx.followed.lock().expect("followed agents").contains(&uid);
+    // After a restart, or a broken stream: an agent that already ended is found by the
+    // next look.
+    if !followed()
+        && let Ok(process) = envd.connect(ProcessSelector::Tag(AGENT_TAG.into())).await
+    {
+        follow_to_end(ctx, task, process);
+    }
     let status = previous(task);
     // Also after a passing trouble, so the status does not go on naming it.
     if status.phase != Some(TaskPhase::Running) || status.reason.as_deref() != Some("Running") {
@@ -750,7 +980,12 @@ async fn follow(task: &AgentTask, ctx: &Context, envd: &EnvdClient) -> Result<Ac
         return Ok(Action::requeue(FOLLOW_INTERVAL));
     }
     if !is_claude(task) {
-        return Ok(Action::requeue(FOLLOW_INTERVAL));
+        let again = if followed() {
+            FOLLOW_FALLBACK
+        } else {
+            FOLLOW_INTERVAL
+        };
+        return Ok(Action::requeue(again));
     }
     let due = status
         .progress
@@ -973,6 +1208,7 @@ async fn finish(
                 record,
             );
             write(ctx, task, status.clone()).await?;
+            forget(ctx, task);
             count_finished(ctx, &status);
             let _ = kill_sandboxes(ctx, task, sandbox.as_deref()).await;
             publish(
@@ -1070,6 +1306,7 @@ async fn fail(
         change(status);
     });
     write(ctx, task, status.clone()).await?;
+    forget(ctx, task);
     count_finished(ctx, &status);
     publish(ctx, task, EventType::Warning, reason, message.to_string()).await;
     Ok(Action::await_change())
@@ -1140,6 +1377,7 @@ async fn retry(
         },
     );
     write(ctx, task, status).await?;
+    release_slot(ctx, task);
     publish(ctx, task, EventType::Warning, reason, message.to_string()).await;
     let backoff = Duration::from_secs(2u64.saturating_pow(attempts.clamp(0, 6) as u32));
     Ok(Action::requeue(backoff))
@@ -1196,9 +1434,8 @@ async fn kill_sandboxes(
 
 async fn template_of(ctx: &Context, task: &AgentTask) -> Option<SandboxTemplate> {
     let namespace = task.namespace().unwrap_or_default();
-    let templates: Api<SandboxTemplate> = Api::namespaced(ctx.client.clone(), &namespace);
-    templates
-        .get_opt(&task.spec.template_ref.name)
+    ctx.caches
+        .template(&namespace, &task.spec.template_ref.name)
         .await
         .ok()
         .flatten()
@@ -1237,6 +1474,10 @@ async fn expire(
 /// confirmed the kill, so a provider outage delays the deletion rather than leaking the
 /// sandbox.
 async fn cleanup(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
+    forget(ctx, task);
+    if let Some(uid) = &task.metadata.uid {
+        ctx.written.lock().expect("written statuses").remove(uid);
+    }
     if let Err(error) = kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await {
         let message = format!("cannot kill the task's sandbox yet: {error}");
         publish(
