@@ -604,9 +604,16 @@ fn stop_signal(
     shutdown.boxed().shared()
 }
 
-fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(kind: &str, result: Result<T, E>) {
+fn log_result<T: std::fmt::Debug>(
+    kind: &str,
+    result: Result<T, kube::runtime::controller::Error<Error, watcher::Error>>,
+) {
     match result {
         Ok(object) => tracing::debug!(kind, ?object, "reconciled"),
+        // A wake-up or a timer for an object deleted meanwhile: nothing to do.
+        Err(kube::runtime::controller::Error::ObjectNotFound(object)) => {
+            tracing::debug!(kind, %object, "gone before its reconcile")
+        }
         Err(err) => tracing::warn!(kind, error = %err, "reconcile failed"),
     }
 }
