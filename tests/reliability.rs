@@ -331,6 +331,15 @@ async fn tasks(api: &Api<AgentTask>) -> Vec<AgentTask> {
         .items
 }
 
+/// How many tasks have not reached Succeeded or Failed.
+async fn open_tasks(api: &Api<AgentTask>) -> usize {
+    tasks(api)
+        .await
+        .iter()
+        .filter(|task| !finished(task.status.as_ref()))
+        .count()
+}
+
 /// A command agent that sleeps, then leaves files naming its task and appends a line to
 /// `runs.log`, so a second run in the same sandbox shows in that file's size.
 fn identifying_task(name: &str, sleep: Duration) -> serde_json::Value {

@@ -696,13 +696,14 @@ fn now() -> Time {
     Time(jiff::Timestamp::now())
 }
 
-/// Applies `status` only if the object is still the one that was read, so a pass working
-/// from a stale cache cannot undo a newer status (`Error::Stale`); returns the
-/// resourceVersion it made.
-async fn apply_status_unless_changed<K, S>(
+/// Applies `status` and returns the resourceVersion it made. `unless_changed` makes the
+/// write hold only if the object is still the version read, so a pass working from a
+/// stale cache cannot undo a newer status (`Error::Stale`).
+async fn apply_status<K, S>(
     client: &Client,
     object: &K,
     status: &S,
+    unless_changed: bool,
 ) -> Result<String, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
@@ -712,12 +713,14 @@ where
     S: Serialize,
 {
     let api: Api<K> = Api::namespaced(client.clone(), &object.namespace().unwrap_or_default());
-    let patch = serde_json::json!({
+    let mut patch = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
-        "metadata": {"resourceVersion": object.resource_version()},
         "status": status,
     });
+    if unless_changed {
+        patch["metadata"] = serde_json::json!({"resourceVersion": object.resource_version()});
+    }
     let written = api
         .patch_status(
             &object.name_any(),
@@ -730,27 +733,4 @@ where
             error => Error::Kube(error),
         })?;
     Ok(written.resource_version().unwrap_or_default())
-}
-
-async fn apply_status<K, S>(client: &Client, object: &K, status: &S) -> Result<(), Error>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-    S: Serialize,
-{
-    let api: Api<K> = Api::namespaced(client.clone(), &object.namespace().unwrap_or_default());
-    let patch = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &object.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
 }

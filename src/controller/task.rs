@@ -16,7 +16,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
-use super::{Context, Error, apply_status_unless_changed, now};
+use super::{Context, Error, apply_status, now};
 use crate::agent::files::{self, Listed, Listing};
 use crate::agent::invocation::{self, AGENT_TAG, Invocation, RUN_DIR, STARTED_MARKER};
 use crate::agent::redact::Redactor;
@@ -189,7 +189,7 @@ fn staged(
 
 async fn write(ctx: &Context, task: &AgentTask, mut status: AgentTaskStatus) -> Result<(), Error> {
     crate::status::fit_task_status(&mut status);
-    let made = apply_status_unless_changed(&ctx.client, task, &status).await?;
+    let made = apply_status(&ctx.client, task, &status, true).await?;
     remember_write(ctx, task, &made);
     Ok(())
 }

@@ -106,7 +106,9 @@ async fn write(
     template: &SandboxTemplate,
     status: SandboxTemplateStatus,
 ) -> Result<(), Error> {
-    apply_status(&ctx.client, template, &status).await
+    apply_status(&ctx.client, template, &status, false)
+        .await
+        .map(drop)
 }
 
 fn previous(template: &SandboxTemplate) -> SandboxTemplateStatus {

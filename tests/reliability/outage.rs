@@ -8,7 +8,7 @@ use sandcastle::crd::TaskPhase;
 
 use super::cluster::TestEnv;
 use super::{
-    Provider, create_task, figure, finished, identifying_task, misreport, setting, setup, tasks,
+    Provider, create_task, figure, identifying_task, misreport, open_tasks, setting, setup, tasks,
 };
 
 pub async fn an_apiserver_outage_loses_nothing(_shared: Arc<TestEnv>) {
@@ -60,11 +60,7 @@ pub async fn an_apiserver_outage_loses_nothing(_shared: Arc<TestEnv>) {
     let count = count + 1;
     let deadline = restarted + Duration::from_secs(120);
     loop {
-        let all = tasks(&api).await;
-        let open = all
-            .iter()
-            .filter(|task| !finished(task.status.as_ref()))
-            .count();
+        let open = open_tasks(&api).await;
         if open == 0 {
             break;
         }
