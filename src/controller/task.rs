@@ -397,39 +397,39 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
         let status = template.status.as_ref()?;
         (status.phase == Some(TemplatePhase::Ready)).then(|| status.clone())
     });
-    let (Some(template), Some(template_status)) = (template.clone(), ready) else {
-        // Says why the template is not Ready, so the task alone shows what to fix.
-        let failed = template
-            .and_then(|template| template.status)
-            .filter(|status| status.phase == Some(TemplatePhase::Failed))
-            .and_then(|status| {
-                status
-                    .conditions
-                    .into_iter()
-                    .find(|c| c.type_ == CONDITION_READY)
-            });
-        let message = match failed {
-            Some(ready) => format!(
-                "waiting for SandboxTemplate {template_name} to be Ready; it failed ({}): {}",
-                ready.reason,
-                truncate(&ready.message, 512)
-            ),
-            None => format!("waiting for SandboxTemplate {template_name} to be Ready"),
-        };
-        return wait(ctx, task, "TemplateNotReady", &message, WAIT_INTERVAL).await;
-    };
+    // A task with a sandbox needs its template only to find the provider: a template
+    // rebuilt or deleted meanwhile must not stop the agent it already runs.
+    let held = status.sandbox_id.is_some();
+    if ready.is_none() && !held {
+        return wait_for_template(ctx, task, template).await;
+    }
     let (env, secret_values) = match resolve_env(ctx, task).await {
         Ok(resolved) => resolved,
         Err(message) => return wait(ctx, task, "MissingSecret", &message, WAIT_INTERVAL * 2).await,
     };
     let redactor = Redactor::new(secret_values);
-    let provider = match super::template::resolve_provider(ctx, &template).await {
+    let provider = match &template {
+        Some(template) => super::template::resolve_provider(ctx, template)
+            .await
+            .map_err(|blocked| blocked.message),
+        // Deleted under its task: a sandbox on the template's own provider is out of reach
+        // (and found lost), one on the default provider is not.
+        None => ctx.default_provider.clone().ok_or_else(|| {
+            format!(
+                "SandboxTemplate {template_name} is gone and the operator has no default provider"
+            )
+        }),
+    };
+    let provider = match provider {
         Ok(provider) => provider,
-        Err(blocked) => {
-            return provider_trouble(ctx, task, &blocked.message, WAIT_INTERVAL * 3).await;
+        Err(message) => {
+            return provider_trouble(ctx, task, &message, WAIT_INTERVAL * 3).await;
         }
     };
     let Some(sandbox_id) = status.sandbox_id.clone() else {
+        let Some(template_status) = ready else {
+            return wait_for_template(ctx, task, template).await;
+        };
         let tasks = ctx.caches.tasks().await?;
         if let Some(message) = admit(ctx, task, &tasks) {
             let status = staged(task, TaskPhase::Queued, "Queued", &message, |_| {});
@@ -461,6 +461,34 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     };
     let envd = provider.envd(&detail);
     run(task, ctx, &provider, &envd, env, &redactor).await
+}
+
+/// Waits for the task's template, saying why it is not Ready so the task alone shows what
+/// to fix.
+async fn wait_for_template(
+    ctx: &Context,
+    task: &AgentTask,
+    template: Option<SandboxTemplate>,
+) -> Result<Action, Error> {
+    let template_name = &task.spec.template_ref.name;
+    let failed = template
+        .and_then(|template| template.status)
+        .filter(|status| status.phase == Some(TemplatePhase::Failed))
+        .and_then(|status| {
+            status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == CONDITION_READY)
+        });
+    let message = match failed {
+        Some(ready) => format!(
+            "waiting for SandboxTemplate {template_name} to be Ready; it failed ({}): {}",
+            ready.reason,
+            truncate(&ready.message, 512)
+        ),
+        None => format!("waiting for SandboxTemplate {template_name} to be Ready"),
+    };
+    wait(ctx, task, "TemplateNotReady", &message, WAIT_INTERVAL).await
 }
 
 /// Gives the task a sandbox slot, or says why it must wait. Tasks with a sandbox, or

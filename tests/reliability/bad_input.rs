@@ -1,6 +1,7 @@
 //! Bad input: manifests the apiserver must refuse (the table of `tests/admission/
 //! invalid.yaml`, also run by the control-plane suite), and at run time data the operator
-//! did not create: missing Secrets and keys, a broken template, a prompt of the largest size, an agent printing invalid UTF-8 or 50 MiB, 100,000
+//! did not create: missing Secrets and keys, a broken template, a template deleted under
+//! a running task, a prompt of the largest size, an agent printing invalid UTF-8 or 50 MiB, 100,000
 //! files, file names with newlines, `..` or thousands of characters, a 1 MiB result. Each
 //! task ends (or waits) with a reason naming the problem, every status stays under a byte
 //! budget, and the operator never panics. (A missing Secret and a missing ConfigMap key
@@ -11,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Api, PostParams};
-use sandcastle::crd::{AgentTaskStatus, SandboxTemplate};
+use kube::api::{Api, DeleteParams, PostParams};
+use sandcastle::crd::{AgentTask, AgentTaskStatus, SandboxTemplate, TaskPhase};
 use serde_json::{Value, json};
 
 use super::cases;
@@ -78,6 +79,56 @@ fn counts(count: i64, listed: impl Fn(usize) -> bool + Send + Sync + 'static) ->
                 )
             })
     })
+}
+
+/// A running task whose template is deleted under it (retained on the provider) keeps its
+/// sandbox and reports its true result; the template goes once nothing needs it.
+async fn template_deleted_mid_task(api: &Api<AgentTask>, templates: &Api<SandboxTemplate>) {
+    let name = "template-deleted";
+    create_task(
+        api,
+        name,
+        json!({"templateRef": {"name": "doomed"}, "agent": {"command": {"command": ["sh", "-c", "sleep 4; echo survived"]}}}),
+    )
+    .await;
+    let status = |task: Option<AgentTask>| task.and_then(|task| task.status).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let now = status(api.get_opt(name).await.expect("get the task"));
+        if now.phase == Some(TaskPhase::Running) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the task never ran: {:?}: {:?}",
+            now.reason,
+            now.message
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    templates
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .expect("delete the template");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let end = loop {
+        let now = status(api.get_opt(name).await.expect("get the task"));
+        if matches!(now.phase, Some(TaskPhase::Succeeded | TaskPhase::Failed)) {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "the task never ended: {now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (end.reason.as_deref(), result_text(&end).trim()),
+        (Some("Succeeded"), "survived"),
+        "{end:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while templates.get_opt("doomed").await.expect("get").is_some() {
+        assert!(Instant::now() < deadline, "the deleted template stayed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn result_text(status: &AgentTaskStatus) -> String {
@@ -343,6 +394,8 @@ pub async fn bad_input_is_refused_or_reported(env: Arc<TestEnv>) {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    template_deleted_mid_task(&api, &templates).await;
+
     let listed: Value =
         serde_json::from_str(&env.kubectl_ok(&["get", "agenttasks", "-n", &ns, "-o", "json"]))
             .expect("the task list");
@@ -371,12 +424,12 @@ pub async fn bad_input_is_refused_or_reported(env: Arc<TestEnv>) {
     let panics = logs.matches("panicked").count();
     figure(format!(
         "bad input: {refused} manifests rejected at admission; {} runtime cases, each with its reason; largest status {largest} bytes (budget {STATUS_BUDGET}); {panics} panics",
-        runtime.len()
+        runtime.len() + 1
     ));
     assert!(refused >= 30, "the admission table lost cases");
     assert!(largest < STATUS_BUDGET, "a status of {largest} bytes");
     // Every case whose agent ran keeps its transcript, the 253-character name's too.
-    let ran = runtime
+    let ran = 1 + runtime
         .iter()
         .filter(|case| case.reason == "Succeeded" || case.name == "garbled-failure")
         .count();
