@@ -933,7 +933,7 @@ impl Bench {
                         "apiVersion": "v1", "kind": "ConfigMap",
                         "metadata": {
                             "name": format!("{}-transcript", task.name),
-                            "labels": {"sandcastle.dev/task": task.name},
+                            "labels": {"sandcastle.dev/task": task.name, "sandcastle.dev/transcript": "true"},
                             "ownerReferences": [{
                                 "apiVersion": "sandcastle.dev/v1alpha1", "kind": "AgentTask",
                                 "name": task.name, "uid": task.uid,

@@ -537,7 +537,9 @@ async fn template_controller(
     templates
         .watches(
             api_in::<PartialObjectMeta<ConfigMap>>(client, namespace),
-            watcher::Config::default().any_semantic(),
+            watcher::Config::default()
+                .any_semantic()
+                .labels(&format!("!{}", task::TRANSCRIPT_LABEL)),
             move |config_map| {
                 referring(
                     &config_map_store,

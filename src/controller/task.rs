@@ -34,6 +34,10 @@ use crate::status::condition;
 use crate::template_build::truncate;
 
 pub const FINALIZER: &str = "sandcastle.dev/task-cleanup";
+/// Marks the ConfigMaps that keep transcripts, which the template controller's watch of
+/// ConfigMaps leaves out: a cluster holds one per finished task, and no template reads
+/// them.
+pub const TRANSCRIPT_LABEL: &str = "sandcastle.dev/transcript";
 /// Metadata the operator stamps on every sandbox it creates, to find it again.
 pub const TASK_UID: &str = "sandcastle.dev/task-uid";
 const TASK_NAMESPACE: &str = "sandcastle.dev/task-namespace";
@@ -1299,9 +1303,9 @@ async fn save_transcript(
             "ownerReferences": [owner],
             // A label value holds at most 63 characters, a task name 253.
             "labels": if task.name_any().len() <= 63 {
-                serde_json::json!({"sandcastle.dev/task": task.name_any()})
+                serde_json::json!({TRANSCRIPT_LABEL: "true", "sandcastle.dev/task": task.name_any()})
             } else {
-                serde_json::json!({})
+                serde_json::json!({TRANSCRIPT_LABEL: "true"})
             },
         },
         "data": {

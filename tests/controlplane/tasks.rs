@@ -299,16 +299,28 @@ pub async fn a_task_waits_for_its_secret_and_never_shows_the_value(env: Arc<Test
         events(&env, &ns).await
     );
     assert!(!everything.contains(value), "the Secret's value leaked");
-    let reasons: Vec<String> = events(&env, &ns)
-        .await
-        .into_iter()
-        .filter_map(|event| event.split(' ').next().map(str::to_string))
-        .collect();
-    for transition in ["Adopted", "MissingSecret", "SandboxCreated", "Succeeded"] {
+    // Events follow the status they announce (the verdict is written first), so the last
+    // may arrive a moment after the task reads Succeeded.
+    let transitions = ["Adopted", "MissingSecret", "SandboxCreated", "Succeeded"];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let reasons: Vec<String> = events(&env, &ns)
+            .await
+            .into_iter()
+            .filter_map(|event| event.split(' ').next().map(str::to_string))
+            .collect();
+        let missing: Vec<&str> = transitions
+            .into_iter()
+            .filter(|transition| !reasons.iter().any(|reason| reason == transition))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
         assert!(
-            reasons.iter().any(|reason| reason == transition),
-            "no {transition} event among {reasons:?}"
+            Instant::now() < deadline,
+            "no {missing:?} event among {reasons:?}"
         );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(operator);
 }
