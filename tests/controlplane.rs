@@ -22,89 +22,60 @@ mod tasks;
 #[path = "controlplane/templates.rs"]
 mod templates;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use cluster::{TestEnv, repo, stderr};
+use cluster::{SharedTest, TestEnv, repo, run_shared, stderr};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
-use libtest_mimic::{Arguments, Trial};
 use operations::*;
 use sandcastle::crd::{AgentTask, SandboxTemplate};
 use serde_json::{Value, json};
 use tasks::*;
 use templates::*;
 
-type TestFn = fn(Arc<TestEnv>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
-
 macro_rules! tests {
     ($($name:ident),* $(,)?) => {
-        [$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
+        [$((stringify!($name), (|env| Box::pin($name(env))) as SharedTest)),*]
     };
 }
 
 fn main() -> ExitCode {
-    let args = Arguments::from_args();
-    let runtime = Arc::new(tokio::runtime::Runtime::new().expect("a tokio runtime"));
-    // Started on the main thread: the children die with the thread that spawned them.
-    let env = if args.list {
-        None
-    } else {
-        match runtime.block_on(TestEnv::start()) {
-            Ok(env) => Some(Arc::new(env)),
-            Err(err) => {
-                eprintln!("cannot start the control plane: {err}");
-                return ExitCode::FAILURE;
-            }
-        }
-    };
-    let trials = tests![
-        crds_are_established_and_reapply_cleanly,
-        names_short_names_and_category_resolve,
-        examples_are_accepted_with_defaults,
-        invalid_manifests_are_rejected_with_their_message,
-        kubectl_apply_shows_the_rejection_message,
-        printer_columns_show_status,
-        explain_shows_the_field_docs,
-        status_is_a_subresource_with_conditions_merged_by_type,
-        status_size_caps_are_enforced,
-        operator_binary_runs_the_examples,
-        builds_record_ids_early_and_rebuild_only_on_change,
-        a_failed_step_is_reported_with_its_log,
-        existing_templates_are_adopted_or_reported_missing,
-        missing_credentials_are_retried_once_the_secret_exists,
-        deletion_follows_the_policy_and_waits_for_users,
-        a_restart_mid_build_follows_the_same_build,
-        a_template_deleted_behind_the_operators_back_is_rebuilt,
-        builds_wait_for_a_slot_and_for_their_config_map,
-        a_command_task_reports_its_files_and_frees_its_sandbox,
-        a_task_waits_for_its_secret_and_never_shows_the_value,
-        deadlines_and_deletion_kill_the_sandbox,
-        claude_code_runs_for_real_against_the_scripted_model,
-        a_restart_reattaches_and_a_lost_sandbox_is_retried,
-        sandboxes_of_vanished_tasks_are_swept,
-        the_sandbox_cap_queues_tasks_in_creation_order,
-        a_refused_sandbox_fails_the_task_at_once,
-        the_standby_takes_over_a_running_task,
-        a_leader_that_loses_its_lease_stops,
-        templates_name_the_provider_the_operator_lacks,
-        the_charts_rbac_is_enough_and_no_more,
-    ]
-    .into_iter()
-    .map(|(name, test)| {
-        let runtime = runtime.clone();
-        let env = env.clone();
-        Trial::test(name, move || {
-            runtime.block_on(test(env.expect("the control plane runs")));
-            Ok(())
-        })
-    })
-    .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    drop(env);
-    conclusion.exit_code()
+    run_shared(
+        false,
+        tests![
+            crds_are_established_and_reapply_cleanly,
+            names_short_names_and_category_resolve,
+            examples_are_accepted_with_defaults,
+            invalid_manifests_are_rejected_with_their_message,
+            kubectl_apply_shows_the_rejection_message,
+            printer_columns_show_status,
+            explain_shows_the_field_docs,
+            status_is_a_subresource_with_conditions_merged_by_type,
+            status_size_caps_are_enforced,
+            operator_binary_runs_the_examples,
+            builds_record_ids_early_and_rebuild_only_on_change,
+            a_failed_step_is_reported_with_its_log,
+            existing_templates_are_adopted_or_reported_missing,
+            missing_credentials_are_retried_once_the_secret_exists,
+            deletion_follows_the_policy_and_waits_for_users,
+            a_restart_mid_build_follows_the_same_build,
+            a_template_deleted_behind_the_operators_back_is_rebuilt,
+            builds_wait_for_a_slot_and_for_their_config_map,
+            a_command_task_reports_its_files_and_frees_its_sandbox,
+            a_task_waits_for_its_secret_and_never_shows_the_value,
+            deadlines_and_deletion_kill_the_sandbox,
+            claude_code_runs_for_real_against_the_scripted_model,
+            a_restart_reattaches_and_a_lost_sandbox_is_retried,
+            sandboxes_of_vanished_tasks_are_swept,
+            the_sandbox_cap_queues_tasks_in_creation_order,
+            a_refused_sandbox_fails_the_task_at_once,
+            the_standby_takes_over_a_running_task,
+            a_leader_that_loses_its_lease_stops,
+            templates_name_the_provider_the_operator_lacks,
+            the_charts_rbac_is_enough_and_no_more,
+        ],
+    )
 }
 
 fn dynamic_api<K>(env: &TestEnv, ns: &str) -> Api<DynamicObject>

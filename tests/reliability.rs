@@ -45,27 +45,21 @@ mod secrets;
 mod unreliable_provider;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cluster::TestEnv;
+use cluster::{SharedTest, TestEnv, run_shared};
 use kube::api::{Api, ListParams, PostParams};
-use libtest_mimic::{Arguments, Trial};
 use operator::Operator;
 use sandcastle::crd::{AgentTask, AgentTaskStatus, SandboxTemplate, TaskPhase, TemplatePhase};
 use sandcastle::e2b::client::{ClientConfig, E2bClient, ListQuery};
 use sandcastle::sandboxd::{Config, SandboxLife, Sandboxd};
 use serde_json::json;
 
-type TestFn = fn(Arc<TestEnv>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
-
 macro_rules! tests {
     ($($name:ident),* $(,)?) => {
-        [$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
+        [$((stringify!($name), (|env| Box::pin($name(env))) as SharedTest)),*]
     };
 }
 
@@ -77,42 +71,19 @@ use secrets::*;
 use unreliable_provider::*;
 
 fn main() -> ExitCode {
-    let args = Arguments::from_args();
-    let runtime = Arc::new(tokio::runtime::Runtime::new().expect("a tokio runtime"));
-    let env = if args.list {
-        None
-    } else {
-        match runtime.block_on(TestEnv::start_with(true)) {
-            Ok(env) => Some(Arc::new(env)),
-            Err(err) => {
-                eprintln!("cannot start the control plane: {err}");
-                return ExitCode::FAILURE;
-            }
-        }
-    };
-    let trials = tests![
-        killed_operators_lose_and_duplicate_nothing,
-        a_failing_provider_ends_every_task_cleanly,
-        tasks_deleted_mid_flight_take_their_sandboxes,
-        an_outage_holds_deletion_until_the_sandbox_is_killed,
-        a_deleted_namespace_goes_away_with_its_sandboxes,
-        an_apiserver_outage_loses_nothing,
-        bad_input_is_refused_or_reported,
-        secrets_never_leave_the_sandbox,
-    ]
-    .into_iter()
-    .map(|(name, test)| {
-        let runtime = runtime.clone();
-        let env = env.clone();
-        Trial::test(name, move || {
-            runtime.block_on(test(env.expect("the control plane runs")));
-            Ok(())
-        })
-    })
-    .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    drop(env);
-    conclusion.exit_code()
+    run_shared(
+        true,
+        tests![
+            killed_operators_lose_and_duplicate_nothing,
+            a_failing_provider_ends_every_task_cleanly,
+            tasks_deleted_mid_flight_take_their_sandboxes,
+            an_outage_holds_deletion_until_the_sandbox_is_killed,
+            a_deleted_namespace_goes_away_with_its_sandboxes,
+            an_apiserver_outage_loses_nothing,
+            bad_input_is_refused_or_reported,
+            secrets_never_leave_the_sandbox,
+        ],
+    )
 }
 
 /// A size or seed from the environment, or its CI default.

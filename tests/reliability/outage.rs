@@ -16,7 +16,7 @@ pub async fn an_apiserver_outage_loses_nothing(_shared: Arc<TestEnv>) {
     let down = Duration::from_secs(setting("SANDCASTLE_OUTAGE_SECONDS", 10));
     // A control plane of its own: stopping the shared one would fail the parts running
     // beside this one.
-    let env = TestEnv::start()
+    let env = TestEnv::start_with(false)
         .await
         .expect("a control plane for the outage");
     let provider = Provider::start("outage").await;

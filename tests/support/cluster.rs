@@ -1,7 +1,10 @@
 //! One real control plane per test binary, with a namespace per test.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::pin::Pin;
+use std::process::{Command, ExitCode, Output};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -18,19 +21,54 @@ pub struct TestEnv {
     namespaces: AtomicUsize,
 }
 
+/// A test that works on the control plane its binary shares.
+pub type SharedTest = fn(Arc<TestEnv>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Runs `tests` as the binary's tests on one control plane, started before the first
+/// and torn down after the last even when tests fail (a custom harness: libtest's runs
+/// no code after its tests). Listing the tests starts nothing.
+pub fn run_shared(
+    controller_manager: bool,
+    tests: impl IntoIterator<Item = (&'static str, SharedTest)>,
+) -> ExitCode {
+    let args = libtest_mimic::Arguments::from_args();
+    let runtime = Arc::new(tokio::runtime::Runtime::new().expect("a tokio runtime"));
+    // Started on the main thread: the children die with the thread that spawned them.
+    let env = if args.list {
+        None
+    } else {
+        match runtime.block_on(TestEnv::start_with(controller_manager)) {
+            Ok(env) => Some(Arc::new(env)),
+            Err(err) => {
+                eprintln!("cannot start the control plane: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            let runtime = runtime.clone();
+            let env = env.clone();
+            libtest_mimic::Trial::test(name, move || {
+                runtime.block_on(test(env.expect("the control plane runs")));
+                Ok(())
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    drop(env);
+    conclusion.exit_code()
+}
+
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 impl TestEnv {
-    /// Starts etcd and kube-apiserver and installs the CRDs the way a user does, with
-    /// `kubectl apply -f crds/`.
-    pub async fn start() -> Result<Self, String> {
-        Self::start_with(false).await
-    }
-
-    /// [`TestEnv::start`], with kube-controller-manager's namespace and garbage-collector
-    /// controllers running too when `controller_manager` says so.
+    /// Starts etcd and kube-apiserver, and kube-controller-manager's namespace and
+    /// garbage-collector controllers when `controller_manager` says so, and installs the
+    /// CRDs the way a user does, with `kubectl apply -f crds/`.
     pub async fn start_with(controller_manager: bool) -> Result<Self, String> {
         let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         let cluster = LocalCluster::start(&tools_bin_dir(), &work)
