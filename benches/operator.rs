@@ -17,6 +17,8 @@
 //! sandbox create arrives: the server's own code, out of the operator's process so that
 //! the operator's memory and CPU are its own and the arrival can be timed on this clock.
 
+#[path = "../tests/support/base.rs"]
+mod base;
 #[path = "support/peer.rs"]
 mod peer;
 #[path = "support/sandboxd.rs"]
@@ -31,12 +33,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::serve::ListenerExt;
+use base::adopt_base;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use sandboxd_figures::{RoundTrips, Spread, Streaming, mib_per_second, millis};
-use sandcastle::crd::{AgentTask, SandboxTemplate, TaskPhase, TemplatePhase};
+use sandcastle::crd::{AgentTask, TaskPhase};
 use sandcastle::e2b::client::{ClientConfig, E2bClient};
 use sandcastle::localcluster::{LocalCluster, tools_bin_dir};
 use sandcastle::sandboxd::{Config, Sandboxd};
@@ -697,32 +700,6 @@ async fn namespace(client: &kube::Client, name: &str) {
         .expect("namespace");
 }
 
-/// Adopts the provider's `base` template and waits until the operator has it Ready.
-async fn base_template(client: &kube::Client, namespace: &str) {
-    let templates: Api<SandboxTemplate> = Api::namespaced(client.clone(), namespace);
-    let base: SandboxTemplate = serde_json::from_value(json!({
-        "apiVersion": "sandcastle.dev/v1alpha1", "kind": "SandboxTemplate",
-        "metadata": {"name": "base"}, "spec": {"existing": {"templateId": "base"}},
-    }))
-    .expect("a template");
-    templates
-        .create(&PostParams::default(), &base)
-        .await
-        .expect("template");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let template = templates.get("base").await.expect("template");
-        if template.status.and_then(|status| status.phase) == Some(TemplatePhase::Ready) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the base template was not adopted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// When each object of a watch was first seen in a state `judge` recognises (with its
 /// verdict), from a watch that runs until dropped.
 struct Sightings {
@@ -841,7 +818,7 @@ impl Bench {
         let ns = format!("burst-{tasks}");
         namespace(&self.client, &ns).await;
         let operator = Operator::start(self, &ns, tasks).await;
-        base_template(&self.client, &ns).await;
+        adopt_base(&self.client, &ns).await;
         let api: Api<AgentTask> = Api::namespaced(self.client.clone(), &ns);
         let finishes = Sightings::finished_tasks(api.clone()).await;
         create_burst(&api, task_burst("warm-up", WARM_UP, &[]), |_| {}).await;
@@ -959,7 +936,7 @@ impl Bench {
 
         let operator = Operator::start(self, ns, 20).await;
         let started = Instant::now();
-        base_template(&self.client, ns).await;
+        adopt_base(&self.client, ns).await;
         let deadline =
             started + Duration::from_secs(120) + Duration::from_millis(20) * tasks as u32;
         while operator.task_reconciles().await < tasks as f64 {

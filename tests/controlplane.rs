@@ -4,6 +4,8 @@
 //! One control plane serves the whole binary (a custom harness, so it is torn down
 //! after the last test even when tests fail); each test works in its own namespace.
 
+#[path = "support/base.rs"]
+mod base;
 #[path = "support/cases.rs"]
 mod cases;
 #[path = "support/cluster.rs"]

@@ -23,6 +23,8 @@ mod bad_input;
 #[path = "support/cases.rs"]
 mod cases;
 // The control-plane suite uses the rest of the shared support modules.
+#[path = "support/base.rs"]
+mod base;
 #[allow(dead_code)]
 #[path = "support/cluster.rs"]
 mod cluster;
@@ -49,10 +51,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use base::adopt_base;
 use cluster::{SharedTest, TestEnv, run_shared};
 use kube::api::{Api, ListParams, PostParams};
 use operator::Operator;
-use sandcastle::crd::{AgentTask, AgentTaskStatus, SandboxTemplate, TaskPhase, TemplatePhase};
+use sandcastle::crd::{AgentTask, AgentTaskStatus, TaskPhase};
 use sandcastle::e2b::client::{ClientConfig, E2bClient, ListQuery};
 use sandcastle::sandboxd::{Config, SandboxLife, Sandboxd};
 use serde_json::json;
@@ -222,31 +225,7 @@ async fn setup(
         .map(|(key, value)| (key.as_str(), value.as_str()))
         .collect();
     let operator = Operator::start_with(env.kubeconfig_path(), &ns, &settings);
-    let templates: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
-    let base: SandboxTemplate = serde_json::from_value(json!({
-        "apiVersion": "sandcastle.dev/v1alpha1", "kind": "SandboxTemplate",
-        "metadata": {"name": "base"}, "spec": {"existing": {"templateId": "base"}},
-    }))
-    .expect("a template");
-    templates
-        .create(&PostParams::default(), &base)
-        .await
-        .expect("create the template");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while templates
-        .get("base")
-        .await
-        .expect("the template")
-        .status
-        .and_then(|status| status.phase)
-        != Some(TemplatePhase::Ready)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the base template was not adopted"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    adopt_base(&env.client, &ns).await;
     (
         ns.clone(),
         operator,

@@ -367,25 +367,9 @@ where
     }
 }
 
-/// A controller for `api`'s objects whose cache keeps them without
-/// `metadata.managedFields`: nothing in the operator reads them, and they are most of the
-/// memory a finished task takes (each field a tree of maps).
-fn cached_controller<K>(api: Api<K>, slim: impl Fn(&mut K) + Send + Sync + 'static) -> Controller<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, objects) = cached_watch(api, slim);
-    Controller::for_stream(objects, store).trigger_backoff(Redial::default())
-}
-
-/// A watch of `api`'s objects kept in a cache without their `managedFields`, and with
-/// whatever else `slim` drops, and the stream of changes that feeds it.
+/// A watch of `api`'s objects kept in a cache without their `managedFields` (nothing in
+/// the operator reads them, and they are most of the memory a finished task takes) and
+/// without whatever else `slim` drops, and the stream of changes that feeds it.
 fn cached_watch<K>(
     api: Api<K>,
     slim: impl Fn(&mut K) + Send + Sync + 'static,
@@ -456,7 +440,7 @@ async fn task_controller(
     ctx: &Arc<Context>,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let tasks = cached_controller(
+    let (task_store, task_changes) = cached_watch(
         api_in::<DeserializeGuard<AgentTask>>(client, namespace),
         |guard| {
             if let Ok(task) = guard.0.as_mut() {
@@ -464,7 +448,8 @@ async fn task_controller(
             }
         },
     );
-    let task_store = tasks.store();
+    let tasks =
+        Controller::for_stream(task_changes, task_store.clone()).trigger_backoff(Redial::default());
     ctx.metrics.watch_tasks(task_store.clone());
     let secret_task_store = task_store.clone();
     // Whole templates, cached: a task reads its template from here, and the cache has the
@@ -526,11 +511,12 @@ async fn template_controller(
     ctx: &Arc<Context>,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let templates = cached_controller(
+    let (store, changes) = cached_watch(
         api_in::<DeserializeGuard<SandboxTemplate>>(client, namespace),
         |_| {},
     );
-    let store = templates.store();
+    let templates =
+        Controller::for_stream(changes, store.clone()).trigger_backoff(Redial::default());
     let config_map_store = store.clone();
     // Metadata only: a data change bumps the resourceVersion, and Secret values never
     // enter the operator's cache.

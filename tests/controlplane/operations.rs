@@ -78,19 +78,7 @@ pub async fn the_standby_takes_over_a_running_task(env: Arc<TestEnv>) {
     await_metric(&first, "sandcastle_leader", 1.0, Duration::from_secs(30)).await;
     let second = replica("replica-b");
 
-    let templates: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
-    create(
-        &templates,
-        json!({
-            "apiVersion": "sandcastle.dev/v1alpha1", "kind": "SandboxTemplate",
-            "metadata": {"name": "base"}, "spec": {"existing": {"templateId": "base"}},
-        }),
-    )
-    .await;
-    wait_for(&templates, "base", "adopted", |status| {
-        status.phase == Some(TemplatePhase::Ready)
-    })
-    .await;
+    crate::base::adopt_base(&env.client, &ns).await;
     let tasks: Api<AgentTask> = Api::namespaced(env.client.clone(), &ns);
     create(
         &tasks,

@@ -44,30 +44,7 @@ async fn setup(
 ) -> (String, Operator, Api<AgentTask>) {
     let ns = env.namespace(prefix).await;
     let operator = Operator::start_with(env.kubeconfig_path(), &ns, settings);
-    let templates: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
-    let base: SandboxTemplate = serde_json::from_value(json!({
-        "apiVersion": "sandcastle.dev/v1alpha1", "kind": "SandboxTemplate",
-        "metadata": {"name": "base"}, "spec": {"existing": {"templateId": "base"}},
-    }))
-    .unwrap();
-    templates
-        .create(&PostParams::default(), &base)
-        .await
-        .expect("template");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let template = templates.get("base").await.expect("template");
-        if template.status.and_then(|status| status.phase)
-            == Some(sandcastle::crd::TemplatePhase::Ready)
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the base template was not adopted"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::base::adopt_base(&env.client, &ns).await;
     let tasks = Api::namespaced(env.client.clone(), &ns);
     (ns, operator, tasks)
 }
