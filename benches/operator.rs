@@ -187,6 +187,7 @@ struct Baseline {
     tasks: usize,
     seconds: f64,
     writes: BTreeMap<String, f64>,
+    cpu: CpuUse,
 }
 
 /// One burst of tasks through the operator.
@@ -201,11 +202,15 @@ struct Burst {
     to_succeeded: Spread,
     /// The user's create request itself.
     create_call: Spread,
+    /// From the create's answer to a plain watch hearing of the task: no operator can
+    /// act sooner.
+    to_watch: Spread,
     failed: usize,
     /// The operator's requests during the burst, per `resource[/subresource] VERB`.
     writes: BTreeMap<String, f64>,
     reads: BTreeMap<String, f64>,
     cpu: Duration,
+    shares: CpuUse,
     before: Memory,
     after: Memory,
     warnings: usize,
@@ -253,21 +258,140 @@ fn mib(kib: u64) -> f64 {
 
 /// User plus system CPU time of a process, all threads.
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name may hold spaces; the fields after it are fixed: utime is the 14th
-    // field of the line and stime the 15th, the 12th and 13th after the name's `)`.
+    process_cpu(&format!("/proc/{pid}/stat"), false)
+}
+
+/// CPU time from a `/proc/…/stat` line; with `reaped`, also that of the children the
+/// process has waited for (the benchmark's sandboxes, once the server has reaped them).
+fn process_cpu(path: &str, reaped: bool) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // The command name may hold spaces; the fields after it are fixed: utime, stime,
+    // cutime and cstime are the 12th to 15th after the name's `)`.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
-    let ticks: u64 = [11, 12]
+    let wanted: &[usize] = if reaped { &[11, 12, 13, 14] } else { &[11, 12] };
+    let ticks: u64 = wanted
         .iter()
         .filter_map(|&index| fields.get(index)?.parse::<u64>().ok())
         .sum();
+    ticks_to_duration(ticks)
+}
+
+fn ticks_to_duration(ticks: u64) -> Duration {
     // SAFETY: sysconf only reads a constant of the running system.
     #[allow(unsafe_code)]
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_secs_f64(ticks as f64 / per_second as f64)
+}
+
+/// CPU time the whole machine spent on anything but idling and waiting for I/O.
+fn machine_busy() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|field| field.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq steal …; guest time is already in user.
+    let busy: u64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(index, _)| !matches!(index, 3 | 4))
+        .map(|(_, value)| value)
+        .sum();
+    ticks_to_duration(busy)
+}
+
+/// Where the machine's CPU went over a stretch of the benchmark: to the control plane,
+/// the operator, or the benchmark's own process (its clients, the sandbox server and the
+/// sandboxes it reaped), and how much of the machine that was.
+#[derive(Clone, Copy, Default)]
+struct CpuUse {
+    apiserver: Duration,
+    etcd: Duration,
+    operator: Duration,
+    bench: Duration,
+    busy: Duration,
+    wall: Duration,
+}
+
+struct CpuMeter {
+    pids: (u32, u32),
+    operator: Option<u32>,
+    at: Instant,
+    start: CpuUse,
+}
+
+impl CpuMeter {
+    fn start(cluster: &LocalCluster, operator: Option<u32>) -> CpuMeter {
+        let pids = cluster.pids();
+        let start = Self::read(pids, operator);
+        CpuMeter {
+            pids,
+            operator,
+            at: Instant::now(),
+            start,
+        }
+    }
+
+    fn read(pids: (u32, u32), operator: Option<u32>) -> CpuUse {
+        CpuUse {
+            apiserver: cpu_time(pids.0),
+            etcd: cpu_time(pids.1),
+            operator: operator.map(cpu_time).unwrap_or_default(),
+            bench: process_cpu("/proc/self/stat", true),
+            busy: machine_busy(),
+            wall: Duration::ZERO,
+        }
+    }
+
+    fn stop(self) -> CpuUse {
+        let now = Self::read(self.pids, self.operator);
+        CpuUse {
+            apiserver: now.apiserver.saturating_sub(self.start.apiserver),
+            etcd: now.etcd.saturating_sub(self.start.etcd),
+            operator: now.operator.saturating_sub(self.start.operator),
+            bench: now.bench.saturating_sub(self.start.bench),
+            busy: now.busy.saturating_sub(self.start.busy),
+            wall: self.at.elapsed(),
+        }
+    }
+}
+
+impl CpuUse {
+    /// Per task, in milliseconds: "apiserver 9.1, etcd 2.0, …; machine 85 % busy".
+    fn per_task(&self, tasks: usize) -> String {
+        let each = |cpu: Duration| cpu.as_secs_f64() * 1000.0 / tasks as f64;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        format!(
+            "CPU ms per task: apiserver {:.1}, etcd {:.1}, operator {:.1}, benchmark process with sandboxes {:.1}; machine {:.0} % busy",
+            each(self.apiserver),
+            each(self.etcd),
+            each(self.operator),
+            each(self.bench),
+            self.busy.as_secs_f64() / (self.wall.as_secs_f64() * cores) * 100.0
+        )
+    }
+
+    fn json(&self, tasks: usize) -> Value {
+        let each = |cpu: Duration| cpu.as_secs_f64() * 1000.0 / tasks as f64;
+        json!({
+            "apiserverMsPerTask": each(self.apiserver),
+            "etcdMsPerTask": each(self.etcd),
+            "operatorMsPerTask": each(self.operator),
+            "benchmarkMsPerTask": each(self.bench),
+            "machineBusySeconds": self.busy.as_secs_f64(),
+            "wallSeconds": self.wall.as_secs_f64(),
+        })
+    }
 }
 
 /// The embedded sandbox server behind a relay that notes when each sandbox create for a
@@ -799,9 +923,11 @@ impl Bench {
         // Connections, and the apiserver's first use of the kind, are not the burst's.
         minimal_writes(&user, &writer, task_burst("warm-up", WARM_UP, &[])).await;
         let before = apiserver_requests(&self.client).await;
+        let meter = CpuMeter::start(&self.cluster, None);
         let seconds = minimal_writes(&user, &writer, task_burst("task", tasks, &[]))
             .await
             .as_secs_f64();
+        let cpu = meter.stop();
         let after = apiserver_requests(&self.client).await;
         let (writes, _) = requests_between(&before, &after, &BTreeMap::new());
         eprintln!("baseline: {tasks} tasks in {seconds:.2} s");
@@ -809,6 +935,7 @@ impl Bench {
             tasks,
             seconds,
             writes,
+            cpu,
         }
     }
 
@@ -821,6 +948,8 @@ impl Bench {
         adopt_base(&self.client, &ns).await;
         let api: Api<AgentTask> = Api::namespaced(self.client.clone(), &ns);
         let finishes = Sightings::finished_tasks(api.clone()).await;
+        // The floor of (d): when a watch that does nothing else hears of each task.
+        let arrivals = Sightings::watch(api.clone(), |_: &AgentTask| Some(true)).await;
         create_burst(&api, task_burst("warm-up", WARM_UP, &[]), |_| {}).await;
         finishes
             .wait_for(WARM_UP, Duration::from_secs(60))
@@ -831,6 +960,7 @@ impl Bench {
         let memory_before = Memory::of(operator.pid());
         let cpu_before = cpu_time(operator.pid());
         let requests_before = apiserver_requests(&self.client).await;
+        let meter = CpuMeter::start(&self.cluster, Some(operator.pid()));
         let started = Instant::now();
         let created = create_burst(&api, task_burst("task", tasks, &[]), |_| {}).await;
         let limit = Duration::from_secs(120) + Duration::from_millis(500) * tasks as u32;
@@ -844,6 +974,7 @@ impl Bench {
             .max()
             .expect("tasks");
         let seconds = (last - started).as_secs_f64();
+        let shares = meter.stop();
         // The operator's last event follows its last status write.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let cpu = cpu_time(operator.pid()) - cpu_before;
@@ -855,8 +986,11 @@ impl Bench {
         let mut to_sandbox = Vec::with_capacity(tasks);
         let mut to_succeeded = Vec::with_capacity(tasks);
         let mut create_call = Vec::with_capacity(tasks);
+        let mut to_watch = Vec::with_capacity(tasks);
+        let heard = arrivals.seen.lock().expect("sightings").clone();
         for task in &created {
             create_call.push(task.answered - task.sent);
+            to_watch.push(heard[&task.name].0.saturating_duration_since(task.answered));
             let arrival = self
                 .provider
                 .arrival(&task.uid)
@@ -881,10 +1015,12 @@ impl Bench {
             to_sandbox: Spread::of(to_sandbox),
             to_succeeded: Spread::of(to_succeeded),
             create_call: Spread::of(create_call),
+            to_watch: Spread::of(to_watch),
             failed,
             writes,
             reads,
             cpu,
+            shares,
             before: memory_before,
             after: memory_after,
             warnings,
@@ -1053,7 +1189,7 @@ impl Report<'_> {
                     ms(burst.to_succeeded.p50),
                     ms(burst.to_succeeded.p99)
                 ),
-                format!("{} failed", burst.failed),
+                format!("{} failed; {}", burst.failed, burst.shares.per_task(n)),
             ),
             (
                 format!("(b) minimal writer: {n} × (create, finalizer, 2 status writes)"),
@@ -1062,7 +1198,11 @@ impl Report<'_> {
                     baseline.seconds,
                     Self::rate(baseline.tasks, baseline.seconds)
                 ),
-                format!("**a/b = {:.3}** (target ≥ 0.8)", self.ratio()),
+                format!(
+                    "**a/b = {:.3}** (target ≥ 0.8); {}",
+                    self.ratio(),
+                    baseline.cpu.per_task(baseline.tasks)
+                ),
             ),
             (
                 "(c) operator writes per task (apiserver_request_total)".into(),
@@ -1096,9 +1236,11 @@ impl Report<'_> {
                     ms(burst.to_sandbox_max)
                 ),
                 format!(
-                    "target p99 ≤ 50 ms at 100; the user's create call p50 {}, p99 {}",
+                    "target p99 ≤ 50 ms at 100; the user's create call p50 {}, p99 {}; a plain watch hears of the task p50 {}, p99 {}",
                     ms(burst.create_call.p50),
-                    ms(burst.create_call.p99)
+                    ms(burst.create_call.p99),
+                    ms(burst.to_watch.p50),
+                    ms(burst.to_watch.p99)
                 ),
             ));
         }
@@ -1197,6 +1339,7 @@ impl Report<'_> {
                 "tasksPerSecond": Self::rate(burst.tasks, burst.seconds),
                 "createToSucceeded": spread(&burst.to_succeeded),
                 "failed": burst.failed,
+                "cpu": burst.shares.json(burst.tasks),
             },
             "baseline": {
                 "tasks": self.baseline.tasks,
@@ -1207,6 +1350,7 @@ impl Report<'_> {
                     .collect::<serde_json::Map<_, _>>(),
                 "ratio": self.ratio(),
                 "target": 0.8,
+                "cpu": self.baseline.cpu.json(self.baseline.tasks),
             },
             "writesPerTask": {
                 "agenttasks": Self::agenttask_writes(burst),
@@ -1224,6 +1368,7 @@ impl Report<'_> {
                 "createdToSandboxCreate": spread(&burst.to_sandbox),
                 "maxMs": millis(burst.to_sandbox_max),
                 "createCall": spread(&burst.create_call),
+                "createdToWatchEvent": spread(&burst.to_watch),
                 "seconds": burst.seconds,
                 "operatorWarnings": burst.warnings,
                 "failed": burst.failed,

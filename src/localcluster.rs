@@ -221,6 +221,14 @@ impl LocalCluster {
         }
     }
 
+    /// The process IDs of kube-apiserver and etcd, for a benchmark to read their CPU time.
+    pub fn pids(&self) -> (u32, u32) {
+        (
+            self.apiserver.lock().expect("apiserver").id(),
+            self.etcd.id(),
+        )
+    }
+
     /// Kills kube-apiserver, as a control-plane outage would; etcd and its data stay.
     pub fn stop_apiserver(&self) {
         stop(&mut self.apiserver.lock().expect("apiserver"));

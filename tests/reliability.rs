@@ -80,6 +80,7 @@ fn main() -> ExitCode {
             killed_operators_lose_and_duplicate_nothing,
             a_failing_provider_ends_every_task_cleanly,
             tasks_deleted_mid_flight_take_their_sandboxes,
+            a_refused_finalizer_leaves_no_sandbox,
             an_outage_holds_deletion_until_the_sandbox_is_killed,
             a_deleted_namespace_goes_away_with_its_sandboxes,
             an_apiserver_outage_loses_nothing,
@@ -233,7 +234,7 @@ async fn setup(
     )
 }
 
-async fn create_task(api: &Api<AgentTask>, name: &str, spec: serde_json::Value) {
+async fn create_task(api: &Api<AgentTask>, name: &str, spec: serde_json::Value) -> AgentTask {
     let task: AgentTask = serde_json::from_value(json!({
         "apiVersion": "sandcastle.dev/v1alpha1",
         "kind": "AgentTask",
@@ -243,7 +244,7 @@ async fn create_task(api: &Api<AgentTask>, name: &str, spec: serde_json::Value) 
     .expect("a task");
     api.create(&PostParams::default(), &task)
         .await
-        .unwrap_or_else(|err| panic!("create task {name}: {err}"));
+        .unwrap_or_else(|err| panic!("create task {name}: {err}"))
 }
 
 fn finished(status: Option<&AgentTaskStatus>) -> bool {

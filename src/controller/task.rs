@@ -61,27 +61,26 @@ const CONDITION_SUCCEEDED: &str = "Succeeded";
 pub async fn reconcile(task: Arc<AgentTask>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = task.namespace().unwrap_or_default();
     let api: Api<AgentTask> = Api::namespaced(ctx.client.clone(), &namespace);
-    if task.meta().deletion_timestamp.is_none() && is_stale(&ctx, &task) {
+    let deleting = task.meta().deletion_timestamp.is_some();
+    if !deleting && is_stale(&ctx, &task) {
         return Ok(Action::await_change());
     }
-    let task = if task.meta().deletion_timestamp.is_none()
-        && !task.finalizers().iter().any(|name| name == FINALIZER)
-    {
-        match add_finalizer(&ctx, &api, &task).await {
+    let finalized = task.finalizers().iter().any(|name| name == FINALIZER);
+    // Until it asks for a sandbox a task has nothing outside the cluster to clean up, so
+    // its finalizer goes on alongside the sandbox create (see `provision`) and the create
+    // waits for no write. `finalizer` would add it first and end the pass.
+    let task = match (deleting, finalized, holds_sandbox(&task)) {
+        (false, false, false) => return settle(apply(&task, &ctx).await),
+        // A status with a sandbox and no finalizer is a hand edit: put it back first.
+        (false, false, true) => match add_finalizer(&ctx, &api, &task).await {
             Ok(task) => Arc::new(task),
-            Err(Error::Stale) => return Ok(Action::await_change()),
-            Err(error) => return Err(error),
-        }
-    } else {
-        task
+            Err(error) => return settle(Err(error)),
+        },
+        _ => task,
     };
     finalizer(&api, FINALIZER, task, |event| async {
         match event {
-            Finalizer::Apply(task) => match apply(&task, &ctx).await {
-                // A newer copy is on its way, and its pass takes over.
-                Err(Error::Stale) => Ok(Action::await_change()),
-                outcome => outcome,
-            },
+            Finalizer::Apply(task) => settle(apply(&task, &ctx).await),
             Finalizer::Cleanup(task) => cleanup(&task, &ctx).await,
         }
     })
@@ -89,10 +88,23 @@ pub async fn reconcile(task: Arc<AgentTask>, ctx: Arc<Context>) -> Result<Action
     .map_err(|error| Error::Finalizer(Box::new(error)))
 }
 
-/// Adds the finalizer and returns the task as written. `finalizer` would add it too, but
-/// then end the pass and wait for the watch to bring the change back: a new task goes on
-/// to its sandbox in this pass instead. The write holds only if the task is still the
-/// version read, so no other finalizer is lost.
+/// A pass that found its copy outdated ends there: a newer copy is on its way, and its
+/// pass takes over.
+fn settle(outcome: Result<Action, Error>) -> Result<Action, Error> {
+    match outcome {
+        Err(Error::Stale) => Ok(Action::await_change()),
+        outcome => outcome,
+    }
+}
+
+fn holds_sandbox(task: &AgentTask) -> bool {
+    task.status
+        .as_ref()
+        .is_some_and(|status| status.sandbox_id.is_some())
+}
+
+/// Adds the finalizer and returns the task as written. The write holds only if the task
+/// is still the version read, so no other finalizer is lost.
 async fn add_finalizer(
     ctx: &Context,
     api: &Api<AgentTask>,
@@ -446,7 +458,7 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
             }
             return Ok(Action::requeue(FOLLOW_INTERVAL));
         }
-        return provision(task, ctx, &provider, &template_status).await;
+        return provision(task, ctx, &provider, &template_status, env, &redactor).await;
     };
     let detail = match provider.get_sandbox(&sandbox_id).await {
         Ok(detail) => detail,
@@ -634,13 +646,15 @@ fn phase(task: &AgentTask) -> Option<TaskPhase> {
     task.status.as_ref().and_then(|status| status.phase)
 }
 
-/// Creates the sandbox, or adopts the one an earlier pass created before it could record
-/// it: never two live sandboxes for one task.
+/// Creates the sandbox and starts the agent in it, or adopts the sandbox an earlier pass
+/// created before it could record it: never two live sandboxes for one task.
 async fn provision(
     task: &AgentTask,
     ctx: &Context,
     provider: &E2bClient,
     template: &crate::crd::SandboxTemplateStatus,
+    env: BTreeMap<String, String>,
+    redactor: &Redactor,
 ) -> Result<Action, Error> {
     let uid = task.metadata.uid.clone().unwrap_or_default();
     let query = ListQuery {
@@ -661,75 +675,151 @@ async fn provision(
     // An adopted sandbox was created for the attempt after the recorded ones, by a pass
     // that could not record it.
     let attempts = previous(task).attempts.unwrap_or(0) + 1;
-    let (sandbox_id, attempts) = match existing {
-        Some(id) => (id, attempts),
-        None => {
-            let remaining = deadline(task)
-                .map(|deadline| (deadline - jiff::Timestamp::now()).get_seconds().max(1) as u64)
-                .unwrap_or(task.spec.active_deadline_seconds as u64);
-            let mut spec = SandboxSpec::new(
-                template.template_id.clone().unwrap_or_default(),
-                Duration::from_secs(remaining) + SANDBOX_GRACE,
-            );
-            spec.metadata = BTreeMap::from([
-                (TASK_UID.to_string(), uid.clone()),
-                (
-                    TASK_NAMESPACE.to_string(),
-                    task.namespace().unwrap_or_default(),
-                ),
-                (TASK_NAME.to_string(), task.name_any()),
-                (OPERATOR.to_string(), ctx.instance.clone()),
-            ]);
-            // Before the call: a create that fails may still have made the sandbox.
-            ctx.creating
-                .lock()
-                .expect("sandbox creates")
-                .insert(uid.clone());
-            let asked = std::time::Instant::now();
-            match provider.create_sandbox(&spec).await {
-                Ok(sandbox) => {
-                    ctx.metrics.sandbox_created(asked.elapsed());
-                    (sandbox.sandbox_id, attempts)
-                }
-                Err(error) if matches!(error, ProviderError::RateLimited { .. }) => {
-                    release_slot(ctx, task);
-                    let again = error.retry_after().unwrap_or(WAIT_INTERVAL * 3);
-                    return wait(ctx, task, "ProviderBusy", &error.to_string(), again).await;
-                }
-                // Waiting cannot fix a refused key or request: fail now instead of at the
-                // deadline. (A template missing on the provider is rebuilt by the template
-                // controller, so NotFound keeps waiting below.)
-                Err(
-                    error @ (ProviderError::Unauthorized { .. }
-                    | ProviderError::Forbidden { .. }
-                    | ProviderError::InvalidRequest { .. }),
-                ) => {
-                    let message = format!("the provider refused to create the sandbox: {error}");
-                    return fail(ctx, task, "ProviderRejected", &message, |_| {}).await;
-                }
-                Err(error) => {
-                    release_slot(ctx, task);
-                    return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3)
-                        .await;
-                }
-            }
-        }
-    };
-    let message = format!("sandbox {sandbox_id} is being prepared");
-    let status = staged(
-        task,
-        TaskPhase::Provisioning,
-        "Provisioning",
-        &message,
-        |status| {
-            status.sandbox_id = Some(sandbox_id.clone());
+    let record = |sandbox_id: &str| {
+        let sandbox_id = sandbox_id.to_string();
+        move |status: &mut AgentTaskStatus| {
+            status.sandbox_id = Some(sandbox_id);
             status.template_id = template.template_id.clone();
             status.build_id = template.build_id.clone();
             status.attempts = Some(attempts);
             if status.start_time.is_none() {
                 status.start_time = Some(now());
             }
+        }
+    };
+    if let Some(sandbox_id) = existing {
+        // What the sandbox holds is unknown: the next pass looks before it starts anything.
+        let task = finalized(ctx, task).await?;
+        return provisioning(ctx, &task, &sandbox_id, record(&sandbox_id)).await;
+    }
+    let remaining = deadline(task)
+        .map(|deadline| (deadline - jiff::Timestamp::now()).get_seconds().max(1) as u64)
+        .unwrap_or(task.spec.active_deadline_seconds as u64);
+    let mut spec = SandboxSpec::new(
+        template.template_id.clone().unwrap_or_default(),
+        Duration::from_secs(remaining) + SANDBOX_GRACE,
+    );
+    spec.metadata = BTreeMap::from([
+        (TASK_UID.to_string(), uid.clone()),
+        (
+            TASK_NAMESPACE.to_string(),
+            task.namespace().unwrap_or_default(),
+        ),
+        (TASK_NAME.to_string(), task.name_any()),
+        (OPERATOR.to_string(), ctx.instance.clone()),
+    ]);
+    // Before the call: a create that fails may still have made the sandbox.
+    ctx.creating
+        .lock()
+        .expect("sandbox creates")
+        .insert(uid.clone());
+    let asked = std::time::Instant::now();
+    let (created, finalized) = tokio::join!(
+        async {
+            let created = provider.create_sandbox(&spec).await;
+            if created.is_ok() {
+                ctx.metrics.sandbox_created(asked.elapsed());
+            }
+            created
         },
+        finalized(ctx, task)
+    );
+    let task = match finalized {
+        Ok(task) => task,
+        Err(error) => {
+            // Without its finalizer the task could go with its sandbox left behind. A
+            // create that failed but made one anyway is the orphan sweep's.
+            if let Ok(sandbox) = &created {
+                let _ = provider.kill_sandbox(&sandbox.sandbox_id).await;
+            }
+            release_slot(ctx, task);
+            return Err(error);
+        }
+    };
+    let task = task.as_ref();
+    let sandbox = match created {
+        Ok(sandbox) => sandbox,
+        Err(error) if matches!(error, ProviderError::RateLimited { .. }) => {
+            release_slot(ctx, task);
+            let again = error.retry_after().unwrap_or(WAIT_INTERVAL * 3);
+            return wait(ctx, task, "ProviderBusy", &error.to_string(), again).await;
+        }
+        // Waiting cannot fix a refused key or request: fail now instead of at the
+        // deadline. (A template missing on the provider is rebuilt by the template
+        // controller, so NotFound keeps waiting below.)
+        Err(
+            error @ (ProviderError::Unauthorized { .. }
+            | ProviderError::Forbidden { .. }
+            | ProviderError::InvalidRequest { .. }),
+        ) => {
+            let message = format!("the provider refused to create the sandbox: {error}");
+            return fail(ctx, task, "ProviderRejected", &message, |_| {}).await;
+        }
+        Err(error) => {
+            release_slot(ctx, task);
+            return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3).await;
+        }
+    };
+    let sandbox_id = sandbox.sandbox_id.clone();
+    // A new sandbox holds nothing yet, so the agent starts in this pass and one status
+    // write records both. Should the start not go through, the sandbox is recorded and
+    // the next pass looks into it the careful way, as for one it adopted.
+    match launch(task, ctx, &provider.envd(&sandbox), env, redactor).await {
+        Ok(process) => {
+            follow_to_end(ctx, task, process);
+            let status = staged(
+                task,
+                TaskPhase::Running,
+                "Running",
+                "the agent is running",
+                record(&sandbox_id),
+            );
+            write(ctx, task, status).await?;
+            let message = format!("the agent started in sandbox {sandbox_id}");
+            publish(ctx, task, EventType::Normal, "Started", message).await;
+            Ok(Action::requeue(FOLLOW_INTERVAL))
+        }
+        Err(Launch::Invalid { reason, message }) => {
+            let action = fail(ctx, task, reason, &message, record(&sandbox_id)).await?;
+            let _ = provider.kill_sandbox(&sandbox_id).await;
+            Ok(action)
+        }
+        Err(Launch::Provider(_) | Launch::Kube(_)) => {
+            provisioning(ctx, task, &sandbox_id, record(&sandbox_id)).await
+        }
+    }
+}
+
+/// The task with the finalizer on, written now if it was not.
+async fn finalized<'a>(
+    ctx: &Context,
+    task: &'a AgentTask,
+) -> Result<std::borrow::Cow<'a, AgentTask>, Error> {
+    if task.finalizers().iter().any(|name| name == FINALIZER) {
+        return Ok(std::borrow::Cow::Borrowed(task));
+    }
+    let api: Api<AgentTask> =
+        Api::namespaced(ctx.client.clone(), &task.namespace().unwrap_or_default());
+    Ok(std::borrow::Cow::Owned(
+        add_finalizer(ctx, &api, task).await?,
+    ))
+}
+
+/// Records a sandbox the agent has not been started in (as far as this pass knows) and
+/// looks into it again shortly.
+async fn provisioning(
+    ctx: &Context,
+    task: &AgentTask,
+    sandbox_id: &str,
+    record: impl FnOnce(&mut AgentTaskStatus),
+) -> Result<Action, Error> {
+    let message = format!("sandbox {sandbox_id} is being prepared");
+    let status = staged(
+        task,
+        TaskPhase::Provisioning,
+        "Provisioning",
+        &message,
+        record,
     );
     write(ctx, task, status).await?;
     publish(ctx, task, EventType::Normal, "SandboxCreated", message).await;
@@ -818,6 +908,57 @@ async fn start(
     env: BTreeMap<String, String>,
     redactor: &Redactor,
 ) -> Result<Action, Error> {
+    match launch(task, ctx, envd, env, redactor).await {
+        Ok(process) => follow_to_end(ctx, task, process),
+        Err(Launch::Invalid { reason, message }) => {
+            return fail_and_kill(ctx, task, reason, &message).await;
+        }
+        Err(Launch::Provider(error)) => {
+            return envd_trouble(task, ctx, provider, &error, redactor).await;
+        }
+        Err(Launch::Kube(error)) => return Err(Error::Kube(error)),
+    }
+    let status = staged(
+        task,
+        TaskPhase::Running,
+        "Running",
+        "the agent is running",
+        |_| {},
+    );
+    write(ctx, task, status).await?;
+    publish(
+        ctx,
+        task,
+        EventType::Normal,
+        "Started",
+        "the agent started".into(),
+    )
+    .await;
+    Ok(Action::requeue(FOLLOW_INTERVAL))
+}
+
+/// Why the agent was not started.
+enum Launch {
+    /// The spec asks for what cannot be done, in this sandbox or any other.
+    Invalid {
+        reason: &'static str,
+        message: String,
+    },
+    /// The sandbox did not answer as it should; the agent may or may not have started.
+    Provider(ProviderError),
+    /// A ConfigMap the workspace copies could not be read.
+    Kube(kube::Error),
+}
+
+/// Lays out the workspace and starts the agent under the recorder. The returned stream
+/// only says when the process ends: its outcome is read from the recorder's files.
+async fn launch(
+    task: &AgentTask,
+    ctx: &Context,
+    envd: &EnvdClient,
+    env: BTreeMap<String, String>,
+    redactor: &Redactor,
+) -> Result<ProcessStream, Launch> {
     let workspace = workspace(task);
     // Read before anything is written: an API error here is retried by the reconcile, a
     // missing key is the spec's fault.
@@ -830,7 +971,8 @@ async fn start(
             (None, Some(selector)) => {
                 let value = config_maps
                     .get_opt(&selector.name)
-                    .await?
+                    .await
+                    .map_err(Launch::Kube)?
                     .and_then(|config_map| config_map.data)
                     .and_then(|mut data| data.remove(&selector.key));
                 match value {
@@ -838,7 +980,10 @@ async fn start(
                     None => {
                         let message =
                             format!("ConfigMap {} has no key {}", selector.name, selector.key);
-                        return fail_and_kill(ctx, task, "InvalidWorkspace", &message).await;
+                        return Err(Launch::Invalid {
+                            reason: "InvalidWorkspace",
+                            message,
+                        });
                     }
                 }
             }
@@ -860,11 +1005,15 @@ async fn start(
         Ok::<_, ProviderError>(())
     }
     .await;
-    if let Err(error) = prepared {
-        if let ProviderError::InvalidArgument(message) = &error {
-            return fail_and_kill(ctx, task, "InvalidWorkspace", message).await;
+    match prepared {
+        Err(ProviderError::InvalidArgument(message)) => {
+            return Err(Launch::Invalid {
+                reason: "InvalidWorkspace",
+                message,
+            });
         }
-        return envd_trouble(task, ctx, provider, &error, redactor).await;
+        Err(error) => return Err(Launch::Provider(error)),
+        Ok(()) => {}
     }
     let agent = agent_invocation(task, ctx);
     let mut invocation = invocation::recorded(agent, RUN_DIR);
@@ -878,41 +1027,22 @@ async fn start(
         timeout: None,
         stdin: false,
     };
-    // The stream only says when the process ends: its outcome is read from the
-    // recorder's files, never from this stream. A failed call may still have started it;
-    // the next pass finds it running or finds the start marker.
-    match envd.start(&spec).await {
-        Ok(process) => follow_to_end(ctx, task, process),
+    // A failed call may still have started it; the next pass finds it running or finds
+    // the start marker.
+    envd.start(&spec).await.map_err(|error| match error {
         // The process cannot be started as specified (an argument list over the kernel's
         // limit, say); a new sandbox would get the same answer.
-        Err(ProviderError::Envd(error))
-            if error.code == crate::e2b::envd::Code::InvalidArgument =>
-        {
-            let message = format!(
-                "cannot start the agent: {}",
-                redactor.redact(&error.message)
-            );
-            return fail_and_kill(ctx, task, "AgentFailed", &message).await;
+        ProviderError::Envd(error) if error.code == crate::e2b::envd::Code::InvalidArgument => {
+            Launch::Invalid {
+                reason: "AgentFailed",
+                message: format!(
+                    "cannot start the agent: {}",
+                    redactor.redact(&error.message)
+                ),
+            }
         }
-        Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
-    }
-    let status = staged(
-        task,
-        TaskPhase::Running,
-        "Running",
-        "the agent is running",
-        |_| {},
-    );
-    write(ctx, task, status).await?;
-    publish(
-        ctx,
-        task,
-        EventType::Normal,
-        "Started",
-        "the agent started".into(),
-    )
-    .await;
-    Ok(Action::requeue(FOLLOW_INTERVAL))
+        error => Launch::Provider(error),
+    })
 }
 
 fn agent_invocation(task: &AgentTask, ctx: &Context) -> Invocation {

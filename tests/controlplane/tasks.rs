@@ -278,7 +278,7 @@ pub async fn a_task_waits_for_its_secret_and_never_shows_the_value(env: Arc<Test
     assert!(!everything.contains(value), "the Secret's value leaked");
     // Events follow the status they announce (the verdict is written first), so the last
     // may arrive a moment after the task reads Succeeded.
-    let transitions = ["Adopted", "MissingSecret", "SandboxCreated", "Succeeded"];
+    let transitions = ["Adopted", "MissingSecret", "Started", "Succeeded"];
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let reasons: Vec<String> = events(&env, &ns)

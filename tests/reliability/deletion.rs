@@ -6,11 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use sandcastle::crd::{AgentTask, TaskPhase};
-use sandcastle::sandboxd::FaultPlan;
+use sandcastle::sandboxd::{FaultPlan, SandboxLife};
 use serde_json::json;
 
 use super::cluster::TestEnv;
@@ -25,20 +28,20 @@ fn sleeper() -> serde_json::Value {
     })
 }
 
-/// When a task is deleted: before its sandbox is recorded, while it is prepared, or while
-/// its agent runs.
+/// When a task is deleted: before the operator's finalizer is on (its first sandbox is
+/// created alongside that write), before its sandbox is recorded, or while its agent runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Moment {
+    Created,
     Pending,
-    Provisioning,
     Running,
 }
 
 impl Moment {
     fn of(name: &str) -> Moment {
         match name.split('-').next() {
+            Some("created") => Moment::Created,
             Some("pending") => Moment::Pending,
-            Some("provisioning") => Moment::Provisioning,
             _ => Moment::Running,
         }
     }
@@ -47,15 +50,10 @@ impl Moment {
     fn reached(self, task: &AgentTask) -> bool {
         let status = task.status.clone().unwrap_or_default();
         match self {
+            // Deleted by the loop that creates it, not from the watch.
+            Moment::Created => false,
             // Seen by the operator (it holds the finalizer), no sandbox recorded yet.
-            Moment::Pending => {
-                task.metadata
-                    .finalizers
-                    .as_ref()
-                    .is_some_and(|finalizers| finalizers.iter().any(|f| f == FINALIZER))
-                    && status.sandbox_id.is_none()
-            }
-            Moment::Provisioning => status.phase == Some(TaskPhase::Provisioning),
+            Moment::Pending => finalized(task) && status.sandbox_id.is_none(),
             Moment::Running => status.phase == Some(TaskPhase::Running),
         }
     }
@@ -64,16 +62,20 @@ impl Moment {
     fn passed(self, task: &AgentTask) -> bool {
         let status = task.status.clone().unwrap_or_default();
         match self {
+            Moment::Created => false,
             Moment::Pending => status.sandbox_id.is_some(),
-            Moment::Provisioning => matches!(
-                status.phase,
-                Some(TaskPhase::Running | TaskPhase::Succeeded | TaskPhase::Failed)
-            ),
             Moment::Running => {
                 matches!(status.phase, Some(TaskPhase::Succeeded | TaskPhase::Failed))
             }
         }
     }
+}
+
+fn finalized(task: &AgentTask) -> bool {
+    task.metadata
+        .finalizers
+        .as_ref()
+        .is_some_and(|finalizers| finalizers.iter().any(|f| f == FINALIZER))
 }
 
 pub async fn tasks_deleted_mid_flight_take_their_sandboxes(env: Arc<TestEnv>) {
@@ -86,7 +88,7 @@ pub async fn tasks_deleted_mid_flight_take_their_sandboxes(env: Arc<TestEnv>) {
         latency: Duration::from_millis(300),
         ..FaultPlan::default()
     });
-    let moments = [Moment::Pending, Moment::Provisioning, Moment::Running];
+    let moments = [Moment::Created, Moment::Pending, Moment::Running];
     let names: Vec<String> = moments
         .iter()
         .flat_map(|moment| {
@@ -96,13 +98,30 @@ pub async fn tasks_deleted_mid_flight_take_their_sandboxes(env: Arc<TestEnv>) {
     let watch = watcher(api.clone(), watcher::Config::default())
         .applied_objects()
         .boxed();
-    for name in &names {
-        create_task(&api, name, sleeper()).await;
-    }
-
     // The moment each task was deleted at, as this watch saw it, and its UID.
     let mut deleted: BTreeMap<String, (Moment, String)> = BTreeMap::new();
     let mut missed = BTreeSet::new();
+    // Those deleted right after their create, a few milliseconds later each so that some
+    // land while the operator's first pass is under way, and how many went at once, before
+    // the operator's finalizer was on.
+    let mut before_finalizer = 0;
+    for name in &names {
+        let task = create_task(&api, name, sleeper()).await;
+        if Moment::of(name) != Moment::Created {
+            continue;
+        }
+        let pause = 3 * deleted.len() as u64;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let outcome = api
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|err| panic!("delete {name}: {err}"));
+        if outcome.is_right() {
+            before_finalizer += 1;
+        }
+        let uid = task.metadata.uid.clone().unwrap_or_default();
+        deleted.insert(name.clone(), (Moment::Created, uid));
+    }
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut watch = watch;
     while deleted.len() + missed.len() < names.len() {
@@ -153,24 +172,43 @@ pub async fn tasks_deleted_mid_flight_take_their_sandboxes(env: Arc<TestEnv>) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The finalizer's promise: once a task is gone, so are its sandboxes, without waiting
-    // for the orphan sweep.
-    let lives = provider.lives_by_task();
-    let mut alive = Vec::new();
-    let mut created = 0;
-    for (name, (_, uid)) in &deleted {
-        let mine = lives.get(uid).cloned().unwrap_or_default();
-        created += mine.len();
-        if mine.iter().any(|life| life.ended.is_none()) {
-            alive.push(name.clone());
+    // for the orphan sweep. A task deleted before its finalizer was on goes at once, and
+    // the sandbox its pass was creating meanwhile is killed as soon as the finalizer's
+    // write is refused: within seconds, not at the sweep.
+    let alive_after_gone = |lives: &BTreeMap<String, Vec<SandboxLife>>, late: bool| {
+        deleted
+            .iter()
+            .filter(|(_, (moment, _))| (*moment == Moment::Created) == late)
+            .filter(|(_, (_, uid))| {
+                lives
+                    .get(uid)
+                    .is_some_and(|mine| mine.iter().any(|life| life.ended.is_none()))
+            })
+            .map(|(name, _)| name.clone())
+            .collect::<Vec<_>>()
+    };
+    let mut alive = alive_after_gone(&provider.lives_by_task(), false);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let alive_unfinalized = loop {
+        let still = alive_after_gone(&provider.lives_by_task(), true);
+        if still.is_empty() || Instant::now() > deadline {
+            break still;
         }
-    }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    alive.extend(alive_unfinalized);
+    let lives = provider.lives_by_task();
+    let created: usize = deleted
+        .values()
+        .map(|(_, uid)| lives.get(uid).map_or(0, Vec::len))
+        .sum();
     let by_moment = |moment: Moment| deleted.values().filter(|(seen, _)| *seen == moment).count();
     provider.server.faults().clear();
     figure(format!(
-        "deletion: {} tasks deleted ({} pending, {} provisioning, {} running, {} missed their moment); {created} sandboxes created, {} alive after their task was gone, 0 finalizers left",
+        "deletion: {} tasks deleted ({} right after their create, {before_finalizer} of them before the operator's finalizer; {} before their sandbox was recorded; {} running; {} missed their moment); {created} sandboxes created, {} alive after their task was gone, 0 finalizers left",
         deleted.len(),
+        by_moment(Moment::Created),
         by_moment(Moment::Pending),
-        by_moment(Moment::Provisioning),
         by_moment(Moment::Running),
         missed.len(),
         alive.len(),
@@ -185,6 +223,10 @@ pub async fn tasks_deleted_mid_flight_take_their_sandboxes(env: Arc<TestEnv>) {
             "no task was deleted while {moment:?}; the race was not run"
         );
     }
+    assert!(
+        before_finalizer > 0,
+        "every task deleted right after its create already had the finalizer; the race was not run"
+    );
     drop(operator);
     provider.stop().await;
 }
@@ -347,6 +389,139 @@ pub async fn an_outage_holds_deletion_until_the_sandbox_is_killed(env: Arc<TestE
     ));
     assert_eq!(alive_during, names.len());
     assert_eq!(killed, names.len());
+    drop(operator);
+    provider.stop().await;
+}
+
+/// The operator's finalizer goes on alongside a new task's first sandbox create. Here an
+/// admission policy refuses that write every time, so each pass makes a sandbox it may not
+/// keep: each must be killed at once, and the task deleted without leaving one behind.
+pub async fn a_refused_finalizer_leaves_no_sandbox(env: Arc<TestEnv>) {
+    let provider = Provider::start("refused-finalizer").await;
+    let (ns, operator, api) = setup(&env, "refused-finalizer", &provider, &[]).await;
+    let policy_name = format!("refuse-finalizer-{ns}");
+    let refusal = "this cluster refuses the operator's finalizer here";
+    let policy = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": policy_name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": ["sandcastle.dev"],
+                "apiVersions": ["*"],
+                "operations": ["UPDATE"],
+                "resources": ["agenttasks"],
+            }]},
+            "validations": [{
+                "expression": format!("!has(object.metadata.finalizers) || !object.metadata.finalizers.exists(f, f == '{FINALIZER}')"),
+                "message": refusal,
+            }],
+        },
+    });
+    let binding = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": policy_name},
+        "spec": {
+            "policyName": policy_name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}},
+        },
+    });
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(env.client.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(env.client.clone());
+    policies
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(policy).expect("a policy"),
+        )
+        .await
+        .expect("create the policy");
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(binding).expect("a binding"),
+        )
+        .await
+        .expect("create the binding");
+    // A policy takes a moment to be enforced: until a dry run of the operator's write is
+    // refused, the operator would not meet it. The probe waits for a template that never
+    // comes, so the operator leaves it alone.
+    let mut waits = sleeper();
+    waits["templateRef"]["name"] = json!("absent");
+    let probe = create_task(&api, "probe", waits).await;
+    let finalizer = json!({"metadata": {"finalizers": [FINALIZER]}});
+    let dry_run = PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match api
+            .patch("probe", &dry_run, &Patch::Merge(&finalizer))
+            .await
+        {
+            Err(kube::Error::Api(status)) if status.message.contains(refusal) => break,
+            outcome => assert!(
+                Instant::now() < deadline,
+                "the admission policy is not enforced: {outcome:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(probe);
+
+    let task = create_task(&api, "refused", sleeper()).await;
+    let uid = task.metadata.uid.clone().unwrap_or_default();
+    // Two passes at least: the first made a sandbox and killed it, the next did again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let made = loop {
+        let lives = provider.lives_by_task().remove(&uid).unwrap_or_default();
+        if lives.len() >= 2 {
+            // Only the newest may still be in its pass.
+            let alive = lives.iter().filter(|life| life.ended.is_none()).count();
+            assert!(alive <= 1, "{alive} sandboxes alive at once: {lives:?}");
+            break lives.len();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the operator made {} sandboxes for a task whose finalizer is refused",
+            lives.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let refused = api.get("refused").await.expect("the task");
+    assert!(
+        refused.metadata.finalizers.unwrap_or_default().is_empty(),
+        "the refused finalizer is on"
+    );
+    let outcome = api
+        .delete("refused", &DeleteParams::default())
+        .await
+        .expect("delete");
+    assert!(outcome.is_right(), "the task did not go at once");
+    // A pass under way when the task went ends with its sandbox killed too.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let lives = loop {
+        let lives = provider.lives_by_task().remove(&uid).unwrap_or_default();
+        if lives.iter().all(|life| life.ended.is_some()) || Instant::now() > deadline {
+            break lives;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let alive = lives.iter().filter(|life| life.ended.is_none()).count();
+    figure(format!(
+        "refused finalizer: {made} sandboxes made (and killed) while the finalizer was refused, {} in all, {alive} alive after the task was gone",
+        lives.len()
+    ));
+    assert_eq!(alive, 0, "a sandbox outlived its task: {lives:?}");
+    let _ = bindings
+        .delete(&policy_name, &DeleteParams::default())
+        .await;
+    let _ = policies
+        .delete(&policy_name, &DeleteParams::default())
+        .await;
     drop(operator);
     provider.stop().await;
 }
