@@ -11,12 +11,12 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DeleteParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
-use super::{Context, Error, apply_status, now};
+use super::{Context, Error, FIELD_MANAGER, apply_status, now};
 use crate::agent::files::{self, Listed, Listing};
 use crate::agent::invocation::{self, AGENT_TAG, Invocation, RUN_DIR, STARTED_MARKER};
 use crate::agent::redact::Redactor;
@@ -284,6 +284,13 @@ async fn wait(
     Ok(Action::requeue(again))
 }
 
+/// The events of an attempt's steps, each published once. kube's `Recorder` keeps every
+/// event it publishes for six minutes, to count a repeat into a series, and goes through
+/// all it keeps on every publish under one lock: at 50 tasks a second these would be
+/// 30,000 events. They need no series, so each goes out through a recorder of its own;
+/// waits, retries, failures and cleanup trouble, which can repeat, share the operator's.
+const ONCE_PER_ATTEMPT: [&str; 3] = ["SandboxCreated", "Started", "Succeeded"];
+
 async fn publish(ctx: &Context, task: &AgentTask, type_: EventType, reason: &str, note: String) {
     let event = Event {
         type_,
@@ -292,7 +299,14 @@ async fn publish(ctx: &Context, task: &AgentTask, type_: EventType, reason: &str
         action: reason.into(),
         secondary: None,
     };
-    if let Err(error) = ctx.recorder.publish(&event, &task.object_ref(&())).await {
+    let own;
+    let recorder = if ONCE_PER_ATTEMPT.contains(&reason) {
+        own = Recorder::new(ctx.client.clone(), Reporter::from(FIELD_MANAGER));
+        &own
+    } else {
+        &ctx.recorder
+    };
+    if let Err(error) = recorder.publish(&event, &task.object_ref(&())).await {
         tracing::warn!(%error, reason, "cannot publish event");
     }
 }
