@@ -97,6 +97,46 @@ fn settle(outcome: Result<Action, Error>) -> Result<Action, Error> {
     }
 }
 
+fn was_refused(ctx: &Context, task: &AgentTask) -> bool {
+    let uid = task.metadata.uid.as_deref().unwrap_or_default();
+    ctx.finalizer_refused
+        .lock()
+        .expect("refused finalizers")
+        .contains(uid)
+}
+
+fn forget_refusal(ctx: &Context, task: &AgentTask) {
+    if let Some(uid) = &task.metadata.uid {
+        ctx.finalizer_refused
+            .lock()
+            .expect("refused finalizers")
+            .remove(uid);
+    }
+}
+
+/// The finalizer could not be added. A refusal (RBAC, an admission policy) is the
+/// cluster's setup, not the task's: the task waits with the apiserver's words until the
+/// deadline, and no sandbox is made for it meanwhile. Anything else is retried.
+async fn finalizer_trouble(ctx: &Context, task: &AgentTask, error: Error) -> Result<Action, Error> {
+    let Error::Kube(kube::Error::Api(status)) = &error else {
+        return Err(error);
+    };
+    if !matches!(status.code, 400 | 403 | 422) {
+        return Err(error);
+    }
+    if let Some(uid) = &task.metadata.uid {
+        ctx.finalizer_refused
+            .lock()
+            .expect("refused finalizers")
+            .insert(uid.clone());
+    }
+    let message = format!(
+        "the apiserver refused the finalizer {FINALIZER}: {}",
+        status.message
+    );
+    wait(ctx, task, "FinalizerRefused", &message, WAIT_INTERVAL * 3).await
+}
+
 fn holds_sandbox(task: &AgentTask) -> bool {
     task.status
         .as_ref()
@@ -620,6 +660,7 @@ fn never_asked_for_a_sandbox(ctx: &Context, task: &AgentTask) -> bool {
 /// Forgets what this process noted about a task that ended or is gone.
 fn forget(ctx: &Context, task: &AgentTask) {
     release_slot(ctx, task);
+    forget_refusal(ctx, task);
     if let Some(uid) = &task.metadata.uid {
         ctx.creating.lock().expect("sandbox creates").remove(uid);
     }
@@ -702,10 +743,35 @@ async fn provision(
         }
     };
     if let Some(sandbox_id) = existing {
+        let task = match finalized(ctx, task).await {
+            Ok(task) => task,
+            // The next pass adopts it again.
+            Err(Error::Stale) => return Err(Error::Stale),
+            Err(error) => {
+                let _ = provider.kill_sandbox(&sandbox_id).await;
+                release_slot(ctx, task);
+                return finalizer_trouble(ctx, task, error).await;
+            }
+        };
         // What the sandbox holds is unknown: the next pass looks before it starts anything.
-        let task = finalized(ctx, task).await?;
         return provisioning(ctx, &task, &sandbox_id, record(&sandbox_id)).await;
     }
+    // A refused finalizer must not cost a sandbox per pass: once refused, it goes first.
+    let task = if was_refused(ctx, task) {
+        match finalized(ctx, task).await {
+            Ok(task) => {
+                forget_refusal(ctx, &task);
+                task
+            }
+            Err(error) => {
+                release_slot(ctx, task);
+                return finalizer_trouble(ctx, task, error).await;
+            }
+        }
+    } else {
+        std::borrow::Cow::Borrowed(task)
+    };
+    let task = task.as_ref();
     let remaining = deadline(task)
         .map(|deadline| (deadline - jiff::Timestamp::now()).get_seconds().max(1) as u64)
         .unwrap_or(task.spec.active_deadline_seconds as u64);
@@ -747,7 +813,7 @@ async fn provision(
                 let _ = provider.kill_sandbox(&sandbox.sandbox_id).await;
             }
             release_slot(ctx, task);
-            return Err(error);
+            return finalizer_trouble(ctx, task, error).await;
         }
     };
     let task = task.as_ref();

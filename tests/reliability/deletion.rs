@@ -394,8 +394,9 @@ pub async fn an_outage_holds_deletion_until_the_sandbox_is_killed(env: Arc<TestE
 }
 
 /// The operator's finalizer goes on alongside a new task's first sandbox create. Here an
-/// admission policy refuses that write every time, so each pass makes a sandbox it may not
-/// keep: each must be killed at once, and the task deleted without leaving one behind.
+/// admission policy refuses that write every time: the sandbox made alongside it must be
+/// killed at once, the task must say why it waits, later passes must make no sandbox, and
+/// the task must go without leaving one behind.
 pub async fn a_refused_finalizer_leaves_no_sandbox(env: Arc<TestEnv>) {
     let provider = Provider::start("refused-finalizer").await;
     let (ns, operator, api) = setup(&env, "refused-finalizer", &provider, &[]).await;
@@ -474,23 +475,45 @@ pub async fn a_refused_finalizer_leaves_no_sandbox(env: Arc<TestEnv>) {
 
     let task = create_task(&api, "refused", sleeper()).await;
     let uid = task.metadata.uid.clone().unwrap_or_default();
-    // Two passes at least: the first made a sandbox and killed it, the next did again.
+    // The first pass made a sandbox alongside the refused write and killed it; the task
+    // then waits with the apiserver's words and gets no sandbox until the finalizer is on.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let made = loop {
-        let lives = provider.lives_by_task().remove(&uid).unwrap_or_default();
-        if lives.len() >= 2 {
-            // Only the newest may still be in its pass.
-            let alive = lives.iter().filter(|life| life.ended.is_none()).count();
-            assert!(alive <= 1, "{alive} sandboxes alive at once: {lives:?}");
-            break lives.len();
+    let waiting = loop {
+        let task = api.get("refused").await.expect("the task");
+        let status = task.status.unwrap_or_default();
+        if status.reason.as_deref() == Some("FinalizerRefused") {
+            break status.message.unwrap_or_default();
         }
         assert!(
             Instant::now() < deadline,
-            "the operator made {} sandboxes for a task whose finalizer is refused",
-            lives.len()
+            "the task does not say its finalizer was refused: {status:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    assert!(
+        waiting.contains(refusal),
+        "the message does not quote the refusal: {waiting}"
+    );
+    // Passes go on meanwhile (every 15 s, and on each change): one more, made to come
+    // now by a label, must not make a sandbox.
+    api.patch(
+        "refused",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"metadata": {"labels": {"poked": "yes"}}})),
+    )
+    .await
+    .expect("label the task");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lives = provider.lives_by_task().remove(&uid).unwrap_or_default();
+    let made = lives.len();
+    assert_eq!(
+        made, 1,
+        "sandboxes made for a task whose finalizer is refused: {lives:?}"
+    );
+    assert!(
+        lives.iter().all(|life| life.ended.is_some()),
+        "the sandbox made alongside the refused finalizer is alive: {lives:?}"
+    );
     let refused = api.get("refused").await.expect("the task");
     assert!(
         refused.metadata.finalizers.unwrap_or_default().is_empty(),
@@ -512,7 +535,7 @@ pub async fn a_refused_finalizer_leaves_no_sandbox(env: Arc<TestEnv>) {
     };
     let alive = lives.iter().filter(|life| life.ended.is_none()).count();
     figure(format!(
-        "refused finalizer: {made} sandboxes made (and killed) while the finalizer was refused, {} in all, {alive} alive after the task was gone",
+        "refused finalizer: the task waits as FinalizerRefused; {made} sandbox made (and killed) while the finalizer was refused, {} in all, {alive} alive after the task was gone",
         lives.len()
     ));
     assert_eq!(alive, 0, "a sandbox outlived its task: {lives:?}");
