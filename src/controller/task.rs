@@ -794,7 +794,7 @@ async fn provision(
         .expect("sandbox creates")
         .insert(uid.clone());
     let asked = std::time::Instant::now();
-    let (created, finalized) = tokio::join!(
+    let (created, with_finalizer) = tokio::join!(
         async {
             let created = provider.create_sandbox(&spec).await;
             if created.is_ok() {
@@ -804,7 +804,7 @@ async fn provision(
         },
         finalized(ctx, task)
     );
-    let task = match finalized {
+    let task = match with_finalizer {
         Ok(task) => task,
         Err(error) => {
             // Without its finalizer the task could go with its sandbox left behind. A
