@@ -130,8 +130,6 @@ struct Context {
     started: jiff::Timestamp,
     /// Tasks this process asked the provider for a sandbox, by UID, until they end.
     creating: Mutex<HashSet<String>>,
-    /// Tasks whose finalizer the apiserver refused, by UID: they get it before a sandbox.
-    finalizer_refused: Mutex<HashSet<String>>,
 }
 
 type TaskRef = ObjectRef<DeserializeGuard<AgentTask>>;
@@ -333,7 +331,6 @@ pub async fn run(
         written: Mutex::default(),
         started: jiff::Timestamp::now(),
         creating: Mutex::default(),
-        finalizer_refused: Mutex::default(),
     });
     let stop = stop_signal(shutdown);
     // kube's Controller watches one namespace or all; a list of namespaces gets a pair of

@@ -57,6 +57,8 @@ const RESULT_TAIL: usize = 4096;
 const PROGRESS_INTERVAL: i64 = 5;
 const BEFORE_LISTING: &str = "before.json";
 const CONDITION_SUCCEEDED: &str = "Succeeded";
+/// The reason of a task whose finalizer the apiserver refused.
+const FINALIZER_REFUSED: &str = "FinalizerRefused";
 
 pub async fn reconcile(task: Arc<AgentTask>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = task.namespace().unwrap_or_default();
@@ -97,21 +99,9 @@ fn settle(outcome: Result<Action, Error>) -> Result<Action, Error> {
     }
 }
 
-fn was_refused(ctx: &Context, task: &AgentTask) -> bool {
-    let uid = task.metadata.uid.as_deref().unwrap_or_default();
-    ctx.finalizer_refused
-        .lock()
-        .expect("refused finalizers")
-        .contains(uid)
-}
-
-fn forget_refusal(ctx: &Context, task: &AgentTask) {
-    if let Some(uid) = &task.metadata.uid {
-        ctx.finalizer_refused
-            .lock()
-            .expect("refused finalizers")
-            .remove(uid);
-    }
+/// Whether the last pass found the finalizer refused: its status says so.
+fn was_refused(task: &AgentTask) -> bool {
+    previous(task).reason.as_deref() == Some(FINALIZER_REFUSED)
 }
 
 /// The finalizer could not be added. A refusal (RBAC, an admission policy) is the
@@ -124,17 +114,11 @@ async fn finalizer_trouble(ctx: &Context, task: &AgentTask, error: Error) -> Res
     if !matches!(status.code, 400 | 403 | 422) {
         return Err(error);
     }
-    if let Some(uid) = &task.metadata.uid {
-        ctx.finalizer_refused
-            .lock()
-            .expect("refused finalizers")
-            .insert(uid.clone());
-    }
     let message = format!(
         "the apiserver refused the finalizer {FINALIZER}: {}",
         status.message
     );
-    wait(ctx, task, "FinalizerRefused", &message, WAIT_INTERVAL * 3).await
+    wait(ctx, task, FINALIZER_REFUSED, &message, WAIT_INTERVAL * 3).await
 }
 
 fn holds_sandbox(task: &AgentTask) -> bool {
@@ -660,7 +644,6 @@ fn never_asked_for_a_sandbox(ctx: &Context, task: &AgentTask) -> bool {
 /// Forgets what this process noted about a task that ended or is gone.
 fn forget(ctx: &Context, task: &AgentTask) {
     release_slot(ctx, task);
-    forget_refusal(ctx, task);
     if let Some(uid) = &task.metadata.uid {
         ctx.creating.lock().expect("sandbox creates").remove(uid);
     }
@@ -757,12 +740,9 @@ async fn provision(
         return provisioning(ctx, &task, &sandbox_id, record(&sandbox_id)).await;
     }
     // A refused finalizer must not cost a sandbox per pass: once refused, it goes first.
-    let task = if was_refused(ctx, task) {
+    let task = if was_refused(task) {
         match finalized(ctx, task).await {
-            Ok(task) => {
-                forget_refusal(ctx, &task);
-                task
-            }
+            Ok(task) => task,
             Err(error) => {
                 release_slot(ctx, task);
                 return finalizer_trouble(ctx, task, error).await;
