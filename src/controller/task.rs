@@ -826,18 +826,8 @@ async fn provision(
     // the next pass looks into it the careful way, as for one it adopted.
     match launch(task, ctx, &provider.envd(&sandbox), env, redactor).await {
         Ok(process) => {
-            follow_to_end(ctx, task, process);
-            let status = staged(
-                task,
-                TaskPhase::Running,
-                "Running",
-                "the agent is running",
-                record(&sandbox_id),
-            );
-            write(ctx, task, status).await?;
-            let message = format!("the agent started in sandbox {sandbox_id}");
-            publish(ctx, task, EventType::Normal, "Started", message).await;
-            Ok(Action::requeue(FOLLOW_INTERVAL))
+            let note = format!("the agent started in sandbox {sandbox_id}");
+            running(ctx, task, process, record(&sandbox_id), note).await
         }
         Err(Launch::Invalid { reason, message }) => {
             let action = fail(ctx, task, reason, &message, record(&sandbox_id)).await?;
@@ -969,31 +959,34 @@ async fn start(
     redactor: &Redactor,
 ) -> Result<Action, Error> {
     match launch(task, ctx, envd, env, redactor).await {
-        Ok(process) => follow_to_end(ctx, task, process),
+        Ok(process) => running(ctx, task, process, |_| {}, "the agent started".into()).await,
         Err(Launch::Invalid { reason, message }) => {
-            return fail_and_kill(ctx, task, reason, &message).await;
+            fail_and_kill(ctx, task, reason, &message).await
         }
-        Err(Launch::Provider(error)) => {
-            return envd_trouble(task, ctx, provider, &error, redactor).await;
-        }
-        Err(Launch::Kube(error)) => return Err(Error::Kube(error)),
+        Err(Launch::Provider(error)) => envd_trouble(task, ctx, provider, &error, redactor).await,
+        Err(Launch::Kube(error)) => Err(Error::Kube(error)),
     }
+}
+
+/// Follows the agent just started to its end, and records that it runs (with what
+/// `change` adds) and the `Started` event saying `note`.
+async fn running(
+    ctx: &Context,
+    task: &AgentTask,
+    process: ProcessStream,
+    change: impl FnOnce(&mut AgentTaskStatus),
+    note: String,
+) -> Result<Action, Error> {
+    follow_to_end(ctx, task, process);
     let status = staged(
         task,
         TaskPhase::Running,
         "Running",
         "the agent is running",
-        |_| {},
+        change,
     );
     write(ctx, task, status).await?;
-    publish(
-        ctx,
-        task,
-        EventType::Normal,
-        "Started",
-        "the agent started".into(),
-    )
-    .await;
+    publish(ctx, task, EventType::Normal, "Started", note).await;
     Ok(Action::requeue(FOLLOW_INTERVAL))
 }
 
