@@ -903,7 +903,12 @@ async fn run(
         return follow(task, ctx, envd).await;
     }
     match envd.read_file(&run_file("exit")).await {
-        Ok(exit) => return finish(task, ctx, provider, envd, &exit, redactor).await,
+        Ok(exit) => {
+            // Empty when the recorder was killed as it wrote: no exit was recorded.
+            if let Some(code) = invocation::parse_exit(&String::from_utf8_lossy(&exit)) {
+                return finish(task, ctx, provider, envd, code, redactor).await;
+            }
+        }
         Err(error) if error.is_not_found() => {}
         Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
     }
@@ -1279,10 +1284,9 @@ async fn finish(
     ctx: &Context,
     provider: &E2bClient,
     envd: &EnvdClient,
-    exit: &[u8],
+    exit_code: i32,
     redactor: &Redactor,
 ) -> Result<Action, Error> {
-    let exit_code = invocation::parse_exit(&String::from_utf8_lossy(exit));
     let workspace = workspace(task);
     // What the recorder left, read in full or not at all: a failed read must not become an
     // empty result or an empty file list.
@@ -1304,7 +1308,7 @@ async fn finish(
         Err(error) => return fail(ctx, task, "InvalidOutputs", &error.to_string(), |_| {}).await,
     };
     let mut result = TaskResult {
-        exit_code,
+        exit_code: Some(exit_code),
         ..TaskResult::default()
     };
     let mut usage = None;
@@ -1340,10 +1344,10 @@ async fn finish(
             .chars()
             .skip(chars.saturating_sub(RESULT_TAIL))
             .collect();
-        result.is_error = exit_code != Some(0);
+        result.is_error = exit_code != 0;
         match exit_code {
-            Some(0) => Verdict::Succeeded,
-            Some(code) => Verdict::Failed {
+            0 => Verdict::Succeeded,
+            code => Verdict::Failed {
                 reason: FailureReason::AgentError,
                 // Redacted before it is cut, so no part of a secret is left at the cut.
                 message: format!(
@@ -1354,7 +1358,6 @@ async fn finish(
                     )
                 ),
             },
-            None => Verdict::Incomplete,
         }
     };
     let failure = match verdict {
@@ -1370,14 +1373,11 @@ async fn finish(
         // An exit code before any output line: the CLI refused its invocation (not
         // installed, root refusing bypass mode, a bad extra argument), and a new sandbox
         // would get the same answer.
-        Verdict::Incomplete
-            if exit_code.is_some_and(|code| code != 0)
-                && stdout.iter().all(u8::is_ascii_whitespace) =>
-        {
+        Verdict::Incomplete if exit_code != 0 && stdout.iter().all(u8::is_ascii_whitespace) => {
             let detail = redactor.redact(&String::from_utf8_lossy(&stderr));
             let message = format!(
                 "the agent exited with code {} before any output: {}",
-                exit_code.unwrap_or_default(),
+                exit_code,
                 truncate(detail.trim(), 512)
             );
             Some(("AgentFailed", message))

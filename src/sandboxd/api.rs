@@ -312,15 +312,7 @@ async fn create_sandbox(
     }
     let prepare = {
         let (from, dir) = (ready.fs.clone(), dir.clone());
-        move || -> std::io::Result<()> {
-            templates::copy_tree(&from, &dir.join("fs"))?;
-            let accounts = dir.join("accounts");
-            std::fs::create_dir_all(&accounts)?;
-            for (name, content) in runtime::account_files() {
-                std::fs::write(accounts.join(name), content)?;
-            }
-            Ok(())
-        }
+        move || -> std::io::Result<()> { templates::copy_tree(&from, &dir.join("fs")) }
     };
     let prepared = tokio::task::spawn_blocking(prepare)
         .await
@@ -375,10 +367,8 @@ async fn start_template_command(
             .unwrap_or_else(|| user.home.to_string());
         let args = vec!["-l".to_string(), "-c".to_string(), command.to_string()];
         let fs = sandbox.fs();
-        let accounts = sandbox.accounts();
         let launch = Launch {
             fs: &fs,
-            accounts: &accounts,
             user,
             cwd: &cwd,
             env: runtime::process_env(user, &sandbox.env_vars, &BTreeMap::new()),

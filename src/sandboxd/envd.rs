@@ -499,10 +499,8 @@ async fn start(Extract(state): Extract<Shared>, call: Call<StartRequest>) -> Res
     } else {
         format!("{}/{cwd}", user.home)
     };
-    let accounts = sandbox.accounts();
     let launch = Launch {
         fs: &fs,
-        accounts: &accounts,
         user,
         cwd: &cwd,
         env: runtime::process_env(user, &sandbox.env_vars, &request.process.envs),

@@ -118,6 +118,7 @@ impl Sandboxd {
                 bwrap,
                 network: config.network,
                 host_paths: config.host_paths.clone(),
+                accounts: config.root.join("accounts"),
             },
             (Isolation::Bubblewrap, None) => return Err(Error::BubblewrapMissing),
             (Isolation::Auto, None) => Launcher::Host,
@@ -131,9 +132,13 @@ impl Sandboxd {
             let path = path.to_path_buf();
             move |source| Error::Io { path, source }
         };
-        for dir in ["sandboxes", "templates", "uploads"] {
+        for dir in ["sandboxes", "templates", "uploads", "accounts"] {
             let path = config.root.join(dir);
             std::fs::create_dir_all(&path).map_err(io(&path))?;
+        }
+        for (name, content) in runtime::account_files() {
+            let path = config.root.join("accounts").join(name);
+            std::fs::write(&path, content).map_err(io(&path))?;
         }
         // Sandboxes do not outlive the server that ran their processes.
         let sandboxes_dir = config.root.join("sandboxes");
@@ -270,10 +275,6 @@ pub(crate) struct SandboxRecord {
 impl SandboxRecord {
     fn fs(&self) -> PathBuf {
         self.dir.join("fs")
-    }
-
-    fn accounts(&self) -> PathBuf {
-        self.dir.join("accounts")
     }
 
     fn state(&self) -> SandboxState {

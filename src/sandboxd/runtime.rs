@@ -147,6 +147,9 @@ pub enum Launcher {
         bwrap: PathBuf,
         network: bool,
         host_paths: Vec<PathBuf>,
+        /// The [`account_files`], written once for every sandbox: each sandbox of its own
+        /// would cost the filesystem inodes to create and delete, and they never differ.
+        accounts: PathBuf,
     },
     Host,
 }
@@ -154,7 +157,6 @@ pub enum Launcher {
 /// Everything needed to start one process in a sandbox.
 pub struct Launch<'a> {
     pub fs: &'a Path,
-    pub accounts: &'a Path,
     pub user: &'a User,
     pub cwd: &'a str,
     pub env: BTreeMap<String, String>,
@@ -174,6 +176,7 @@ impl Launcher {
                 bwrap,
                 network,
                 host_paths,
+                accounts,
             } => {
                 let mut command = Command::new(bwrap);
                 command.args([
@@ -212,7 +215,7 @@ impl Launcher {
                 for (name, _) in account_files() {
                     command
                         .arg("--ro-bind")
-                        .arg(launch.accounts.join(name))
+                        .arg(accounts.join(name))
                         .arg(Path::new("/etc").join(name));
                 }
                 command.args(["--proc", "/proc", "--dev", "/dev", "--chdir", launch.cwd]);

@@ -587,20 +587,10 @@ async fn build(
         .map_err(|error| fail("base", error.to_string()))?;
     let dir = registry.build_dir(template_id, build_id);
     let staging = dir.join("fs.staging");
-    let accounts = dir.join("accounts");
     let prepare = {
-        let (from, staging, dir, accounts) = (
-            base.fs.clone(),
-            staging.clone(),
-            dir.clone(),
-            accounts.clone(),
-        );
+        let (from, staging, dir) = (base.fs.clone(), staging.clone(), dir.clone());
         move || -> std::io::Result<()> {
             let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&accounts)?;
-            for (name, content) in runtime::account_files() {
-                std::fs::write(accounts.join(name), content)?;
-            }
             copy_tree(&from, &staging)
         }
     };
@@ -636,7 +626,6 @@ async fn build(
             number,
             step,
             &staging,
-            &accounts,
             &mut runtime,
         )
         .await
@@ -669,7 +658,6 @@ async fn run_step(
     number: usize,
     step: &TemplateStep,
     staging: &Path,
-    accounts: &Path,
     runtime: &mut Runtime,
 ) -> Result<(), String> {
     let registry = &state.templates;
@@ -695,7 +683,6 @@ async fn run_step(
             let shell_args = vec!["-c".to_string(), args[0].clone()];
             let launch = Launch {
                 fs: staging,
-                accounts,
                 user: &user,
                 cwd: &cwd,
                 env: runtime::process_env(&user, &runtime.env, &BTreeMap::new()),
