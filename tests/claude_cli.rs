@@ -362,6 +362,7 @@ async fn runs_in_an_embedded_sandbox_as_its_user() {
     let envd = client.envd(&sandbox);
     let workspace = "/home/user/workspace";
     assert!(envd.make_dir(workspace).await.unwrap());
+    assert!(envd.make_dir(RUN_DIR).await.unwrap());
 
     let model = ScriptedModel::start(Script::WriteAndRun).await;
     let agent = serde_json::from_value(serde_json::json!({})).unwrap();

@@ -110,7 +110,8 @@ pub fn command(agent: &CommandAgent, prompt: Option<&str>) -> Invocation {
 }
 
 /// The invocation run under the recorder: `sh -c <recorder> <name> <dir> <cmd> <args…>`,
-/// so every argument reaches the agent as given.
+/// so every argument reaches the agent as given. `dir` must exist, writable by the agent's
+/// user.
 pub fn recorded(invocation: Invocation, dir: &str) -> Invocation {
     let mut args = vec![
         "-c".to_string(),
