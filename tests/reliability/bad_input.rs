@@ -1,10 +1,11 @@
 //! Bad input: manifests the apiserver must refuse (the table of `tests/admission/
 //! invalid.yaml`, also run by the control-plane suite), and at run time data the operator
 //! did not create: missing Secrets and keys, a broken template, a template deleted under
-//! a running task, a prompt of the largest size, an agent printing invalid UTF-8 or 50 MiB, 100,000
-//! files, file names with newlines, `..` or thousands of characters, a 1 MiB result. Each
-//! task ends (or waits) with a reason naming the problem, every status stays under a byte
-//! budget, and the operator never panics. (A missing Secret and a missing ConfigMap key
+//! a running task, a prompt of the largest size, an agent printing invalid UTF-8 or 50 MiB,
+//! 100,000 files, file names with newlines, `..` or thousands of characters, a 1 MiB
+//! result, an agent that kills the recorder around it. Each task ends (or waits) with a
+//! reason naming the problem, every status stays under a byte budget, and the operator
+//! never panics. (A missing Secret and a missing ConfigMap key
 //! are also covered in `tests/controlplane/tasks.rs`, with the wait ending once the
 //! Secret appears.)
 
@@ -165,6 +166,16 @@ fn runtime_cases() -> Vec<Case> {
             json!({"templateRef": {"name": "broken"}, "agent": {"command": {"command": ["true"]}}}),
             "TemplateNotReady",
             message_names(&["SandboxTemplate broken", "failed", "BuildFailed"]),
+        ),
+        // What a recorder killed as it wrote its exit code leaves: an empty exit file. It
+        // is no outcome (read as one, it would be a failure of the agent's own, with no
+        // retry); the run was lost.
+        case(
+            "recorder-killed-writing-exit",
+            json!({"templateRef": {"name": "base"}, "backoffLimit": 0,
+                "agent": {"command": {"command": ["sh", "-c", ": >/tmp/sandcastle-run/exit; kill -9 $PPID"]}}}),
+            "AgentLost",
+            message_names(&["without a recorded exit"]),
         ),
         // The prompt reaches the command in one environment variable; at 196,608 bytes
         // it is over the kernel's limit for one (128 KiB), so it cannot start.
