@@ -2,6 +2,7 @@
 //! runs, compared, filtered by `outputs.exclude` and capped at `outputs.maxFiles`.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
@@ -57,8 +58,22 @@ pub struct PatternError {
 }
 
 /// The `outputs.exclude` globs. `dir/**` also excludes `dir` itself and, like gitignore,
-/// a pattern without a slash matches at any depth.
-pub fn exclusions(patterns: &[String]) -> Result<GlobSet, PatternError> {
+/// a pattern without a slash matches at any depth. The last list compiled is kept: tasks
+/// nearly always share one (the default), and compiling it cost more CPU than the rest
+/// of a finished task's pass.
+pub fn exclusions(patterns: &[String]) -> Result<Arc<GlobSet>, PatternError> {
+    static LAST: Mutex<Option<(Vec<String>, Arc<GlobSet>)>> = Mutex::new(None);
+    if let Some((last, set)) = &*LAST.lock().expect("exclusions cache")
+        && last.as_slice() == patterns
+    {
+        return Ok(set.clone());
+    }
+    let set = Arc::new(compile(patterns)?);
+    *LAST.lock().expect("exclusions cache") = Some((patterns.to_vec(), set.clone()));
+    Ok(set)
+}
+
+fn compile(patterns: &[String]) -> Result<GlobSet, PatternError> {
     let mut set = GlobSetBuilder::new();
     for pattern in patterns {
         let anchored = if pattern.contains('/') {
@@ -118,7 +133,7 @@ mod tests {
             .collect()
     }
 
-    fn defaults() -> GlobSet {
+    fn defaults() -> Arc<GlobSet> {
         exclusions(&[
             ".git/**".to_string(),
             "node_modules/**".to_string(),
@@ -183,6 +198,18 @@ mod tests {
         assert!(
             shown.ends_with(CUT_MARKER) && long.starts_with(shown.trim_end_matches(CUT_MARKER))
         );
+    }
+
+    #[test]
+    fn each_list_gets_its_own_set_whatever_was_compiled_before() {
+        let logs = vec!["*.log".to_string()];
+        let temps = vec!["*.tmp".to_string()];
+        for list in [&logs, &temps, &logs, &logs, &temps] {
+            let set = exclusions(list).unwrap();
+            let log_excluded = list == &logs;
+            assert_eq!(set.is_match("out/x.log"), log_excluded, "{list:?}");
+            assert_eq!(set.is_match("out/x.tmp"), !log_excluded, "{list:?}");
+        }
     }
 
     #[test]

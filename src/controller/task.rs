@@ -1391,7 +1391,11 @@ async fn finish(
             return retry(task, ctx, provider, "AgentIncomplete", &message).await;
         }
     };
-    save_transcript(ctx, task, redactor, &stdout, &stderr).await?;
+    // An agent that printed nothing leaves no transcript: an empty ConfigMap would cost a
+    // write and an object per task and tell nobody anything.
+    if !(stdout.is_empty() && stderr.is_empty()) {
+        save_transcript(ctx, task, redactor, &stdout, &stderr).await?;
+    }
     // The verdict is written before the sandbox is killed: the other way round, a crash in
     // between leaves a task whose sandbox is gone and whose result is lost, and the next
     // pass would run the agent again. A sandbox a crash or a failed kill leaves here is
