@@ -6,7 +6,14 @@
 //! - `SANDCASTLE_BENCH_BURSTS` (100): further bursts, comma-separated, timed for the
 //!   controller overhead only;
 //! - `SANDCASTLE_BENCH_FINISHED` (2000): finished tasks in the cluster for the footprint;
-//! - `SANDCASTLE_BENCH_PEER` (1): 0 skips the peer controller.
+//! - `SANDCASTLE_BENCH_PEER` (1): 0 skips the peer controller;
+//! - `SANDCASTLE_BENCH_SANDBOX_DIR` (`/dev/shm` where it exists, else the target
+//!   directory): where the sandbox server keeps its sandboxes' files. A tmpfs by
+//!   default because on an ext4 without a journal (this VM's disk) the inode allocator
+//!   skips every inode freed in the last minutes, one by one: on disk, a sandbox's
+//!   directories cost more the more sandboxes were deleted just before (a profile put it
+//!   at 10–20 % of the machine during a burst, growing from run to run), which would be
+//!   charged to the operator's figures.
 //!
 //! The issue's full run is `SANDCASTLE_BENCH_TASKS=500 SANDCASTLE_BENCH_BURSTS=100,1000
 //! SANDCASTLE_BENCH_FINISHED=10000`. The report is a markdown table on stdout and JSON in
@@ -116,7 +123,14 @@ async fn main() {
         .expect("the control plane starts (scripts/setup builds it)");
     let client = cluster.client().await.expect("client");
     sandcastle::crd::install(&client).await.expect("CRDs");
-    let provider = Provider::start(&work.join(format!("sandboxd-{}", std::process::id()))).await;
+    let sandbox_dir = std::env::var("SANDCASTLE_BENCH_SANDBOX_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            let shm = PathBuf::from("/dev/shm");
+            if shm.is_dir() { shm } else { tmp.clone() }
+        });
+    let sandboxd_root = sandbox_dir.join(format!("sandcastle-bench-{}", std::process::id()));
+    let provider = Provider::start(&sandboxd_root).await;
     let bench = Bench {
         cluster,
         client,
@@ -150,6 +164,7 @@ async fn main() {
     let report = Report {
         sizes: &sizes,
         isolation: bench.provider.isolation(),
+        sandbox_dir: sandbox_dir.display().to_string(),
         baseline,
         bursts,
         footprint,
@@ -172,6 +187,7 @@ async fn main() {
     bench.provider.server.stop().await;
     drop(bench.cluster);
     let _ = std::fs::remove_dir_all(&work);
+    let _ = std::fs::remove_dir_all(&sandboxd_root);
 }
 
 struct Bench {
@@ -1117,6 +1133,7 @@ impl Bench {
 struct Report<'a> {
     sizes: &'a Sizes,
     isolation: &'static str,
+    sandbox_dir: String,
     baseline: Baseline,
     bursts: Vec<Burst>,
     footprint: Footprint,
@@ -1329,9 +1346,10 @@ impl Report<'_> {
         rows.push(self.peer.row(burst));
         let mut out = format!(
             "\n## Operator benchmark\n\n2 cores shared with other work (figures are noisy); sandbox isolation: {}; \
-             the bench's clients keep {CLIENT_CONCURRENCY} requests in flight; whole run {:.0} s.\n\n\
+             sandbox files in {}; the bench's clients keep {CLIENT_CONCURRENCY} requests in flight; \
+             whole run {:.0} s.\n\n\
              | what | figure | baseline / target |\n|---|---|---|\n",
-            self.isolation, self.seconds
+            self.isolation, self.sandbox_dir, self.seconds
         );
         for (what, figure, baseline) in rows {
             out.push_str(&format!("| {what} | {figure} | {baseline} |\n"));
@@ -1353,6 +1371,7 @@ impl Report<'_> {
                 "clientConcurrency": CLIENT_CONCURRENCY,
                 "maxRunningTasks": "the burst's size",
                 "isolation": self.isolation,
+                "sandboxDir": self.sandbox_dir,
                 "cores": std::thread::available_parallelism().map(usize::from).unwrap_or(0),
                 "seconds": self.seconds,
             },
