@@ -123,13 +123,18 @@ async fn main() {
         .expect("the control plane starts (scripts/setup builds it)");
     let client = cluster.client().await.expect("client");
     sandcastle::crd::install(&client).await.expect("CRDs");
+    let root_in = |dir: &Path| dir.join(format!("sandcastle-bench-{}", std::process::id()));
     let sandbox_dir = std::env::var("SANDCASTLE_BENCH_SANDBOX_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
             let shm = PathBuf::from("/dev/shm");
-            if shm.is_dir() { shm } else { tmp.clone() }
+            if std::fs::create_dir_all(root_in(&shm)).is_ok() {
+                shm
+            } else {
+                tmp.clone()
+            }
         });
-    let sandboxd_root = sandbox_dir.join(format!("sandcastle-bench-{}", std::process::id()));
+    let sandboxd_root = root_in(&sandbox_dir);
     let provider = Provider::start(&sandboxd_root).await;
     let bench = Bench {
         cluster,
