@@ -14,14 +14,15 @@ use std::time::Duration;
 
 use futures::channel::mpsc::UnboundedSender;
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
+use k8s_openapi::api::events;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::DeserializeGuard;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, CustomResourceExt, Resource, ResourceExt};
@@ -687,6 +688,58 @@ fn guard_namespace<K: Resource>(guard: &DeserializeGuard<K>) -> String {
 
 fn guard_name<K: Resource>(guard: &DeserializeGuard<K>) -> String {
     guard.meta().name.clone().unwrap_or_default()
+}
+
+/// The longest object name kube's `Recorder` can name an Event after: it names each one
+/// `<object>.<nanoseconds in hex>`, 17 characters more, and a name has at most 253.
+const RECORDER_NAME_LIMIT: usize = 236;
+
+/// Publishes `event` about `regarding` through `recorder`; about an object whose name is
+/// too long for the recorder's Event names (which the apiserver would refuse), it posts
+/// the same Event under a name the apiserver generates from the object's.
+async fn publish(
+    client: &Client,
+    recorder: &Recorder,
+    event: &Event,
+    regarding: &ObjectReference,
+) -> Result<(), kube::Error> {
+    let name = regarding.name.as_deref().unwrap_or_default();
+    if name.len() <= RECORDER_NAME_LIMIT {
+        return recorder.publish(event, regarding).await;
+    }
+    let namespace = regarding.namespace.clone().unwrap_or_default();
+    let events: Api<events::v1::Event> = Api::namespaced(client.clone(), &namespace);
+    // Object names are ASCII, so any byte index is a character boundary; a generated
+    // name's prefix must end in `-` after an alphanumeric character.
+    let prefix = format!(
+        "{}-",
+        name[..RECORDER_NAME_LIMIT].trim_end_matches(['-', '.'])
+    );
+    let posted = events::v1::Event {
+        metadata: ObjectMeta {
+            generate_name: Some(prefix),
+            namespace: Some(namespace),
+            ..ObjectMeta::default()
+        },
+        action: Some(event.action.clone()),
+        reason: Some(event.reason.clone()),
+        note: event.note.clone(),
+        type_: Some(
+            match event.type_ {
+                EventType::Normal => "Normal",
+                EventType::Warning => "Warning",
+            }
+            .into(),
+        ),
+        event_time: Some(MicroTime(jiff::Timestamp::now())),
+        regarding: Some(regarding.clone()),
+        related: event.secondary.clone(),
+        reporting_controller: Some(FIELD_MANAGER.into()),
+        reporting_instance: Some(FIELD_MANAGER.into()),
+        ..events::v1::Event::default()
+    };
+    events.create(&PostParams::default(), &posted).await?;
+    Ok(())
 }
 
 fn now() -> Time {

@@ -330,7 +330,7 @@ async fn publish(ctx: &Context, task: &AgentTask, type_: EventType, reason: &str
     } else {
         &ctx.recorder
     };
-    if let Err(error) = recorder.publish(&event, &task.object_ref(&())).await {
+    if let Err(error) = super::publish(&ctx.client, recorder, &event, &task.object_ref(&())).await {
         tracing::warn!(%error, reason, "cannot publish event");
     }
 }

@@ -198,10 +198,13 @@ async fn publish(
         action: reason.into(),
         secondary: None,
     };
-    if let Err(error) = ctx
-        .recorder
-        .publish(&event, &template.object_ref(&()))
-        .await
+    if let Err(error) = super::publish(
+        &ctx.client,
+        &ctx.recorder,
+        &event,
+        &template.object_ref(&()),
+    )
+    .await
     {
         tracing::warn!(%error, reason, "cannot publish event");
     }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, PostParams};
 use sandcastle::crd::{AgentTask, AgentTaskStatus, SandboxTemplate, TaskPhase};
 use serde_json::{Value, json};
@@ -134,6 +135,11 @@ async fn template_deleted_mid_task(api: &Api<AgentTask>, templates: &Api<Sandbox
 
 fn result_text(status: &AgentTaskStatus) -> String {
     status.result.clone().unwrap_or_default().text
+}
+
+/// A task name of the most characters a name may have.
+fn longest_name() -> String {
+    format!("long-{}", "n".repeat(248))
 }
 
 fn runtime_cases() -> Vec<Case> {
@@ -284,7 +290,7 @@ fn runtime_cases() -> Vec<Case> {
             counts(300, |listed| listed >= 40),
         ),
         case(
-            &format!("long-{}", "n".repeat(248)),
+            &longest_name(),
             command("echo named"),
             "Succeeded",
             Box::new(|status| {
@@ -431,6 +437,30 @@ pub async fn bad_input_is_refused_or_reported(env: Arc<TestEnv>) {
                 .is_some_and(|name| name.ends_with("-transcript"))
         })
         .count();
+    // kube's Recorder names an Event after its object plus 17 characters, too long for
+    // this task's name: its events must still be there.
+    let long_name = longest_name();
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &ns);
+    let reasons: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|event| {
+            event
+                .regarding
+                .as_ref()
+                .is_some_and(|regarding| regarding.name.as_deref() == Some(long_name.as_str()))
+        })
+        .filter_map(|event| event.reason)
+        .collect();
+    assert!(
+        ["Started", "Succeeded"]
+            .iter()
+            .all(|reason| reasons.iter().any(|seen| seen == reason)),
+        "the 253-character task's events: {reasons:?}"
+    );
     let logs = operator.logs();
     let panics = logs.matches("panicked").count();
     figure(format!(
