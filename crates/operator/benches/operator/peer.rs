@@ -1,0 +1,297 @@
+//! The peer beside Sandcastle: kubernetes-sigs/agent-sandbox's controller (built from its
+//! Go module by `tools/peers/build.sh`) on the same control plane, given a burst of
+//! SandboxClaims of the same size as Sandcastle's burst of AgentTasks. A claim's first
+//! downstream action is the Sandbox the claim controller creates for it (named after the
+//! claim); a task's is the sandbox create at the provider.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::wait::{await_condition, conditions};
+use sandcastle_testkit::localcluster::LocalCluster;
+use serde_json::{Value, json};
+
+use super::{
+    Burst, Memory, Sightings, Spread, cpu_time, create_burst, die_with_parent, mib, millis, ms,
+    namespace,
+};
+
+const VERSION: &str = "v0.5.6";
+const GROUP: &str = "extensions.agents.x-k8s.io";
+
+pub enum Outcome {
+    Skipped(String),
+    /// Why the peer could not be built or run.
+    Failed(String),
+    Ran(Figures),
+}
+
+pub struct Figures {
+    claims: usize,
+    to_sandbox: Spread,
+    to_sandbox_max: Duration,
+    /// From the first claim sent to the last Sandbox seen.
+    seconds: f64,
+    idle: Memory,
+    after: Memory,
+    cpu: Duration,
+}
+
+pub async fn run(cluster: &LocalCluster, client: &kube::Client, claims: usize) -> Outcome {
+    let dir = match build() {
+        Ok(dir) => dir,
+        Err(reason) => return Outcome::Failed(reason),
+    };
+    match measure(cluster, client, &dir, claims).await {
+        Ok(figures) => Outcome::Ran(figures),
+        Err(reason) => Outcome::Failed(reason),
+    }
+}
+
+fn build() -> Result<PathBuf, String> {
+    let script = sandcastle_testkit::repo().join("tools/peers/build.sh");
+    let out = Command::new(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|error| format!("cannot run {}: {error}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "tools/peers/build.sh failed ({}); its output is above",
+            out.status
+        ));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+fn resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, "v1beta1", kind), plural)
+}
+
+fn object(resource: &ApiResource, name: &str, spec: Value) -> DynamicObject {
+    let mut object = DynamicObject::new(name, resource);
+    object.data = json!({"spec": spec});
+    object
+}
+
+/// The peer's CRDs as its release ships them, without the conversion webhook: every
+/// request here uses the storage version, and no webhook server runs.
+async fn install_crds(client: &kube::Client, dir: &Path) -> Result<(), String> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let files = std::fs::read_dir(dir).map_err(|error| format!("{}: {error}", dir.display()))?;
+    for file in files.filter_map(Result::ok) {
+        if file.path().extension().is_none_or(|ext| ext != "yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(file.path()).map_err(|error| error.to_string())?;
+        let mut crd: CustomResourceDefinition = serde_yaml::from_str(&text)
+            .map_err(|error| format!("{}: {error}", file.path().display()))?;
+        crd.spec.conversion = None;
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(
+            &name,
+            &PatchParams::apply("sandcastle-bench").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .map_err(|error| format!("installing CRD {name}: {error}"))?;
+        let established = await_condition(api.clone(), &name, conditions::is_crd_established());
+        tokio::time::timeout(Duration::from_secs(30), established)
+            .await
+            .map_err(|_| format!("CRD {name} was not established"))?
+            .map_err(|error| error.to_string())?;
+    }
+    Ok(())
+}
+
+async fn measure(
+    cluster: &LocalCluster,
+    client: &kube::Client,
+    dir: &Path,
+    claims: usize,
+) -> Result<Figures, String> {
+    install_crds(client, dir).await?;
+    let ns = "peer";
+    namespace(client, ns).await;
+    let templates = resource("SandboxTemplate", "sandboxtemplates");
+    let pools = resource("SandboxWarmPool", "sandboxwarmpools");
+    let claim_resource = resource("SandboxClaim", "sandboxclaims");
+    let sandboxes = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("agents.x-k8s.io", "v1beta1", "Sandbox"),
+        "sandboxes",
+    );
+    let create = |resource: &ApiResource, object: DynamicObject| {
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, resource);
+        async move {
+            api.create(&Default::default(), &object)
+                .await
+                .map_err(|error| {
+                    format!(
+                        "creating a {}: {error}",
+                        object.types.map(|t| t.kind).unwrap_or_default()
+                    )
+                })
+        }
+    };
+    let pod = json!({"spec": {"containers": [{"name": "sandbox", "image": "busybox"}]}});
+    create(
+        &templates,
+        object(&templates, "bench", json!({"podTemplate": pod})),
+    )
+    .await?;
+    // An empty pool: every claim is a cold start from the pool's template, as a task is.
+    let pool = json!({"replicas": 0, "sandboxTemplateRef": {"name": "bench"}});
+    create(&pools, object(&pools, "bench", pool)).await?;
+
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("agent-sandbox-controller.log");
+    let log_file = std::fs::File::create(&log).map_err(|error| error.to_string())?;
+    let mut command = Command::new(dir.join("agent-sandbox-controller"));
+    command
+        .args([
+            "--extensions",
+            "--leader-elect=false",
+            "--enable-webhook=false",
+        ])
+        .args(["--manage-webhook-certs=false", "--metrics-bind-address=0"])
+        .args(["--health-probe-bind-address=0", "--kubeconfig"])
+        .arg(cluster.kubeconfig_path())
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().map_err(|error| error.to_string())?)
+        .stderr(log_file);
+    die_with_parent(&mut command);
+    let mut controller = command
+        .spawn()
+        .map_err(|error| format!("starting the peer: {error}"))?;
+    let outcome = burst(
+        client,
+        ns,
+        &claim_resource,
+        &sandboxes,
+        controller.id(),
+        claims,
+    )
+    .await;
+    let _ = controller.kill();
+    let _ = controller.wait();
+    outcome.map_err(|error| format!("{error} (its log: {})", log.display()))
+}
+
+async fn burst(
+    client: &kube::Client,
+    ns: &str,
+    claim_resource: &ApiResource,
+    sandbox_resource: &ApiResource,
+    pid: u32,
+    claims: usize,
+) -> Result<Figures, String> {
+    let claim_api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, claim_resource);
+    let sandbox_api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), ns, sandbox_resource);
+    let seen = Sightings::watch(sandbox_api, |_: &DynamicObject| Some(true)).await;
+    let claim = |name: &str| {
+        object(
+            claim_resource,
+            name,
+            json!({"warmPoolRef": {"name": "bench"}}),
+        )
+    };
+    // The warm-up claim shows the controller's caches are in and its workers running, as
+    // the adopted template does for Sandcastle.
+    create_burst(&claim_api, vec![claim("warm-up")], |_| {}).await;
+    seen.wait_for(1, Duration::from_secs(60))
+        .await
+        .map_err(|error| format!("the peer created no Sandbox for its warm-up claim: {error}"))?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = Memory::of(pid);
+    let cpu_before = cpu_time(pid);
+    let started = Instant::now();
+    let objects = (0..claims)
+        .map(|index| claim(&format!("claim-{index:05}")))
+        .collect();
+    let created = create_burst(&claim_api, objects, |_| {}).await;
+    let sandboxes = seen
+        .wait_for(claims + 1, Duration::from_secs(120))
+        .await
+        .map_err(|error| format!("the peer's Sandboxes: {error}"))?;
+    let seconds = created
+        .iter()
+        .map(|claim| sandboxes[&claim.name].0)
+        .max()
+        .map_or(0.0, |last| (last - started).as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let to_sandbox: Vec<Duration> = created
+        .iter()
+        .map(|claim| {
+            sandboxes[&claim.name]
+                .0
+                .saturating_duration_since(claim.answered)
+        })
+        .collect();
+    eprintln!("peer: {claims} claims in {seconds:.2} s");
+    Ok(Figures {
+        claims,
+        to_sandbox_max: to_sandbox.iter().copied().max().unwrap_or_default(),
+        to_sandbox: Spread::of(to_sandbox),
+        seconds,
+        idle,
+        after: Memory::of(pid),
+        cpu: cpu_time(pid) - cpu_before,
+    })
+}
+
+impl Outcome {
+    /// The report's row: the peer's figures beside Sandcastle's from `ours`.
+    pub fn row(&self, ours: &Burst) -> (String, String, String) {
+        let what = format!("(g) peer: agent-sandbox {VERSION} SandboxClaim controller");
+        let sandcastle = format!(
+            "Sandcastle, {} tasks: created → sandbox create p50 {}, p99 {}; RSS {:.1} MiB (idle {:.1}), {:.2} CPU-s",
+            ours.tasks,
+            ms(ours.to_sandbox.p50),
+            ms(ours.to_sandbox.p99),
+            mib(ours.after.rss),
+            mib(ours.before.rss),
+            ours.cpu.as_secs_f64()
+        );
+        match self {
+            Outcome::Skipped(why) => (what, format!("not run: {why}"), sandcastle),
+            Outcome::Failed(why) => (what, format!("did not run: {why}"), sandcastle),
+            Outcome::Ran(peer) => (
+                format!("{what}, {} claims in one burst", peer.claims),
+                format!(
+                    "claim created → its Sandbox created p50 {}, p99 {}, all in {:.2} s; RSS {:.1} MiB (idle {:.1}), {:.2} CPU-s",
+                    ms(peer.to_sandbox.p50),
+                    ms(peer.to_sandbox.p99),
+                    peer.seconds,
+                    mib(peer.after.rss),
+                    mib(peer.idle.rss),
+                    peer.cpu.as_secs_f64()
+                ),
+                sandcastle,
+            ),
+        }
+    }
+
+    pub fn json(&self) -> Value {
+        match self {
+            Outcome::Skipped(why) => json!({"ran": false, "skipped": why}),
+            Outcome::Failed(why) => json!({"ran": false, "failed": why}),
+            Outcome::Ran(peer) => json!({
+                "ran": true,
+                "controller": format!("sigs.k8s.io/agent-sandbox {VERSION}, --extensions"),
+                "claims": peer.claims,
+                "createdToFirstDownstream": {
+                    "p50Ms": millis(peer.to_sandbox.p50),
+                    "p99Ms": millis(peer.to_sandbox.p99),
+                    "maxMs": millis(peer.to_sandbox_max),
+                },
+                "seconds": peer.seconds,
+                "rssMiB": mib(peer.after.rss),
+                "peakMiB": mib(peer.after.peak),
+                "idleRssMiB": mib(peer.idle.rss),
+                "cpuSeconds": peer.cpu.as_secs_f64(),
+            }),
+        }
+    }
+}

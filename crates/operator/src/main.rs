@@ -1,0 +1,461 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use sandcastle_api as crd;
+
+/// Sandcastle runs AI coding agents in sandboxes, declared as Kubernetes resources.
+#[derive(Parser)]
+#[command(name = "sandcastle", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the operator against the cluster of the current kubeconfig (or in-cluster config).
+    Run(Box<RunArgs>),
+    /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
+    Crd {
+        /// Write one file per CRD into this directory instead of printing.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run the embedded E2B-compatible sandbox server on its own.
+    Sandboxd {
+        /// Directory for templates, sandboxes and uploads.
+        #[arg(long, default_value = "target/sandboxd")]
+        root: PathBuf,
+        #[arg(long, default_value = "127.0.0.1")]
+        listen: std::net::IpAddr,
+        /// Port of the control-plane API (what E2B_API_URL points at).
+        #[arg(long, default_value_t = 3000)]
+        api_port: u16,
+        /// Port of envd for every sandbox (what E2B_SANDBOX_URL points at).
+        #[arg(long, default_value_t = 49983)]
+        envd_port: u16,
+        /// Accept only this API key (otherwise any non-empty key).
+        #[arg(long, env = "SANDCASTLE_SANDBOXD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        isolation: sandcastle_sandboxd::Isolation,
+        /// Give sandboxes a private network namespace with only loopback.
+        #[arg(long)]
+        no_network: bool,
+        #[arg(long, env = "SANDCASTLE_LOG", default_value = "info")]
+        log: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Run(args) => run(*args).await,
+        Command::Crd { out } => print_crds(out),
+        Command::Sandboxd {
+            root,
+            listen,
+            api_port,
+            envd_port,
+            api_key,
+            isolation,
+            no_network,
+            log,
+        } => {
+            let mut config = sandcastle_sandboxd::Config::new(root);
+            config.listen = listen;
+            config.api_port = api_port;
+            config.envd_port = envd_port;
+            config.api_key = api_key;
+            config.isolation = isolation;
+            config.network = !no_network;
+            sandboxd(config, &log).await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error>;
+
+async fn sandboxd(config: sandcastle_sandboxd::Config, log: &str) -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(log)?)
+        .init();
+    let server = sandcastle_sandboxd::Sandboxd::start(config).await?;
+    println!("E2B_API_URL={}", server.api_url());
+    println!("E2B_SANDBOX_URL={}", server.sandbox_url());
+    let _ = terminated().await;
+    server.stop().await;
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Watch only this namespace (repeat the flag for more); all namespaces when absent.
+    #[arg(long, env = "SANDCASTLE_NAMESPACES", value_delimiter = ',')]
+    namespace: Vec<String>,
+    /// Log filter, in `RUST_LOG` syntax.
+    #[arg(long, env = "SANDCASTLE_LOG", default_value = "info")]
+    log: String,
+    #[arg(
+        long,
+        env = "SANDCASTLE_LOG_FORMAT",
+        value_enum,
+        default_value = "json"
+    )]
+    log_format: LogFormat,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[arg(long, env = "SANDCASTLE_ADMIN_ADDRESS", default_value = "0.0.0.0:8080")]
+    admin_address: std::net::SocketAddr,
+    #[command(flatten)]
+    election: ElectionArgs,
+    #[command(flatten)]
+    provider: ProviderArgs,
+    #[command(flatten)]
+    embedded: EmbeddedArgs,
+    #[command(flatten)]
+    limits: Limits,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Several replicas elect one leader through a Lease; only the leader reconciles.
+#[derive(clap::Args)]
+struct ElectionArgs {
+    /// Reconcile only while holding the leader lease.
+    #[arg(long, env = "SANDCASTLE_LEADER_ELECTION")]
+    leader_election: bool,
+    /// Namespace of the lease (the operator's own, in a cluster).
+    #[arg(
+        long,
+        env = "SANDCASTLE_LEADER_ELECTION_NAMESPACE",
+        default_value = "default"
+    )]
+    leader_election_namespace: String,
+    #[arg(
+        long,
+        env = "SANDCASTLE_LEADER_ELECTION_LEASE",
+        default_value = "sandcastle"
+    )]
+    leader_election_lease: String,
+    /// How long the lease lasts unrenewed: the most a standby waits for a vanished leader.
+    #[arg(
+        long,
+        env = "SANDCASTLE_LEADER_ELECTION_LEASE_SECONDS",
+        default_value_t = 15
+    )]
+    leader_election_lease_seconds: u64,
+    /// This replica's name in the lease; the host name and process ID when unset.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+/// The provider of templates that do not name their own.
+#[derive(clap::Args)]
+struct ProviderArgs {
+    /// `embedded`: the sandbox server inside the operator (development); `e2b`: an E2B
+    /// or E2B-compatible service.
+    #[arg(
+        long,
+        env = "SANDCASTLE_PROVIDER",
+        value_enum,
+        default_value = "embedded"
+    )]
+    provider: ProviderKind,
+    #[arg(long, env = "E2B_DOMAIN", default_value = sandcastle_e2b::client::DEFAULT_DOMAIN)]
+    e2b_domain: String,
+    /// The REST API; `https://api.<domain>` when unset.
+    #[arg(long, env = "E2B_API_URL")]
+    e2b_api_url: Option<String>,
+    /// envd's URL pattern, with `{port}`, `{sandboxId}` and `{domain}`.
+    #[arg(long, env = "E2B_SANDBOX_URL")]
+    e2b_sandbox_url: Option<String>,
+    /// Without a key, templates that name no provider report `ProviderNotConfigured`.
+    #[arg(long, env = "E2B_API_KEY", hide_env_values = true)]
+    e2b_api_key: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ProviderKind {
+    Embedded,
+    E2b,
+}
+
+/// The embedded sandbox server, when it is the default provider.
+#[derive(clap::Args)]
+struct EmbeddedArgs {
+    /// Directory for the embedded server's templates, sandboxes and uploads.
+    #[arg(
+        long,
+        env = "SANDCASTLE_SANDBOXD_ROOT",
+        default_value = "/var/lib/sandcastle/sandboxd"
+    )]
+    sandboxd_root: PathBuf,
+    /// Port of its control-plane API on 127.0.0.1 (0 picks a free one).
+    #[arg(long, env = "SANDCASTLE_SANDBOXD_API_PORT", default_value_t = 0)]
+    sandboxd_api_port: u16,
+    /// Port of its envd on 127.0.0.1 (0 picks a free one).
+    #[arg(long, env = "SANDCASTLE_SANDBOXD_ENVD_PORT", default_value_t = 0)]
+    sandboxd_envd_port: u16,
+    /// The API key it accepts; a random one when unset (only the operator needs it).
+    #[arg(long, env = "SANDCASTLE_SANDBOXD_API_KEY", hide_env_values = true)]
+    sandboxd_api_key: Option<String>,
+    #[arg(
+        long,
+        env = "SANDCASTLE_SANDBOXD_ISOLATION",
+        value_enum,
+        default_value = "auto"
+    )]
+    sandboxd_isolation: sandcastle_sandboxd::Isolation,
+    /// Host directories mounted read-only at the same path in every embedded sandbox
+    /// (an agent CLI installed outside /usr, say); `:`-separated in the variable.
+    #[arg(long, env = "SANDCASTLE_SANDBOXD_HOST_PATHS", value_delimiter = ':')]
+    sandboxd_host_path: Vec<PathBuf>,
+}
+
+/// The operator's settings beyond the cluster and the providers.
+#[derive(clap::Args)]
+struct Limits {
+    /// Template builds allowed to run at once; more wait in the `Queued` state.
+    #[arg(long, env = "SANDCASTLE_MAX_CONCURRENT_BUILDS", default_value_t = 4)]
+    max_concurrent_builds: usize,
+    /// Tasks allowed to hold a sandbox at once; more wait, in creation order, as `Queued`.
+    #[arg(long, env = "SANDCASTLE_MAX_RUNNING_TASKS", default_value_t = 20)]
+    max_running_tasks: usize,
+    /// The same cap for each namespace; none when unset.
+    #[arg(long, env = "SANDCASTLE_MAX_RUNNING_TASKS_PER_NAMESPACE")]
+    max_running_tasks_per_namespace: Option<usize>,
+    /// Marks the sandboxes this operator creates; its orphan sweep kills only those.
+    #[arg(long, env = "SANDCASTLE_INSTANCE", default_value = "sandcastle")]
+    instance: String,
+    /// Seconds between sweeps for sandboxes whose task no longer exists.
+    #[arg(long, env = "SANDCASTLE_SWEEP_ORPHANS_EVERY", default_value_t = 300)]
+    sweep_orphans_every: u64,
+    /// How sandboxes invoke the Claude Code CLI: a name on their PATH or an absolute path.
+    #[arg(long, env = "SANDCASTLE_CLAUDE_COMMAND", default_value = "claude")]
+    claude_command: String,
+    /// Seconds between checks that a Ready template still exists on its provider (one
+    /// cheap call each); a vanished template is built again.
+    #[arg(long, env = "SANDCASTLE_VERIFY_TEMPLATES_EVERY", default_value_t = 600)]
+    verify_templates_every: u64,
+}
+
+async fn run(args: RunArgs) -> Result<(), BoxError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)?;
+    match args.log_format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+    }
+    let metrics = Arc::new(sandcastle::metrics::Metrics::new());
+    let readiness = Arc::new(sandcastle::admin::Readiness::default());
+    let admin =
+        sandcastle::admin::serve(args.admin_address, metrics.clone(), readiness.clone()).await?;
+    tracing::info!(address = %admin, "admin endpoint listening");
+    let client = kube::Client::try_default().await?;
+    sandcastle::controller::check_crds(&client).await?;
+    readiness.set(true);
+    let namespaces = if args.namespace.is_empty() {
+        "(all)".to_string()
+    } else {
+        args.namespace.join(",")
+    };
+    tracing::info!(%namespaces, "starting");
+    let scope = sandcastle::controller::Scope {
+        namespaces: args.namespace,
+    };
+    let election = args
+        .election
+        .leader_election
+        .then(|| sandcastle::leader::Election {
+            namespace: args.election.leader_election_namespace,
+            lease: args.election.leader_election_lease,
+            identity: args.election.identity.unwrap_or_else(default_identity),
+            lease_seconds: args.election.leader_election_lease_seconds,
+        });
+    operate(
+        client,
+        scope,
+        (args.provider, args.embedded),
+        args.limits,
+        election,
+        metrics,
+    )
+    .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "sandcastle".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Starts the default provider, waits for the leader lease when elections are on, and
+/// runs the controllers until SIGTERM or Ctrl-C, or until the lease is lost.
+async fn operate(
+    client: kube::Client,
+    scope: sandcastle::controller::Scope,
+    (provider, embedded): (ProviderArgs, EmbeddedArgs),
+    limits: Limits,
+    election: Option<sandcastle::leader::Election>,
+    metrics: Arc<sandcastle::metrics::Metrics>,
+) -> Result<(), BoxError> {
+    let (default_provider, server) = match provider.provider {
+        ProviderKind::Embedded => {
+            let (client, server) = start_embedded(embedded, &metrics).await?;
+            (Some(client), Some(server))
+        }
+        ProviderKind::E2b => (e2b_provider(provider, &metrics)?, None),
+    };
+    let leadership = match &election {
+        None => None,
+        Some(election) => {
+            tokio::select! {
+                leading = sandcastle::leader::acquire(client.clone(), election) => Some(leading?),
+                _ = terminated() => {
+                    if let Some(server) = server {
+                        server.stop().await;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    };
+    metrics.set_leader(true);
+    let lost = leadership.as_ref().map(|leadership| leadership.lost());
+    let lost_lease = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shutdown = {
+        let lost_lease = lost_lease.clone();
+        async move {
+            match lost {
+                Some(lost) => tokio::select! {
+                    _ = lost => lost_lease.store(true, std::sync::atomic::Ordering::Relaxed),
+                    _ = terminated() => {}
+                },
+                None => {
+                    let _ = terminated().await;
+                }
+            }
+        }
+    };
+    let embedded = server.is_some().then(|| default_provider.clone()).flatten();
+    let settings = sandcastle::controller::Settings {
+        default_provider,
+        embedded,
+        metrics: metrics.clone(),
+        max_concurrent_builds: limits.max_concurrent_builds,
+        verify_templates_every: std::time::Duration::from_secs(limits.verify_templates_every),
+        claude_command: limits.claude_command,
+        instance: limits.instance,
+        sweep_orphans_every: std::time::Duration::from_secs(limits.sweep_orphans_every.max(1)),
+        max_running_tasks: limits.max_running_tasks,
+        max_running_tasks_per_namespace: limits.max_running_tasks_per_namespace,
+    };
+    let result = sandcastle::controller::run(client, scope, settings, shutdown).await;
+    metrics.set_leader(false);
+    if let Some(server) = server {
+        server.stop().await;
+    }
+    if lost_lease.load(std::sync::atomic::Ordering::Relaxed) {
+        // Another replica leads now; starting over as a standby is the pod's restart.
+        tracing::error!("lost the leader lease; exiting to rejoin as a standby");
+        return Err("lost the leader lease".into());
+    }
+    if let Some(leadership) = leadership {
+        leadership.release().await;
+    }
+    Ok(result?)
+}
+
+async fn start_embedded(
+    embedded: EmbeddedArgs,
+    metrics: &Arc<sandcastle::metrics::Metrics>,
+) -> Result<
+    (
+        sandcastle_e2b::client::E2bClient,
+        sandcastle_sandboxd::Sandboxd,
+    ),
+    BoxError,
+> {
+    let mut config = sandcastle_sandboxd::Config::new(embedded.sandboxd_root);
+    config.api_port = embedded.sandboxd_api_port;
+    config.envd_port = embedded.sandboxd_envd_port;
+    config.isolation = embedded.sandboxd_isolation;
+    config.host_paths = embedded.sandboxd_host_path;
+    let api_key = embedded
+        .sandboxd_api_key
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    config.api_key = Some(api_key.clone());
+    let server = sandcastle_sandboxd::Sandboxd::start(config).await?;
+    let mut client = sandcastle_e2b::client::ClientConfig::with_urls(
+        server.api_url(),
+        server.sandbox_url(),
+        api_key,
+    );
+    client.observer = Some(metrics.request_observer());
+    Ok((sandcastle_e2b::client::E2bClient::new(client)?, server))
+}
+
+fn e2b_provider(
+    provider: ProviderArgs,
+    metrics: &Arc<sandcastle::metrics::Metrics>,
+) -> Result<Option<sandcastle_e2b::client::E2bClient>, BoxError> {
+    let Some(key) = provider.e2b_api_key.filter(|key| !key.trim().is_empty()) else {
+        tracing::warn!(
+            "no E2B API key (E2B_API_KEY): only templates that name their own provider can be built"
+        );
+        return Ok(None);
+    };
+    let mut config = sandcastle_e2b::client::ClientConfig::for_domain(&provider.e2b_domain, key);
+    if let Some(url) = provider.e2b_api_url {
+        config.api_url = url;
+    }
+    if let Some(pattern) = provider.e2b_sandbox_url {
+        config.sandbox_url = pattern;
+    }
+    config.observer = Some(metrics.request_observer());
+    tracing::info!(api = %config.api_url, "default provider: E2B");
+    Ok(Some(sandcastle_e2b::client::E2bClient::new(config)?))
+}
+
+/// Completes on Ctrl-C or SIGTERM (what Kubernetes sends to stop a pod).
+async fn terminated() -> std::io::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted,
+        _ = terminate.recv() => Ok(()),
+    }
+}
+
+fn print_crds(out: Option<PathBuf>) -> Result<(), BoxError> {
+    let crds = crd::all();
+    match out {
+        None => print!("{}", crd::to_yaml(&crds)?),
+        Some(dir) => {
+            for one in crds {
+                let path = dir.join(crd::file_name(&one));
+                std::fs::write(&path, crd::to_yaml(std::slice::from_ref(&one))?)
+                    .map_err(|err| format!("writing {}: {err}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! Sandcastle's test kit: what the tests, the benchmarks and local development share —
+//! a real local control plane, the scripted Anthropic-compatible model, the harness that
+//! runs a suite on one shared cluster, the operator as a child process, and the sandbox
+//! server's benchmark figures. Never linked into the operator binary.
+
+pub mod base;
+pub mod cases;
+pub mod cluster;
+pub mod figures;
+pub mod localcluster;
+pub mod model;
+pub mod operator;
+
+use std::path::{Path, PathBuf};
+
+/// The repository's root: the examples, CRDs, chart and docs the tests read.
+pub fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// Where tests keep their scratch files: cargo's `target/tmp`, the directory integration
+/// tests know as `CARGO_TARGET_TMPDIR`.
+pub fn scratch_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"))
+        .join("tmp")
+}
+
+/// The `sandcastle` binary cargo built beside the running test or benchmark (cargo builds
+/// a package's binaries before its integration tests and benchmarks), or
+/// `$SANDCASTLE_OPERATOR_BIN`.
+pub fn operator_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("SANDCASTLE_OPERATOR_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the running executable's path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("a test executable under target/<profile>/deps")
+        .join("sandcastle")
+}

@@ -1,0 +1,290 @@
+//! The operator binary run as in production against the test control plane, with its
+//! embedded sandbox server, and a client of that server to check what the operator did.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use sandcastle_e2b::client::{ClientConfig, E2bClient};
+
+const API_KEY: &str = "operator-test-key";
+
+pub struct Operator {
+    child: Child,
+    root: PathBuf,
+    namespace: String,
+    args: Vec<String>,
+    kubeconfig: PathBuf,
+    settings: Vec<(String, String)>,
+    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    api_url: String,
+    sandbox_url: String,
+    admin: String,
+}
+
+impl Operator {
+    /// Starts `sandcastle run` for one namespace, with the embedded server's state under a
+    /// directory of that namespace, and waits until the server listens.
+    pub fn start(kubeconfig: &std::path::Path, namespace: &str) -> Operator {
+        Operator::start_with(kubeconfig, namespace, &[])
+    }
+
+    /// Like [`Operator::start`], with extra environment (the operator's settings).
+    pub fn start_with(
+        kubeconfig: &std::path::Path,
+        namespace: &str,
+        settings: &[(&str, &str)],
+    ) -> Operator {
+        let root = crate::scratch_dir().join(format!("sandboxd-{namespace}"));
+        let args = ["run", "--namespace", namespace, "--sandboxd-root"]
+            .into_iter()
+            .map(str::to_string)
+            .chain([root.display().to_string()])
+            .collect();
+        Operator::start_args(kubeconfig, namespace, args, settings)
+    }
+
+    /// Runs the binary with exactly these arguments (a Deployment's, say); `namespace`
+    /// names its embedded server's directory and its log lines in the test output.
+    pub fn start_args(
+        kubeconfig: &std::path::Path,
+        namespace: &str,
+        args: Vec<String>,
+        settings: &[(&str, &str)],
+    ) -> Operator {
+        let root = crate::scratch_dir().join(format!("sandboxd-{namespace}"));
+        let _ = std::fs::remove_dir_all(&root);
+        let settings: Vec<(String, String)> = settings
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect();
+        let logs = std::sync::Arc::default();
+        let (
+            child,
+            Started {
+                api_url,
+                sandbox_url,
+                admin,
+            },
+        ) = spawn(kubeconfig, namespace, &args, &settings, &logs);
+        Operator {
+            child,
+            root,
+            namespace: namespace.to_string(),
+            args,
+            kubeconfig: kubeconfig.to_path_buf(),
+            settings,
+            logs,
+            api_url,
+            sandbox_url,
+            admin,
+        }
+    }
+
+    /// The operator's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.admin);
+        let response = reqwest::get(&url)
+            .await
+            .expect("the admin endpoint answers");
+        assert!(
+            response.status().is_success(),
+            "{url}: {}",
+            response.status()
+        );
+        response.text().await.expect("metrics text")
+    }
+
+    /// The value of one series (its name with labels exactly as exported), if exported.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics().await.lines().find_map(|line| {
+            let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+            value.split(' ').next()?.parse().ok()
+        })
+    }
+
+    /// How the operator exited, if it did within `wait`.
+    pub async fn exit_within(&mut self, wait: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("the operator's status") {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
+    /// Kills the operator at once (SIGKILL), as a node failure would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A client of the operator's embedded server, to look at the provider's side.
+    pub fn provider(&self) -> E2bClient {
+        E2bClient::new(ClientConfig::with_urls(
+            self.api_url.clone(),
+            self.sandbox_url.clone(),
+            API_KEY,
+        ))
+        .expect("client")
+    }
+
+    /// Everything the operator logged so far, stderr included.
+    pub fn logs(&self) -> String {
+        self.logs.lock().expect("logs").join("\n")
+    }
+
+    pub fn api_url(&self) -> &str {
+        &self.api_url
+    }
+
+    pub fn api_key(&self) -> &str {
+        API_KEY
+    }
+
+    /// Kills the operator without warning (SIGKILL) and starts it again on the same state.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, started) = spawn(
+            &self.kubeconfig,
+            &self.namespace,
+            &self.args,
+            &self.settings,
+            &self.logs,
+        );
+        self.child = child;
+        self.api_url = started.api_url;
+        self.sandbox_url = started.sandbox_url;
+        self.admin = started.admin;
+    }
+}
+
+/// Where a started operator serves.
+struct Started {
+    api_url: String,
+    sandbox_url: String,
+    admin: String,
+}
+
+/// Starts the operator and reads its admin address and (unless another default provider
+/// is configured) the embedded server's URLs from its JSON log; warnings and errors are
+/// echoed to the test output.
+fn spawn(
+    kubeconfig: &std::path::Path,
+    namespace: &str,
+    args: &[String],
+    settings: &[(String, String)],
+    logs: &std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> (Child, Started) {
+    let mut child = Command::new(crate::operator_binary())
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("SANDCASTLE_SANDBOXD_API_KEY", API_KEY)
+        .env("SANDCASTLE_LOG", "info")
+        .env("SANDCASTLE_ADMIN_ADDRESS", "127.0.0.1:0")
+        .env("SANDCASTLE_VERIFY_TEMPLATES_EVERY", "2")
+        .env("SANDCASTLE_SWEEP_ORPHANS_EVERY", "2")
+        .envs(settings.iter().map(|(key, value)| (key, value)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the operator starts");
+    let embedded = !settings
+        .iter()
+        .any(|(key, value)| key == "SANDCASTLE_PROVIDER" && value != "embedded");
+    let stdout = child.stdout.take().expect("stdout");
+    // A panic's message goes to stderr, outside the JSON log: kept with the log so a test
+    // can look for it.
+    let stderr = child.stderr.take().expect("stderr");
+    let (name, kept) = (namespace.to_string(), logs.clone());
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("operator[{name}] stderr: {line}");
+            kept.lock().expect("logs").push(line);
+        }
+    });
+    let (announced, found) = mpsc::channel();
+    let name = namespace.to_string();
+    let kept = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            kept.lock().expect("logs").push(line.clone());
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let fields = &entry["fields"];
+            let text = |key: &str| fields[key].as_str().unwrap_or_default().to_string();
+            if fields["message"] == "embedded sandbox server listening" {
+                let _ = announced.send((text("api"), text("envd")));
+            }
+            if fields["message"] == "admin endpoint listening" {
+                let _ = announced.send((text("address"), String::new()));
+            }
+            if entry["level"] == "WARN" || entry["level"] == "ERROR" {
+                eprintln!("operator[{name}]: {line}");
+            }
+        }
+    });
+    let next = || {
+        found
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the operator announces its endpoints within 30 s")
+    };
+    let (admin, _) = next();
+    let (api, envd) = if embedded { next() } else { Default::default() };
+    let started = Started {
+        api_url: format!("http://{api}"),
+        sandbox_url: format!("http://{envd}"),
+        admin,
+    };
+    (child, started)
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Polls until `done` accepts the object's status (an absent status reads as the default)
+/// and returns that status; fails the test after a minute.
+pub async fn wait_for<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    what: &str,
+    done: impl Fn(&K::Status) -> bool,
+) -> K::Status
+where
+    K: kube::Resource
+        + kube::core::object::HasStatus
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::Status: Clone + Default + std::fmt::Debug,
+{
+    let wait = Duration::from_secs(60);
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let status = api
+            .get_opt(name)
+            .await
+            .expect("get")
+            .and_then(|object| object.status().cloned())
+            .unwrap_or_default();
+        if done(&status) {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}: not {what} within {wait:?}: {status:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
