@@ -15,7 +15,11 @@ use std::path::{Path, PathBuf};
 
 /// The repository's root: the examples, CRDs, chart and docs the tests read.
 pub fn repo() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        root.canonicalize().unwrap_or(root)
+    })
 }
 
 /// Where tests keep their scratch files: cargo's `target/tmp`, the directory integration

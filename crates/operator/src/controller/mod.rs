@@ -117,20 +117,11 @@ struct Context {
     max_running_tasks: usize,
     max_running_tasks_per_namespace: Option<usize>,
     caches: Caches,
-    /// Tasks this process gave a sandbox slot to: the cache may not show their sandbox
-    /// yet, and a slot counted late is a slot given twice. Locked while a task decides
-    /// whether it may take one, and only then: the sandbox is created outside it.
-    admitted: Mutex<HashSet<String>>,
-    /// Tasks whose agent process this process follows to its end, by UID.
-    followed: Arc<Mutex<HashSet<String>>>,
-    /// For each task this process changed and whose cached copy may not have caught up
-    /// yet: the resourceVersions its writes were based on, each superseded by the next.
-    written: Mutex<HashMap<String, Vec<String>>>,
+    /// What this process remembers of tasks between passes (see its invariants).
+    memory: task::TaskMemory,
     /// When this process started its controllers: no other process makes sandboxes for a
     /// task created after that.
     started: jiff::Timestamp,
-    /// Tasks this process asked the provider for a sandbox, by UID, until they end.
-    creating: Mutex<HashSet<String>>,
 }
 
 type TaskRef = ObjectRef<DeserializeGuard<AgentTask>>;
@@ -327,11 +318,8 @@ pub async fn run(
             .max_running_tasks_per_namespace
             .map(|cap| cap.max(1)),
         caches: Caches::default(),
-        admitted: Mutex::default(),
-        followed: Arc::default(),
-        written: Mutex::default(),
+        memory: task::TaskMemory::default(),
         started: jiff::Timestamp::now(),
-        creating: Mutex::default(),
     });
     let stop = stop_signal(shutdown);
     // kube's Controller watches one namespace or all; a list of namespaces gets a pair of

@@ -1,0 +1,357 @@
+//! The agent in its sandbox: started under the recorder, and followed to its end.
+
+use super::*;
+
+pub(super) fn run_file(name: &str) -> String {
+    format!("{RUN_DIR}/{name}")
+}
+
+/// One step with a live sandbox: follow the agent, finish from the recorder's files, or
+/// start it. The agent is looked for before its exit file: the recorder writes that file
+/// before it exits, so an agent not running with no exit file was killed, whereas the
+/// other order could miss an exit that landed between the two reads. Any answer that is
+/// not a clear one is waited out, never read as "not running" or "not started".
+pub(super) async fn run(
+    task: &AgentTask,
+    ctx: &Context,
+    provider: &E2bClient,
+    envd: &EnvdClient,
+    env: BTreeMap<String, String>,
+    redactor: &Redactor,
+) -> Result<Action, Error> {
+    let running = match envd.list_processes().await {
+        Ok(processes) => processes
+            .iter()
+            .any(|process| process.tag.as_deref() == Some(AGENT_TAG)),
+        Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
+    };
+    if running {
+        return follow(task, ctx, envd).await;
+    }
+    match envd.read_file(&run_file("exit")).await {
+        Ok(exit) => {
+            // Empty when the recorder was killed as it wrote: no exit was recorded.
+            if let Some(code) = invocation::parse_exit(&String::from_utf8_lossy(&exit)) {
+                return finish(task, ctx, provider, envd, code, redactor).await;
+            }
+        }
+        Err(error) if error.is_not_found() => {}
+        Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
+    }
+    match envd.exists(&run_file(STARTED_MARKER)).await {
+        // Started, gone, and no exit recorded: the agent was killed from outside.
+        Ok(true) => {
+            retry(
+                task,
+                ctx,
+                provider,
+                TaskReason::AgentLost,
+                "the agent process ended without a recorded exit",
+            )
+            .await
+        }
+        Ok(false) => start(task, ctx, provider, envd, env, redactor).await,
+        Err(error) => envd_trouble(task, ctx, provider, &error, redactor).await,
+    }
+}
+
+/// An envd call failed: the sandbox is gone, or the provider is in trouble for now.
+pub(super) async fn envd_trouble(
+    task: &AgentTask,
+    ctx: &Context,
+    provider: &E2bClient,
+    error: &ProviderError,
+    redactor: &Redactor,
+) -> Result<Action, Error> {
+    if error.is_sandbox_gone() {
+        return sandbox_lost(task, ctx, provider).await;
+    }
+    provider_trouble(
+        ctx,
+        task,
+        &redactor.redact(&error.to_string()),
+        WAIT_INTERVAL,
+    )
+    .await
+}
+
+pub(super) fn workspace(task: &AgentTask) -> String {
+    task.spec.workspace.path.trim_end_matches('/').to_string()
+}
+
+/// Prepares the workspace and starts the agent under the recorder. Safe to repeat until
+/// the recorder's start marker exists: nothing here runs the agent twice.
+pub(super) async fn start(
+    task: &AgentTask,
+    ctx: &Context,
+    provider: &E2bClient,
+    envd: &EnvdClient,
+    env: BTreeMap<String, String>,
+    redactor: &Redactor,
+) -> Result<Action, Error> {
+    match launch(task, ctx, envd, env, redactor).await {
+        Ok(process) => running(ctx, task, process, |_| {}, "the agent started".into()).await,
+        Err(Launch::Invalid { reason, message }) => {
+            fail_and_kill(ctx, task, reason, &message).await
+        }
+        Err(Launch::Provider(error)) => envd_trouble(task, ctx, provider, &error, redactor).await,
+        Err(Launch::Kube(error)) => Err(Error::Kube(error)),
+    }
+}
+
+/// Follows the agent just started to its end, and records that it runs (with what
+/// `change` adds) and the `Started` event saying `note`.
+pub(super) async fn running(
+    ctx: &Context,
+    task: &AgentTask,
+    process: ProcessStream,
+    change: impl FnOnce(&mut AgentTaskStatus),
+    note: String,
+) -> Result<Action, Error> {
+    follow_to_end(ctx, task, process);
+    let status = staged(
+        task,
+        TaskPhase::Running,
+        TaskReason::Running,
+        "the agent is running",
+        change,
+    );
+    write(ctx, task, status).await?;
+    publish(ctx, task, EventType::Normal, TaskReason::Started, note).await;
+    Ok(Action::requeue(FOLLOW_INTERVAL))
+}
+
+/// Why the agent was not started.
+pub(super) enum Launch {
+    /// The spec asks for what cannot be done, in this sandbox or any other.
+    Invalid { reason: TaskReason, message: String },
+    /// The sandbox did not answer as it should; the agent may or may not have started.
+    Provider(ProviderError),
+    /// A ConfigMap the workspace copies could not be read.
+    Kube(kube::Error),
+}
+
+/// Lays out the workspace and starts the agent under the recorder. The returned stream
+/// only says when the process ends: its outcome is read from the recorder's files.
+pub(super) async fn launch(
+    task: &AgentTask,
+    ctx: &Context,
+    envd: &EnvdClient,
+    env: BTreeMap<String, String>,
+    redactor: &Redactor,
+) -> Result<ProcessStream, Launch> {
+    let workspace = workspace(task);
+    // Read before anything is written: an API error here is retried by the reconcile, a
+    // missing key is the spec's fault.
+    let namespace = task.namespace().unwrap_or_default();
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut files = Vec::with_capacity(task.spec.workspace.files.len());
+    for file in &task.spec.workspace.files {
+        let content = match (&file.content, &file.config_map_key_ref) {
+            (Some(content), _) => content.clone().into_bytes(),
+            (None, Some(selector)) => {
+                let value = config_maps
+                    .get_opt(&selector.name)
+                    .await
+                    .map_err(Launch::Kube)?
+                    .and_then(|config_map| config_map.data)
+                    .and_then(|mut data| data.remove(&selector.key));
+                match value {
+                    Some(value) => value.into_bytes(),
+                    None => {
+                        let message =
+                            format!("ConfigMap {} has no key {}", selector.name, selector.key);
+                        return Err(Launch::Invalid {
+                            reason: TaskReason::InvalidWorkspace,
+                            message,
+                        });
+                    }
+                }
+            }
+            (None, None) => Vec::new(),
+        };
+        files.push((format!("{workspace}/{}", file.path), content));
+    }
+    let prepared = async {
+        let _ = envd.make_dir(&workspace).await?;
+        for (path, content) in files {
+            envd.write_file(&path, content).await?;
+        }
+        let before = listing(envd, &workspace).await?;
+        envd.write_file(
+            &run_file(BEFORE_LISTING),
+            serde_json::to_vec(&listing_json(&before)).expect("listing serializes"),
+        )
+        .await?;
+        Ok::<_, ProviderError>(())
+    }
+    .await;
+    match prepared {
+        Err(ProviderError::InvalidArgument(message)) => {
+            return Err(Launch::Invalid {
+                reason: TaskReason::InvalidWorkspace,
+                message,
+            });
+        }
+        Err(error) => return Err(Launch::Provider(error)),
+        Ok(()) => {}
+    }
+    let agent = agent_invocation(task, ctx);
+    let mut invocation = invocation::recorded(agent, RUN_DIR);
+    invocation.env.extend(env);
+    let spec = CommandSpec {
+        cmd: invocation.cmd,
+        args: invocation.args,
+        envs: invocation.env,
+        cwd: Some(workspace),
+        tag: Some(AGENT_TAG.into()),
+        timeout: None,
+        stdin: false,
+    };
+    // A failed call may still have started it; the next pass finds it running or finds
+    // the start marker.
+    envd.start(&spec).await.map_err(|error| match error {
+        // The process cannot be started as specified (an argument list over the kernel's
+        // limit, say); a new sandbox would get the same answer.
+        ProviderError::Envd(error) if error.code == sandcastle_e2b::envd::Code::InvalidArgument => {
+            Launch::Invalid {
+                reason: TaskReason::AgentFailed,
+                message: format!(
+                    "cannot start the agent: {}",
+                    redactor.redact(&error.message)
+                ),
+            }
+        }
+        error => Launch::Provider(error),
+    })
+}
+
+pub(super) fn agent_invocation(task: &AgentTask, ctx: &Context) -> Invocation {
+    let prompt = task.spec.prompt.as_deref();
+    match task
+        .spec
+        .agent
+        .as_ref()
+        .and_then(|agent| agent.command.as_ref())
+    {
+        Some(command) => invocation::command(command, prompt),
+        None => {
+            let defaults = serde_json::from_value(serde_json::json!({})).expect("defaults");
+            let spec = task
+                .spec
+                .agent
+                .as_ref()
+                .and_then(|agent| agent.claude_code.clone())
+                .unwrap_or(defaults);
+            let mut invocation = invocation::claude_code(&spec, prompt.unwrap_or_default());
+            invocation.cmd = ctx.claude_command.clone();
+            invocation
+        }
+    }
+}
+
+pub(super) fn is_claude(task: &AgentTask) -> bool {
+    task.spec
+        .agent
+        .as_ref()
+        .and_then(|agent| agent.command.as_ref())
+        .is_none()
+}
+
+/// Wakes the task's reconcile the moment its agent ends, so a finished agent is read at
+/// once and a running one needs no frequent look. A broken stream wakes it too, after a
+/// pause, to look again and follow anew.
+pub(super) fn follow_to_end(ctx: &Context, task: &AgentTask, mut process: ProcessStream) {
+    let (Some(uid), Some(namespace)) = (task.metadata.uid.clone(), task.namespace()) else {
+        return;
+    };
+    let Some(wake) = ctx.caches.waker(&namespace) else {
+        return;
+    };
+    if !ctx.memory.start_following(&uid) {
+        return;
+    }
+    let followed = ctx.memory.following();
+    let key = ObjectRef::new(&task.name_any()).within(&namespace);
+    tokio::spawn(async move {
+        let ended = loop {
+            match process.next_update().await {
+                Ok(Some(ProcessUpdate::End(_)) | None) => break true,
+                Ok(Some(_)) => {}
+                Err(_) => break false,
+            }
+        };
+        TaskMemory::stop_following(&followed, &uid);
+        if !ended {
+            tokio::time::sleep(FOLLOW_INTERVAL).await;
+        }
+        let _ = wake.unbounded_send(key);
+    });
+}
+
+/// Progress from the transcript so far, written at most every few seconds.
+pub(super) async fn follow(
+    task: &AgentTask,
+    ctx: &Context,
+    envd: &EnvdClient,
+) -> Result<Action, Error> {
+    let uid = task.metadata.uid.clone().unwrap_or_default();
+    let followed = || ctx.memory.is_following(&uid);
+    // After a restart, or a broken stream: an agent that already ended is found by the
+    // next look.
+    if !followed()
+        && let Ok(process) = envd.connect(ProcessSelector::Tag(AGENT_TAG.into())).await
+    {
+        follow_to_end(ctx, task, process);
+    }
+    let status = previous(task);
+    // Also after a passing trouble, so the status does not go on naming it.
+    if status.phase != Some(TaskPhase::Running) || status.reason != TaskReason::Running {
+        write(
+            ctx,
+            task,
+            staged(
+                task,
+                TaskPhase::Running,
+                TaskReason::Running,
+                "the agent is running",
+                |_| {},
+            ),
+        )
+        .await?;
+        return Ok(Action::requeue(FOLLOW_INTERVAL));
+    }
+    if !is_claude(task) {
+        let again = if followed() {
+            FOLLOW_FALLBACK
+        } else {
+            FOLLOW_INTERVAL
+        };
+        return Ok(Action::requeue(again));
+    }
+    let due = status
+        .progress
+        .as_ref()
+        .and_then(|progress| progress.updated_at.as_ref())
+        .is_none_or(|at| (jiff::Timestamp::now() - at.0).get_seconds() >= PROGRESS_INTERVAL);
+    if due && let Ok(transcript) = envd.read_file(&run_file("stdout")).await {
+        let mut parser = StreamParser::new();
+        parser.feed(&transcript);
+        let seen = parser.progress();
+        let turns = i64::from(seen.turns);
+        let changed = status
+            .progress
+            .as_ref()
+            .is_none_or(|progress| progress.turns != turns || progress.last_tool != seen.last_tool);
+        if changed {
+            let mut status = status;
+            status.progress = Some(Progress {
+                turns,
+                last_tool: seen.last_tool.clone(),
+                updated_at: Some(now()),
+            });
+            write(ctx, task, status).await?;
+        }
+    }
+    Ok(Action::requeue(FOLLOW_INTERVAL))
+}

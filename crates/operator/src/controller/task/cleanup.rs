@@ -1,0 +1,131 @@
+//! What a task leaves behind: sandboxes killed on deletion and expiry, finished tasks
+//! deleted after their TTL, and the orphan sweep.
+
+use super::*;
+
+/// Kills the task's sandbox, by ID and by its metadata (one created but not yet recorded).
+/// Fails when the provider could not be asked or refused; with no provider to ask there
+/// is nothing to kill.
+pub(super) async fn kill_sandboxes(
+    ctx: &Context,
+    task: &AgentTask,
+    recorded: Option<&str>,
+) -> Result<(), ProviderError> {
+    let provider = match template_of(ctx, task).await {
+        Some(template) => crate::controller::template::resolve_provider(ctx, &template)
+            .await
+            .ok()
+            .or_else(|| ctx.default_provider.clone()),
+        None => ctx.default_provider.clone(),
+    };
+    let Some(provider) = provider else {
+        return Ok(());
+    };
+    if let Some(id) = recorded {
+        provider.kill_sandbox(id).await?;
+    }
+    let query = ListQuery {
+        metadata: BTreeMap::from([(
+            TASK_UID.to_string(),
+            task.metadata.uid.clone().unwrap_or_default(),
+        )]),
+        ..ListQuery::default()
+    };
+    for sandbox in provider.list_sandboxes(&query).await? {
+        provider.kill_sandbox(&sandbox.sandbox_id).await?;
+    }
+    Ok(())
+}
+
+/// Deletes a finished task once its `ttlSecondsAfterFinished` has passed.
+pub(super) async fn expire(
+    task: &AgentTask,
+    ctx: &Context,
+    status: &AgentTaskStatus,
+) -> Result<Action, Error> {
+    let (Some(ttl), Some(done)) = (
+        task.spec.ttl_seconds_after_finished,
+        &status.completion_time,
+    ) else {
+        return Ok(Action::await_change());
+    };
+    let expires = done
+        .0
+        .checked_add(jiff::SignedDuration::from_secs(ttl))
+        .unwrap_or(done.0);
+    let left = expires - jiff::Timestamp::now();
+    if left.get_seconds() > 0 {
+        return Ok(Action::requeue(Duration::from_secs(
+            left.get_seconds() as u64
+        )));
+    }
+    let api: Api<AgentTask> =
+        Api::namespaced(ctx.client.clone(), &task.namespace().unwrap_or_default());
+    api.delete(&task.name_any(), &DeleteParams::default())
+        .await?;
+    Ok(Action::await_change())
+}
+
+/// A deleted task takes its sandbox with it: the finalizer stays until the provider has
+/// confirmed the kill, so a provider outage delays the deletion rather than leaking the
+/// sandbox.
+pub(super) async fn cleanup(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
+    if let Some(uid) = &task.metadata.uid {
+        ctx.memory.forget_deleted(uid);
+    }
+    if let Err(error) = kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await {
+        let message = format!("cannot kill the task's sandbox yet: {error}");
+        publish(
+            ctx,
+            task,
+            EventType::Warning,
+            TaskReason::CleanupBlocked,
+            message.clone(),
+        )
+        .await;
+        return Err(Error::CleanupBlocked(message));
+    }
+    Ok(Action::await_change())
+}
+
+/// Kills the default provider's sandboxes that this operator made for tasks that no
+/// longer exist (deleted while the operator was down, or a create whose task is gone) or
+/// that have finished (a crash between the verdict and the kill).
+pub(crate) async fn sweep_orphans(ctx: &Context) {
+    let query = ListQuery {
+        metadata: BTreeMap::from([(OPERATOR.to_string(), ctx.instance.clone())]),
+        ..ListQuery::default()
+    };
+    let Some(provider) = &ctx.default_provider else {
+        return;
+    };
+    let Ok(sandboxes) = provider.list_sandboxes(&query).await else {
+        return;
+    };
+    for sandbox in sandboxes {
+        let metadata = sandbox.metadata.clone().unwrap_or_default();
+        let (Some(namespace), Some(name), Some(uid)) = (
+            metadata.get(TASK_NAMESPACE),
+            metadata.get(TASK_NAME),
+            metadata.get(TASK_UID),
+        ) else {
+            continue;
+        };
+        if !ctx.scope.covers(namespace) {
+            continue;
+        }
+        let tasks: Api<AgentTask> = Api::namespaced(ctx.client.clone(), namespace);
+        let owner = match tasks.get_opt(name).await {
+            Ok(found) => found,
+            Err(_) => continue,
+        };
+        let owned = owner.filter(|task| task.metadata.uid.as_deref() == Some(uid.as_str()));
+        let finished = owned
+            .as_ref()
+            .is_some_and(|task| is_terminal(task.status.as_ref().and_then(|s| s.phase)));
+        if owned.is_none() || finished {
+            tracing::info!(sandbox = %sandbox.sandbox_id, %namespace, %name, finished, "killing an orphaned sandbox");
+            let _ = provider.kill_sandbox(&sandbox.sandbox_id).await;
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! The end of an agent: what it did read from the recorder's files, the task's
+//! result, retries and failures.
+
+use super::*;
+
+pub(super) fn listing_json(listing: &Listing) -> BTreeMap<String, (i64, Option<String>)> {
+    listing
+        .iter()
+        .map(|(path, listed)| (path.clone(), (listed.size, listed.modified.clone())))
+        .collect()
+}
+
+pub(super) fn listing_from_json(bytes: &[u8]) -> Listing {
+    serde_json::from_slice::<BTreeMap<String, (i64, Option<String>)>>(bytes)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(path, (size, modified))| (path, Listed { size, modified }))
+        .collect()
+}
+
+/// One of the recorder's files; one it never wrote reads as empty.
+pub(super) async fn read_recorded(
+    envd: &EnvdClient,
+    name: &str,
+) -> Result<bytes::Bytes, ProviderError> {
+    match envd.read_file(&run_file(name)).await {
+        Err(error) if error.is_not_found() => Ok(bytes::Bytes::new()),
+        read => read,
+    }
+}
+
+/// The regular files under the workspace, by path relative to it.
+pub(super) async fn listing(envd: &EnvdClient, workspace: &str) -> Result<Listing, ProviderError> {
+    let entries = envd.list_dir(workspace, 64).await?;
+    let prefix = format!("{workspace}/");
+    Ok(entries
+        .into_iter()
+        .filter(|entry| entry.kind == FileType::File)
+        .filter_map(|entry| {
+            let relative = entry.path.strip_prefix(&prefix)?.to_string();
+            Some((
+                relative,
+                Listed {
+                    size: entry.size,
+                    modified: entry.modified_time,
+                },
+            ))
+        })
+        .collect())
+}
+
+/// Reads the outcome the recorder left, lists the changed files, kills the sandbox and
+/// records the verdict.
+pub(super) async fn finish(
+    task: &AgentTask,
+    ctx: &Context,
+    provider: &E2bClient,
+    envd: &EnvdClient,
+    exit_code: i32,
+    redactor: &Redactor,
+) -> Result<Action, Error> {
+    let workspace = workspace(task);
+    // What the recorder left, read in full or not at all: a failed read must not become an
+    // empty result or an empty file list.
+    let outcome = async {
+        let stdout = read_recorded(envd, "stdout").await?;
+        let stderr = read_recorded(envd, "stderr").await?;
+        let before = listing_from_json(&read_recorded(envd, BEFORE_LISTING).await?);
+        let after = listing(envd, &workspace).await?;
+        Ok::<_, ProviderError>((stdout, stderr, before, after))
+    }
+    .await;
+    let (stdout, stderr, before, after) = match outcome {
+        Ok(outcome) => outcome,
+        Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
+    };
+    let outputs = &task.spec.outputs;
+    let changes = match files::exclusions(&outputs.exclude) {
+        Ok(exclude) => files::changes(&before, &after, &exclude, outputs.max_files.max(0) as usize),
+        Err(error) => {
+            return fail(
+                ctx,
+                task,
+                TaskReason::InvalidOutputs,
+                &error.to_string(),
+                |_| {},
+            )
+            .await;
+        }
+    };
+    let Judgement {
+        result,
+        usage,
+        ending,
+    } = judge(is_claude(task), exit_code, &stdout, &stderr, redactor);
+    let failure = match ending {
+        Ending::Succeeded => None,
+        Ending::Failed { reason, message } => Some((reason, message)),
+        Ending::Retry { message } => {
+            return retry(task, ctx, provider, TaskReason::AgentIncomplete, &message).await;
+        }
+    };
+    // An agent that printed nothing leaves no transcript: an empty ConfigMap would cost a
+    // write and an object per task and tell nobody anything.
+    if !(stdout.is_empty() && stderr.is_empty()) {
+        save_transcript(ctx, task, redactor, &stdout, &stderr).await?;
+    }
+    // The verdict is written before the sandbox is killed: the other way round, a crash in
+    // between leaves a task whose sandbox is gone and whose result is lost, and the next
+    // pass would run the agent again. A sandbox a crash or a failed kill leaves here is
+    // the sweep's.
+    let sandbox = previous(task).sandbox_id;
+    let record = |status: &mut AgentTaskStatus| {
+        status.result = Some(result.clone());
+        status.usage = usage.clone();
+        status.files = changes
+            .files
+            .iter()
+            .map(|file| OutputFile {
+                // Redacted before it is cut, so no part of a secret is left at the cut.
+                path: files::shown_path(&redactor.redact(&file.path)),
+                size: file.size,
+            })
+            .collect();
+        status.file_count = Some(changes.count as i64);
+        status.files_truncated = changes.truncated;
+        status.completion_time = Some(now());
+    };
+    match failure {
+        None => {
+            let status = staged(
+                task,
+                TaskPhase::Succeeded,
+                TaskReason::Succeeded,
+                "the agent finished",
+                record,
+            );
+            write(ctx, task, status.clone()).await?;
+            forget(ctx, task);
+            count_finished(ctx, &status);
+            let _ = kill_sandboxes(ctx, task, sandbox.as_deref()).await;
+            publish(
+                ctx,
+                task,
+                EventType::Normal,
+                TaskReason::Succeeded,
+                "the agent finished".into(),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        Some((reason, message)) => {
+            let action = fail(ctx, task, reason, &message, record).await?;
+            let _ = kill_sandboxes(ctx, task, sandbox.as_deref()).await;
+            Ok(action)
+        }
+    }
+}
+
+/// The name of the ConfigMap that keeps a task's transcript: `<task>-transcript`, or, for
+/// a name too long to take the suffix (an object name has at most 253 characters), the
+/// name's start, a hash of the whole name and the suffix.
+pub(crate) fn transcript_name(task: &AgentTask) -> String {
+    const SUFFIX: &str = "-transcript";
+    let name = task.name_any();
+    if name.len() + SUFFIX.len() <= 253 {
+        return format!("{name}{SUFFIX}");
+    }
+    use sha2::Digest;
+    let hash: String = sha2::Sha256::digest(name.as_bytes())[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    // Task names are ASCII, so any byte index is a character boundary.
+    let start = name[..253 - SUFFIX.len() - hash.len() - 1].trim_end_matches(['-', '.']);
+    format!("{start}-{hash}{SUFFIX}")
+}
+
+/// Keeps the agent's redacted output in a ConfigMap the task owns, so it is deleted with
+/// the task: `stdout` (for Claude Code, the stream-json transcript) and `stderr`.
+pub(super) async fn save_transcript(
+    ctx: &Context,
+    task: &AgentTask,
+    redactor: &Redactor,
+    stdout: &[u8],
+    stderr: &[u8],
+) -> Result<(), Error> {
+    let keep = |bytes: &[u8], limit: usize| {
+        transcript::cap(&redactor.redact(&String::from_utf8_lossy(bytes)), limit)
+    };
+    let owner = task
+        .controller_owner_ref(&())
+        .expect("a stored task has a UID");
+    let config_map = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": transcript_name(task),
+            "ownerReferences": [owner],
+            // A label value holds at most 63 characters, a task name 253.
+            "labels": if task.name_any().len() <= 63 {
+                serde_json::json!({TRANSCRIPT_LABEL: "true", TRANSCRIPT_TASK_LABEL: task.name_any()})
+            } else {
+                serde_json::json!({TRANSCRIPT_LABEL: "true"})
+            },
+        },
+        "data": {
+            "stdout": keep(stdout, transcript::TRANSCRIPT_LIMIT),
+            "stderr": keep(stderr, transcript::TRANSCRIPT_LIMIT / 4),
+        },
+    });
+    let api: Api<ConfigMap> =
+        Api::namespaced(ctx.client.clone(), &task.namespace().unwrap_or_default());
+    api.patch(
+        &transcript_name(task),
+        &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
+        &kube::api::Patch::Apply(&config_map),
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn fail(
+    ctx: &Context,
+    task: &AgentTask,
+    reason: TaskReason,
+    message: &str,
+    change: impl FnOnce(&mut AgentTaskStatus),
+) -> Result<Action, Error> {
+    let status = staged(task, TaskPhase::Failed, reason, message, |status| {
+        if status.completion_time.is_none() {
+            status.completion_time = Some(now());
+        }
+        change(status);
+    });
+    write(ctx, task, status.clone()).await?;
+    forget(ctx, task);
+    count_finished(ctx, &status);
+    publish(ctx, task, EventType::Warning, reason, message.to_string()).await;
+    Ok(Action::await_change())
+}
+
+/// Fails a task that holds a sandbox: the verdict first, so a crash between the two
+/// never loses it; a kill that fails here is the orphan sweep's to repeat.
+pub(super) async fn fail_and_kill(
+    ctx: &Context,
+    task: &AgentTask,
+    reason: TaskReason,
+    message: &str,
+) -> Result<Action, Error> {
+    let action = fail(ctx, task, reason, message, |_| {}).await?;
+    let _ = kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
+    Ok(action)
+}
+
+/// Records a task that just reached Succeeded or Failed in the metrics.
+pub(super) fn count_finished(ctx: &Context, status: &AgentTaskStatus) {
+    let took = match (&status.start_time, &status.completion_time) {
+        (Some(start), Some(end)) => {
+            Duration::try_from(end.0.duration_since(start.0)).unwrap_or_default()
+        }
+        _ => Duration::ZERO,
+    };
+    ctx.metrics.task_finished(
+        status.phase == Some(TaskPhase::Succeeded),
+        took,
+        status.usage.as_ref(),
+    );
+}
+
+/// An infrastructure failure: a new attempt in a new sandbox while `backoffLimit` allows,
+/// the old sandbox killed first; otherwise Failed.
+pub(super) async fn retry(
+    task: &AgentTask,
+    ctx: &Context,
+    provider: &E2bClient,
+    reason: TaskReason,
+    message: &str,
+) -> Result<Action, Error> {
+    let status = previous(task);
+    // The next attempt adopts any live sandbox of the task's, so the old one must be
+    // gone first, or it would be taken for the new one.
+    if let Some(id) = &status.sandbox_id
+        && let Err(error) = provider.kill_sandbox(id).await
+        && !error.is_not_found()
+    {
+        return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL).await;
+    }
+    let attempts = status.attempts.unwrap_or(1);
+    if attempts > task.spec.backoff_limit {
+        let message = format!("{message} (after {attempts} attempts)");
+        return fail(ctx, task, reason, &message, |status| {
+            status.sandbox_id = None
+        })
+        .await;
+    }
+    let status = staged(
+        task,
+        TaskPhase::Pending,
+        reason,
+        &format!("{message}; retrying"),
+        |status| {
+            status.sandbox_id = None;
+            status.progress = None;
+        },
+    );
+    write(ctx, task, status).await?;
+    if let Some(uid) = &task.metadata.uid {
+        ctx.memory.release_slot(uid);
+    }
+    publish(ctx, task, EventType::Warning, reason, message.to_string()).await;
+    let backoff = Duration::from_secs(2u64.saturating_pow(attempts.clamp(0, 6) as u32));
+    Ok(Action::requeue(backoff))
+}
+
+pub(super) async fn sandbox_lost(
+    task: &AgentTask,
+    ctx: &Context,
+    provider: &E2bClient,
+) -> Result<Action, Error> {
+    retry(
+        task,
+        ctx,
+        provider,
+        TaskReason::SandboxLost,
+        "the sandbox disappeared",
+    )
+    .await
+}
+
+/// What an agent's run comes to, read from what it left: the result and usage to record,
+/// and how the attempt ends.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Judgement {
+    pub(crate) result: TaskResult,
+    pub(crate) usage: Option<Usage>,
+    pub(crate) ending: Ending,
+}
+
+#[derive(Debug, PartialEq)]
+pub(crate) enum Ending {
+    Succeeded,
+    Failed {
+        reason: TaskReason,
+        message: String,
+    },
+    /// No verdict, for a reason a new sandbox may not meet: another attempt.
+    Retry {
+        message: String,
+    },
+}
+
+/// Judges a finished agent from its exit code and its recorded stdout and stderr, with
+/// every text taken from them redacted (before it is cut, so no part of a secret is left
+/// at a cut). Claude Code's stdout is its stream-json transcript; a command's is its
+/// output, whose tail is the result.
+pub(crate) fn judge(
+    claude: bool,
+    exit_code: i32,
+    stdout: &[u8],
+    stderr: &[u8],
+    redactor: &Redactor,
+) -> Judgement {
+    let mut result = TaskResult {
+        exit_code: Some(exit_code),
+        ..TaskResult::default()
+    };
+    let mut usage = None;
+    let stderr_tail = || {
+        truncate(
+            redactor.redact(&String::from_utf8_lossy(stderr)).trim(),
+            512,
+        )
+    };
+    let verdict = if claude {
+        let mut parser = StreamParser::new();
+        parser.feed(stdout);
+        parser.finish();
+        if let Some(outcome) = parser.outcome() {
+            let text = redactor.redact(outcome.result.as_deref().unwrap_or_default());
+            result.text = truncate(&text, RESULT_TAIL);
+            result.truncated = text.chars().count() > RESULT_TAIL;
+            result.is_error = outcome.is_error;
+            result.subtype = Some(outcome.subtype.clone());
+            result.num_turns = outcome.num_turns.map(i64::from);
+            result.duration_ms = outcome.duration_ms.map(|ms| ms as i64);
+            result.session_id = outcome.session_id.clone();
+            result.permission_denials = Some(outcome.permission_denials as i64);
+            usage = Some(Usage {
+                input_tokens: outcome.usage.input_tokens as i64,
+                output_tokens: outcome.usage.output_tokens as i64,
+                cache_creation_input_tokens: outcome.usage.cache_creation_input_tokens as i64,
+                cache_read_input_tokens: outcome.usage.cache_read_input_tokens as i64,
+                cost_usd: outcome.total_cost_usd.clone(),
+            });
+        }
+        parser.verdict()
+    } else {
+        let text = redactor.redact(&String::from_utf8_lossy(stdout));
+        let chars = text.chars().count();
+        result.truncated = chars > RESULT_TAIL;
+        result.text = text
+            .chars()
+            .skip(chars.saturating_sub(RESULT_TAIL))
+            .collect();
+        result.is_error = exit_code != 0;
+        match exit_code {
+            0 => Verdict::Succeeded,
+            code => Verdict::Failed {
+                reason: FailureReason::AgentError,
+                message: format!("the command exited with code {code}: {}", stderr_tail()),
+            },
+        }
+    };
+    let ending = match verdict {
+        Verdict::Succeeded => Ending::Succeeded,
+        Verdict::Failed { reason, message } => Ending::Failed {
+            reason: match reason {
+                FailureReason::MaxTurns => TaskReason::MaxTurns,
+                FailureReason::ApiError { .. } => TaskReason::AgentApiError,
+                FailureReason::AgentError => TaskReason::AgentFailed,
+            },
+            message: redactor.redact(&message),
+        },
+        // An exit code before any output line: the CLI refused its invocation (not
+        // installed, root refusing bypass mode, a bad extra argument), and a new sandbox
+        // would get the same answer.
+        Verdict::Incomplete if exit_code != 0 && stdout.iter().all(u8::is_ascii_whitespace) => {
+            Ending::Failed {
+                reason: TaskReason::AgentFailed,
+                message: format!(
+                    "the agent exited with code {exit_code} before any output: {}",
+                    stderr_tail()
+                ),
+            }
+        }
+        Verdict::Incomplete => Ending::Retry {
+            message: format!("the agent ended without a result: {}", stderr_tail()),
+        },
+    };
+    Judgement {
+        result,
+        usage,
+        ending,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SUCCESS: &[u8] = include_bytes!("../../../tests/fixtures/claude/success.jsonl");
+    const UNAUTHORIZED: &[u8] = include_bytes!("../../../tests/fixtures/claude/unauthorized.jsonl");
+    const MAX_TURNS: &[u8] = include_bytes!("../../../tests/fixtures/claude/max_turns.jsonl");
+    const KILLED: &[u8] = include_bytes!("../../../tests/fixtures/claude/killed.jsonl");
+
+    fn redactor() -> Redactor {
+        Redactor::new(vec!["hunter2".to_string()])
+    }
+
+    fn ending(claude: bool, exit_code: i32, stdout: &[u8], stderr: &[u8]) -> Ending {
+        judge(claude, exit_code, stdout, stderr, &redactor()).ending
+    }
+
+    fn failed(reason: TaskReason, message: &str) -> Ending {
+        Ending::Failed {
+            reason,
+            message: message.to_string(),
+        }
+    }
+
+    #[test]
+    fn endings() {
+        let cases: Vec<(&str, Ending, Ending)> = vec![
+            (
+                "a command that exits 0 succeeded",
+                ending(false, 0, b"done\n", b""),
+                Ending::Succeeded,
+            ),
+            (
+                "a command that exits non-zero failed, with its stderr redacted",
+                ending(false, 3, b"", b"password hunter2 refused\n"),
+                failed(
+                    TaskReason::AgentFailed,
+                    "the command exited with code 3: password [redacted] refused",
+                ),
+            ),
+            (
+                "Claude Code's success",
+                ending(true, 0, SUCCESS, b""),
+                Ending::Succeeded,
+            ),
+            (
+                "Claude Code at its turn limit",
+                match ending(true, 1, MAX_TURNS, b"") {
+                    Ending::Failed { reason, .. } => failed(reason, ""),
+                    other => other,
+                },
+                failed(TaskReason::MaxTurns, ""),
+            ),
+            (
+                "Claude Code refused by the model's API",
+                match ending(true, 1, UNAUTHORIZED, b"") {
+                    Ending::Failed { reason, .. } => failed(reason, ""),
+                    other => other,
+                },
+                failed(TaskReason::AgentApiError, ""),
+            ),
+            (
+                "an exit code before any output is a refused invocation, not a retry",
+                ending(true, 1, b"  \n", b"claude: not found\n"),
+                failed(
+                    TaskReason::AgentFailed,
+                    "the agent exited with code 1 before any output: claude: not found",
+                ),
+            ),
+            (
+                "a transcript cut short is retried",
+                ending(true, 137, KILLED, b"killed\n"),
+                Ending::Retry {
+                    message: "the agent ended without a result: killed".into(),
+                },
+            ),
+        ];
+        for (name, got, want) in cases {
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_command_result_is_the_redacted_tail_of_its_output() {
+        let long = format!("hunter2{}", "x".repeat(RESULT_TAIL + 10));
+        let judged = judge(false, 0, long.as_bytes(), b"", &redactor());
+        assert!(judged.result.truncated);
+        assert_eq!(judged.result.text.chars().count(), RESULT_TAIL);
+        assert!(!judged.result.text.contains("hunter2"));
+        assert_eq!(judged.result.exit_code, Some(0));
+        assert!(judged.usage.is_none());
+    }
+
+    #[test]
+    fn claude_code_results_carry_usage_and_cost_as_reported() {
+        let judged = judge(true, 0, SUCCESS, b"", &redactor());
+        let usage = judged.usage.expect("usage");
+        assert!(usage.input_tokens > 0 && usage.output_tokens > 0);
+        assert!(usage.cost_usd.is_some());
+        assert!(judged.result.session_id.is_some());
+        assert_eq!(judged.result.subtype.as_deref(), Some("success"));
+    }
+}

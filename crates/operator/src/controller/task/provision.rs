@@ -1,0 +1,272 @@
+//! The sandbox: created (or adopted) alongside the finalizer, and recorded.
+
+use super::*;
+
+/// Whether the last pass found the finalizer refused: its status says so.
+pub(super) fn was_refused(task: &AgentTask) -> bool {
+    previous(task).reason == TaskReason::FinalizerRefused
+}
+
+/// The finalizer could not be added. A refusal (RBAC, an admission policy) is the
+/// cluster's setup, not the task's: the task waits with the apiserver's words until the
+/// deadline, and no sandbox is made for it meanwhile. Anything else is retried.
+pub(super) async fn finalizer_trouble(
+    ctx: &Context,
+    task: &AgentTask,
+    error: Error,
+) -> Result<Action, Error> {
+    let Error::Kube(kube::Error::Api(status)) = &error else {
+        return Err(error);
+    };
+    if !matches!(status.code, 400 | 403 | 422) {
+        return Err(error);
+    }
+    let message = format!(
+        "the apiserver refused the finalizer {FINALIZER}: {}",
+        status.message
+    );
+    wait(
+        ctx,
+        task,
+        TaskReason::FinalizerRefused,
+        &message,
+        WAIT_INTERVAL * 3,
+    )
+    .await
+}
+
+pub(super) fn holds_sandbox(task: &AgentTask) -> bool {
+    task.status
+        .as_ref()
+        .is_some_and(|status| status.sandbox_id.is_some())
+}
+
+/// Adds the finalizer and returns the task as written. The write holds only if the task
+/// is still the version read, so no other finalizer is lost.
+pub(super) async fn add_finalizer(
+    ctx: &Context,
+    api: &Api<AgentTask>,
+    task: &AgentTask,
+) -> Result<AgentTask, Error> {
+    let mut finalizers = task.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_string());
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": task.resource_version()},
+    });
+    let written = api
+        .patch(
+            &task.name_any(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .map_err(|error| match error {
+            kube::Error::Api(status) if status.is_conflict() => Error::Stale,
+            error => Error::Kube(error),
+        })?;
+    remember_write(ctx, task, &written.resource_version().unwrap_or_default());
+    Ok(written)
+}
+
+/// Creates the sandbox and starts the agent in it, or adopts the sandbox an earlier pass
+/// created before it could record it: never two live sandboxes for one task.
+pub(super) async fn provision(
+    task: &AgentTask,
+    ctx: &Context,
+    slot: Slot<'_>,
+    provider: &E2bClient,
+    template: &sandcastle_api::SandboxTemplateStatus,
+    env: BTreeMap<String, String>,
+    redactor: &Redactor,
+) -> Result<Action, Error> {
+    let uid = task.metadata.uid.clone().unwrap_or_default();
+    let query = ListQuery {
+        metadata: BTreeMap::from([(TASK_UID.to_string(), uid.clone())]),
+        ..ListQuery::default()
+    };
+    let existing = if never_asked_for_a_sandbox(ctx, task) {
+        None
+    } else {
+        match provider.list_sandboxes(&query).await {
+            Ok(found) => found.into_iter().next().map(|sandbox| sandbox.sandbox_id),
+            Err(error) => {
+                return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3).await;
+            }
+        }
+    };
+    // An adopted sandbox was created for the attempt after the recorded ones, by a pass
+    // that could not record it.
+    let attempts = previous(task).attempts.unwrap_or(0) + 1;
+    let record = |sandbox_id: &str| {
+        let sandbox_id = sandbox_id.to_string();
+        move |status: &mut AgentTaskStatus| {
+            status.sandbox_id = Some(sandbox_id);
+            status.template_id = template.template_id.clone();
+            status.build_id = template.build_id.clone();
+            status.attempts = Some(attempts);
+            if status.start_time.is_none() {
+                status.start_time = Some(now());
+            }
+        }
+    };
+    if let Some(sandbox_id) = existing {
+        let task = match finalized(ctx, task).await {
+            Ok(task) => task,
+            // The next pass adopts it again, with the slot this one took.
+            Err(Error::Stale) => {
+                slot.keep();
+                return Err(Error::Stale);
+            }
+            Err(error) => {
+                let _ = provider.kill_sandbox(&sandbox_id).await;
+                return finalizer_trouble(ctx, task, error).await;
+            }
+        };
+        slot.keep();
+        // What the sandbox holds is unknown: the next pass looks before it starts anything.
+        return provisioning(ctx, &task, &sandbox_id, record(&sandbox_id)).await;
+    }
+    // A refused finalizer must not cost a sandbox per pass: once refused, it goes first.
+    let task = if was_refused(task) {
+        match finalized(ctx, task).await {
+            Ok(task) => task,
+            Err(error) => {
+                return finalizer_trouble(ctx, task, error).await;
+            }
+        }
+    } else {
+        std::borrow::Cow::Borrowed(task)
+    };
+    let task = task.as_ref();
+    let remaining = deadline(task)
+        .map(|deadline| (deadline - jiff::Timestamp::now()).get_seconds().max(1) as u64)
+        .unwrap_or(task.spec.active_deadline_seconds as u64);
+    let mut spec = SandboxSpec::new(
+        template.template_id.clone().unwrap_or_default(),
+        Duration::from_secs(remaining) + SANDBOX_GRACE,
+    );
+    spec.metadata = BTreeMap::from([
+        (TASK_UID.to_string(), uid.clone()),
+        (
+            TASK_NAMESPACE.to_string(),
+            task.namespace().unwrap_or_default(),
+        ),
+        (TASK_NAME.to_string(), task.name_any()),
+        (OPERATOR.to_string(), ctx.instance.clone()),
+    ]);
+    // Before the call: a create that fails may still have made the sandbox.
+    ctx.memory.note_create(&uid);
+    let asked = std::time::Instant::now();
+    let (created, with_finalizer) = tokio::join!(
+        async {
+            let created = provider.create_sandbox(&spec).await;
+            if created.is_ok() {
+                ctx.metrics.sandbox_created(asked.elapsed());
+            }
+            created
+        },
+        finalized(ctx, task)
+    );
+    let task = match with_finalizer {
+        Ok(task) => task,
+        Err(error) => {
+            // Without its finalizer the task could go with its sandbox left behind. A
+            // create that failed but made one anyway is the orphan sweep's.
+            if let Ok(sandbox) = &created {
+                let _ = provider.kill_sandbox(&sandbox.sandbox_id).await;
+            }
+            return finalizer_trouble(ctx, task, error).await;
+        }
+    };
+    let task = task.as_ref();
+    let sandbox = match created {
+        Ok(sandbox) => sandbox,
+        Err(error) if matches!(error, ProviderError::RateLimited { .. }) => {
+            let again = error.retry_after().unwrap_or(WAIT_INTERVAL * 3);
+            return wait(
+                ctx,
+                task,
+                TaskReason::ProviderBusy,
+                &error.to_string(),
+                again,
+            )
+            .await;
+        }
+        // Waiting cannot fix a refused key or request: fail now instead of at the
+        // deadline. (A template missing on the provider is rebuilt by the template
+        // controller, so NotFound keeps waiting below.)
+        Err(
+            error @ (ProviderError::Unauthorized { .. }
+            | ProviderError::Forbidden { .. }
+            | ProviderError::InvalidRequest { .. }),
+        ) => {
+            let message = format!("the provider refused to create the sandbox: {error}");
+            return fail(ctx, task, TaskReason::ProviderRejected, &message, |_| {}).await;
+        }
+        Err(error) => {
+            return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3).await;
+        }
+    };
+    slot.keep();
+    let sandbox_id = sandbox.sandbox_id.clone();
+    // A new sandbox holds nothing yet, so the agent starts in this pass and one status
+    // write records both. Should the start not go through, the sandbox is recorded and
+    // the next pass looks into it the careful way, as for one it adopted.
+    match launch(task, ctx, &provider.envd(&sandbox), env, redactor).await {
+        Ok(process) => {
+            let note = format!("the agent started in sandbox {sandbox_id}");
+            running(ctx, task, process, record(&sandbox_id), note).await
+        }
+        Err(Launch::Invalid { reason, message }) => {
+            let action = fail(ctx, task, reason, &message, record(&sandbox_id)).await?;
+            let _ = provider.kill_sandbox(&sandbox_id).await;
+            Ok(action)
+        }
+        Err(Launch::Provider(_) | Launch::Kube(_)) => {
+            provisioning(ctx, task, &sandbox_id, record(&sandbox_id)).await
+        }
+    }
+}
+
+/// The task with the finalizer on, written now if it was not.
+pub(super) async fn finalized<'a>(
+    ctx: &Context,
+    task: &'a AgentTask,
+) -> Result<std::borrow::Cow<'a, AgentTask>, Error> {
+    if task.finalizers().iter().any(|name| name == FINALIZER) {
+        return Ok(std::borrow::Cow::Borrowed(task));
+    }
+    let api: Api<AgentTask> =
+        Api::namespaced(ctx.client.clone(), &task.namespace().unwrap_or_default());
+    Ok(std::borrow::Cow::Owned(
+        add_finalizer(ctx, &api, task).await?,
+    ))
+}
+
+/// Records a sandbox the agent has not been started in (as far as this pass knows) and
+/// looks into it again shortly.
+pub(super) async fn provisioning(
+    ctx: &Context,
+    task: &AgentTask,
+    sandbox_id: &str,
+    record: impl FnOnce(&mut AgentTaskStatus),
+) -> Result<Action, Error> {
+    let message = format!("sandbox {sandbox_id} is being prepared");
+    let status = staged(
+        task,
+        TaskPhase::Provisioning,
+        TaskReason::Provisioning,
+        &message,
+        record,
+    );
+    write(ctx, task, status).await?;
+    publish(
+        ctx,
+        task,
+        EventType::Normal,
+        TaskReason::SandboxCreated,
+        message,
+    )
+    .await;
+    Ok(Action::requeue(Duration::from_millis(100)))
+}

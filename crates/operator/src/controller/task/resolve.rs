@@ -1,0 +1,126 @@
+//! What a task needs before a sandbox: its template Ready, its Secrets read and its
+//! environment built.
+
+use super::*;
+
+/// The agent's environment from the spec, with the Secret values it used (for redaction).
+/// A missing Secret or key is named in the error, its value never.
+pub(super) async fn resolve_env(
+    ctx: &Context,
+    task: &AgentTask,
+) -> Result<(BTreeMap<String, String>, Vec<String>), String> {
+    let namespace = task.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut cache: BTreeMap<String, Option<Secret>> = BTreeMap::new();
+    let mut env = BTreeMap::new();
+    let mut values = Vec::new();
+    for source in &task.spec.env_from {
+        let name = &source.secret_ref.name;
+        let secret = fetch(&secrets, &mut cache, name).await?;
+        match secret {
+            Some(secret) => {
+                for (key, value) in secret.data.unwrap_or_default() {
+                    let value = String::from_utf8_lossy(&value.0).into_owned();
+                    let prefix = source.prefix.clone().unwrap_or_default();
+                    values.push(value.clone());
+                    env.insert(format!("{prefix}{key}"), value);
+                }
+            }
+            None if source.secret_ref.optional => {}
+            None => return Err(format!("Secret {name} does not exist")),
+        }
+    }
+    for variable in &task.spec.env {
+        if let Some(value) = &variable.value {
+            env.insert(variable.name.clone(), value.clone());
+            continue;
+        }
+        let Some(source) = &variable.value_from else {
+            continue;
+        };
+        let selector = &source.secret_key_ref;
+        let secret = fetch(&secrets, &mut cache, &selector.name).await?;
+        let value = secret
+            .as_ref()
+            .and_then(|secret| secret.data.as_ref())
+            .and_then(|data| data.get(&selector.key))
+            .map(|value| String::from_utf8_lossy(&value.0).into_owned());
+        match value {
+            Some(value) => {
+                values.push(value.clone());
+                env.insert(variable.name.clone(), value);
+            }
+            None if selector.optional => {}
+            None if secret.is_none() => {
+                return Err(format!("Secret {} does not exist", selector.name));
+            }
+            None => {
+                return Err(format!(
+                    "Secret {} has no key {}",
+                    selector.name, selector.key
+                ));
+            }
+        }
+    }
+    Ok((env, values))
+}
+
+pub(super) async fn fetch(
+    secrets: &Api<Secret>,
+    cache: &mut BTreeMap<String, Option<Secret>>,
+    name: &str,
+) -> Result<Option<Secret>, String> {
+    if let Some(found) = cache.get(name) {
+        return Ok(found.clone());
+    }
+    let found = secrets
+        .get_opt(name)
+        .await
+        .map_err(|error| format!("cannot read Secret {name}: {error}"))?;
+    cache.insert(name.to_string(), found.clone());
+    Ok(found)
+}
+
+/// Waits for the task's template, saying why it is not Ready so the task alone shows what
+/// to fix.
+pub(super) async fn wait_for_template(
+    ctx: &Context,
+    task: &AgentTask,
+    template: Option<SandboxTemplate>,
+) -> Result<Action, Error> {
+    let template_name = &task.spec.template_ref.name;
+    let failed = template
+        .and_then(|template| template.status)
+        .filter(|status| status.phase == Some(TemplatePhase::Failed))
+        .and_then(|status| {
+            status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == CONDITION_READY)
+        });
+    let message = match failed {
+        Some(ready) => format!(
+            "waiting for SandboxTemplate {template_name} to be Ready; it failed ({}): {}",
+            ready.reason,
+            truncate(&ready.message, 512)
+        ),
+        None => format!("waiting for SandboxTemplate {template_name} to be Ready"),
+    };
+    wait(
+        ctx,
+        task,
+        TaskReason::TemplateNotReady,
+        &message,
+        WAIT_INTERVAL,
+    )
+    .await
+}
+
+pub(super) async fn template_of(ctx: &Context, task: &AgentTask) -> Option<SandboxTemplate> {
+    let namespace = task.namespace().unwrap_or_default();
+    ctx.caches
+        .template(&namespace, &task.spec.template_ref.name)
+        .await
+        .ok()
+        .flatten()
+}
