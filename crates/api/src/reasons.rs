@@ -130,6 +130,8 @@ reasons! {
         AgentFailed,
         /// The model's API answered with an error the CLI gave up on.
         AgentApiError,
+        /// Claude Code found no credentials for the model in its environment.
+        MissingModelCredentials,
         /// Claude Code stopped at its turn limit.
         MaxTurns,
         /// The agent ended without a result; retried within the backoff limit.

@@ -253,8 +253,11 @@ impl Drop for Operator {
     }
 }
 
-/// Polls until `done` accepts the object's status (an absent status reads as the default)
-/// and returns that status; fails the test after a minute.
+/// Waits until the object's status satisfies `done`, and returns that status. It watches
+/// the object, so it sees every state the object passes through, however briefly (a
+/// finished task a short TTL deletes at once); an object deleted before it got there
+/// fails the wait at once, saying so, instead of reading as an empty status until the
+/// time runs out.
 pub async fn wait_for<K>(
     api: &kube::Api<K>,
     name: &str,
@@ -266,25 +269,63 @@ where
         + kube::core::object::HasStatus
         + Clone
         + serde::de::DeserializeOwned
-        + std::fmt::Debug,
+        + std::fmt::Debug
+        + Send
+        + 'static,
     K::Status: Clone + Default + std::fmt::Debug,
 {
-    let wait = Duration::from_secs(60);
-    let deadline = std::time::Instant::now() + wait;
-    loop {
-        let status = api
-            .get_opt(name)
-            .await
-            .expect("get")
-            .and_then(|object| object.status().cloned())
-            .unwrap_or_default();
-        if done(&status) {
-            return status;
+    wait_for_within(api, name, what, Duration::from_secs(60), done).await
+}
+
+/// [`wait_for`], for at most `wait`.
+pub async fn wait_for_within<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    what: &str,
+    wait: Duration,
+    done: impl Fn(&K::Status) -> bool,
+) -> K::Status
+where
+    K: kube::Resource
+        + kube::core::object::HasStatus
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+    K::Status: Clone + Default + std::fmt::Debug,
+{
+    use futures::StreamExt;
+    use kube::runtime::watcher::{self, Event};
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = std::pin::pin!(watcher::watcher(api.clone(), config));
+    let mut last = None;
+    let watched = tokio::time::timeout(wait, async {
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(Event::Apply(object) | Event::InitApply(object)) => {
+                    let status = object.status().cloned().unwrap_or_default();
+                    if done(&status) {
+                        return Ok(status);
+                    }
+                    last = Some(status);
+                }
+                Ok(Event::Delete(object)) => {
+                    return Err(format!(
+                        "{name}: deleted before it was {what}; last seen: {:#?}",
+                        object.status()
+                    ));
+                }
+                // The watch restarts by itself after an error; the timeout bounds it all.
+                Ok(Event::Init | Event::InitDone) | Err(_) => {}
+            }
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name}: not {what} within {wait:?}: {status:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        Err(format!("{name}: the watch ended before it was {what}"))
+    })
+    .await;
+    match watched {
+        Ok(Ok(status)) => status,
+        Ok(Err(failure)) => panic!("{failure}"),
+        Err(_) => panic!("{name}: not {what} within {wait:?}: {last:#?}"),
     }
 }

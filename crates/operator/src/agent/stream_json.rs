@@ -62,8 +62,8 @@ pub struct Outcome {
     pub terminal_reason: Option<String>,
     pub num_turns: Option<u32>,
     pub duration_ms: Option<u64>,
-    /// Exactly as the CLI printed it (e.g. `0.0024000000000000002`), because a float
-    /// round trip would change the digits that end up in status.
+    /// A decimal to a billionth of a dollar: the CLI prints the error of its float sums
+    /// (`0.0024000000000000002`), which a user should read as `0.0024`.
     pub total_cost_usd: Option<String>,
     pub usage: Usage,
     pub session_id: Option<String>,
@@ -81,6 +81,9 @@ pub enum FailureReason {
     MaxTurns,
     /// The Messages API refused or failed; `status` is the HTTP status when there was one.
     ApiError { status: Option<u16> },
+    /// The CLI found no credentials for the model and asked for none: it sent no
+    /// request ("Not logged in").
+    NotLoggedIn,
     /// Any other error result.
     AgentError,
 }
@@ -125,6 +128,8 @@ pub fn classify(outcome: Option<&Outcome>) -> Verdict {
 #[derive(Debug, Default)]
 pub struct StreamParser {
     pending: Vec<u8>,
+    /// The CLI reported a failed authentication of its own (a synthetic message).
+    authentication_failed: bool,
     progress: Progress,
     last_message_id: Option<String>,
     outcome: Option<Outcome>,
@@ -199,6 +204,9 @@ impl StreamParser {
     }
 
     fn assistant(&mut self, line: AssistantLine) {
+        if line.is_api_error_message && line.error.as_deref() == Some("authentication_failed") {
+            self.authentication_failed = true;
+        }
         let message = line.message;
         for block in &message.content {
             if block.kind == "tool_use" {
@@ -234,7 +242,18 @@ impl StreamParser {
     }
 
     pub fn verdict(&self) -> Verdict {
-        classify(self.outcome.as_ref())
+        match classify(self.outcome.as_ref()) {
+            // Refused before any request was sent: no credentials at all, as opposed to
+            // credentials the API refused (a 401).
+            Verdict::Failed {
+                reason: FailureReason::ApiError { status: None },
+                message,
+            } if self.authentication_failed => Verdict::Failed {
+                reason: FailureReason::NotLoggedIn,
+                message,
+            },
+            verdict => verdict,
+        }
     }
 }
 
@@ -254,6 +273,9 @@ struct AssistantLine {
     parent_tool_use_id: Option<String>,
     #[serde(default)]
     is_api_error_message: bool,
+    /// The CLI's own kind of a synthetic error message, e.g. `authentication_failed`.
+    #[serde(default)]
+    error: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -313,14 +335,26 @@ impl ResultLine {
             // `null` stays absent rather than becoming the string "null".
             total_cost_usd: self
                 .total_cost_usd
-                .map(|raw| raw.get().to_string())
-                .filter(|s| s != "null"),
+                .and_then(|raw| raw.get().parse::<f64>().ok())
+                .map(dollars),
             usage: self.usage.unwrap_or_default(),
             session_id: self.session_id,
             permission_denials: self.permission_denials.len(),
             api_error,
             errors: self.errors,
         }
+    }
+}
+
+/// A cost as a decimal string, to a billionth of a dollar: what the CLI's float meant,
+/// without the digits its float arithmetic added.
+fn dollars(cost: f64) -> String {
+    let fixed = format!("{cost:.9}");
+    let trimmed = fixed.trim_end_matches('0').trim_end_matches('.');
+    if trimmed.is_empty() || trimmed == "-" || trimmed == "-0" {
+        "0".to_string()
+    } else {
+        trimmed.to_string()
     }
 }
 
@@ -373,7 +407,7 @@ mod tests {
                 terminal_reason: Some("completed".into()),
                 num_turns: Some(3),
                 duration_ms: Some(977),
-                total_cost_usd: Some("0.0024000000000000002".into()),
+                total_cost_usd: Some("0.0024".into()),
                 usage: Usage {
                     input_tokens: 300,
                     output_tokens: 60,
@@ -559,13 +593,49 @@ mod tests {
     }
 
     #[test]
-    fn cost_keeps_the_printed_digits() {
+    fn no_credentials_is_not_an_api_error() {
+        let parser = parse(include_str!(
+            "../../tests/fixtures/claude/not_logged_in.jsonl"
+        ));
+        match parser.verdict() {
+            Verdict::Failed { reason, message } => {
+                assert_eq!(reason, FailureReason::NotLoggedIn);
+                assert!(message.contains("Not logged in"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Credentials the API refused stay an API error with its status.
+        assert!(matches!(
+            parse(UNAUTHORIZED).verdict(),
+            Verdict::Failed {
+                reason: FailureReason::ApiError { status: Some(401) },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn cost_reads_as_the_decimal_the_cli_meant() {
+        // The CLI sums per-model costs as JavaScript numbers and prints the float error.
         let line = r#"{"type":"result","subtype":"success","is_error":false,"total_cost_usd":0.0024000000000000002}"#;
         let outcome = parse(line).outcome().cloned().unwrap();
-        assert_eq!(
-            outcome.total_cost_usd.as_deref(),
-            Some("0.0024000000000000002")
-        );
+        assert_eq!(outcome.total_cost_usd.as_deref(), Some("0.0024"));
+        for (printed, shown) in [
+            ("0", "0"),
+            ("0.5", "0.5"),
+            ("12", "12"),
+            ("1.0000000000000002", "1"),
+            ("0.123456789012", "0.123456789"),
+        ] {
+            let line = format!(
+                r#"{{"type":"result","subtype":"success","is_error":false,"total_cost_usd":{printed}}}"#
+            );
+            assert_eq!(
+                parse(&line).outcome().unwrap().total_cost_usd.as_deref(),
+                Some(shown),
+                "{printed}"
+            );
+        }
         let line =
             r#"{"type":"result","subtype":"success","is_error":false,"total_cost_usd":null}"#;
         assert_eq!(parse(line).outcome().unwrap().total_cost_usd, None);

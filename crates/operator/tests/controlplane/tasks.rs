@@ -598,6 +598,9 @@ pub async fn a_restart_reattaches_and_a_lost_sandbox_is_retried(env: Arc<TestEnv
             "external-key",
         ))
         .expect("client");
+    // The verdict is written before the sandbox is killed (so a crash between the two
+    // cannot lose a result), so a finished task's sandbox goes a moment after it reads
+    // as finished: how many are alive once that moment is over (at most 10 s).
     let count = |uid: String| {
         let provider = provider.clone();
         async move {
@@ -605,7 +608,14 @@ pub async fn a_restart_reattaches_and_a_lost_sandbox_is_retried(env: Arc<TestEnv
                 metadata: [(TASK_UID.to_string(), uid)].into(),
                 ..ListQuery::default()
             };
-            provider.list_sandboxes(&query).await.expect("list").len()
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let alive = provider.list_sandboxes(&query).await.expect("list").len();
+                if alive == 0 || std::time::Instant::now() > deadline {
+                    return alive;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     };
 

@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use super::{Provider, create_task, figure, setup, tasks};
 use sandcastle_testkit::cases;
 use sandcastle_testkit::cluster::TestEnv;
+use sandcastle_testkit::operator::wait_for_within;
 
 /// The bytes any task's status may take as the apiserver serves it.
 const STATUS_BUDGET: usize = 64 * 1024;
@@ -93,34 +94,19 @@ async fn template_deleted_mid_task(api: &Api<AgentTask>, templates: &Api<Sandbox
         json!({"templateRef": {"name": "doomed"}, "agent": {"command": {"command": ["sh", "-c", "sleep 4; echo survived"]}}}),
     )
     .await;
-    let status = |task: Option<AgentTask>| task.and_then(|task| task.status).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let now = status(api.get_opt(name).await.expect("get the task"));
-        if now.phase == Some(TaskPhase::Running) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the task never ran: {:?}: {:?}",
-            now.reason,
-            now.message
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let within = Duration::from_secs(90);
+    wait_for_within(api, name, "running", within, |now| {
+        now.phase == Some(TaskPhase::Running)
+    })
+    .await;
     templates
         .delete("doomed", &DeleteParams::default())
         .await
         .expect("delete the template");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let end = loop {
-        let now = status(api.get_opt(name).await.expect("get the task"));
-        if matches!(now.phase, Some(TaskPhase::Succeeded | TaskPhase::Failed)) {
-            break now;
-        }
-        assert!(Instant::now() < deadline, "the task never ended: {now:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let end = wait_for_within(api, name, "ended", within, |now| {
+        matches!(now.phase, Some(TaskPhase::Succeeded | TaskPhase::Failed))
+    })
+    .await;
     assert_eq!(
         (end.reason.as_deref(), result_text(&end).trim()),
         (Some("Succeeded"), "survived"),

@@ -26,7 +26,7 @@ pub(super) async fn run(
         Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
     };
     if running {
-        return follow(task, ctx, envd).await;
+        return follow(task, ctx, envd, redactor).await;
     }
     match envd.read_file(&run_file("exit")).await {
         Ok(exit) => {
@@ -294,6 +294,7 @@ pub(super) async fn follow(
     task: &AgentTask,
     ctx: &Context,
     envd: &EnvdClient,
+    redactor: &Redactor,
 ) -> Result<Action, Error> {
     let uid = task.metadata.uid.clone().unwrap_or_default();
     let followed = || ctx.memory.is_following(&uid);
@@ -327,7 +328,7 @@ pub(super) async fn follow(
         } else {
             FOLLOW_INTERVAL
         };
-        return Ok(Action::requeue(again));
+        return Ok(Action::requeue(until_deadline(task, again)));
     }
     let due = status
         .progress
@@ -337,21 +338,102 @@ pub(super) async fn follow(
     if due && let Ok(transcript) = envd.read_file(&run_file("stdout")).await {
         let mut parser = StreamParser::new();
         parser.feed(&transcript);
-        let seen = parser.progress();
-        let turns = i64::from(seen.turns);
-        let changed = status
-            .progress
-            .as_ref()
-            .is_none_or(|progress| progress.turns != turns || progress.last_tool != seen.last_tool);
+        let seen = shown_progress(parser.progress(), None, redactor);
+        let changed = status.progress.as_ref().is_none_or(|progress| {
+            progress.turns != seen.turns || progress.last_tool != seen.last_tool
+        });
         if changed {
             let mut status = status;
             status.progress = Some(Progress {
-                turns,
-                last_tool: seen.last_tool.clone(),
                 updated_at: Some(now()),
+                ..seen
             });
             write(ctx, task, status).await?;
         }
     }
-    Ok(Action::requeue(FOLLOW_INTERVAL))
+    Ok(Action::requeue(until_deadline(task, FOLLOW_INTERVAL)))
+}
+
+/// `again`, or sooner if the task's deadline comes first: the pass after the deadline
+/// kills the agent, whatever its kind, so a deadline is never overrun by a whole interval.
+pub(super) fn until_deadline(task: &AgentTask, again: Duration) -> Duration {
+    let Some(deadline) = deadline(task) else {
+        return again;
+    };
+    let left = jiff::Timestamp::now()
+        .duration_until(deadline)
+        .as_millis()
+        .max(0) as u64;
+    // A little after, so the pass finds the deadline passed rather than just ahead.
+    again.min(Duration::from_millis(left + 100))
+}
+
+/// Progress as status shows it: the turns so far (`final_turns` once the agent ended,
+/// which the CLI's result states), and the last tool's name, which the model chose and
+/// may hold anything, redacted and cut to the schema's size.
+pub(crate) fn shown_progress(
+    seen: &crate::agent::stream_json::Progress,
+    final_turns: Option<u32>,
+    redactor: &Redactor,
+) -> Progress {
+    Progress {
+        turns: i64::from(final_turns.unwrap_or(seen.turns)),
+        last_tool: seen
+            .last_tool
+            .as_ref()
+            .map(|tool| truncate(&redactor.redact(tool), 256)),
+        updated_at: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_shows_a_redacted_tool_and_the_final_turns() {
+        let redactor = Redactor::new(["s3cr3t".to_string()]);
+        let seen = crate::agent::stream_json::Progress {
+            turns: 2,
+            last_tool: Some("mcp__s3cr3t__query".into()),
+            ..Default::default()
+        };
+        let shown = shown_progress(&seen, Some(3), &redactor);
+        assert_eq!(shown.turns, 3);
+        assert_eq!(shown.last_tool.as_deref(), Some("mcp__[redacted]__query"));
+        let long = crate::agent::stream_json::Progress {
+            turns: 1,
+            last_tool: Some("x".repeat(1000)),
+            ..Default::default()
+        };
+        let shown = shown_progress(&long, None, &redactor);
+        assert_eq!(
+            (shown.turns, shown.last_tool.unwrap().chars().count()),
+            (1, 256)
+        );
+    }
+
+    #[test]
+    fn a_pass_comes_back_by_the_deadline() {
+        // Ten seconds ago, to the second, as the apiserver stamps it.
+        let created =
+            jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() - 10).expect("a time");
+        let mut task: AgentTask = serde_json::from_value(serde_json::json!({
+            "apiVersion": "sandcastle.dev/v1alpha1", "kind": "AgentTask",
+            "metadata": {"name": "t", "creationTimestamp": created.to_string()},
+            "spec": {"templateRef": {"name": "base"}, "agent": {"command": {"command": ["sleep", "60"]}},
+                     "activeDeadlineSeconds": 13},
+        }))
+        .expect("a task");
+        let again = until_deadline(&task, Duration::from_secs(30));
+        assert!(
+            again <= Duration::from_millis(3100) && again >= Duration::from_millis(1900),
+            "{again:?}"
+        );
+        task.spec.active_deadline_seconds = 3600;
+        assert_eq!(
+            until_deadline(&task, Duration::from_secs(30)),
+            Duration::from_secs(30)
+        );
+    }
 }

@@ -91,6 +91,7 @@ pub(super) async fn finish(
     let Judgement {
         result,
         usage,
+        progress,
         ending,
     } = judge(is_claude(task), exit_code, &stdout, &stderr, redactor);
     let failure = match ending {
@@ -113,6 +114,12 @@ pub(super) async fn finish(
     let record = |status: &mut AgentTaskStatus| {
         status.result = Some(result.clone());
         status.usage = usage.clone();
+        if let Some(progress) = &progress {
+            status.progress = Some(Progress {
+                updated_at: Some(now()),
+                ..progress.clone()
+            });
+        }
         status.files = changes
             .files
             .iter()
@@ -334,6 +341,8 @@ pub(super) async fn sandbox_lost(
 pub(crate) struct Judgement {
     pub(crate) result: TaskResult,
     pub(crate) usage: Option<Usage>,
+    /// Claude Code's progress as it ended: the final count of turns.
+    pub(crate) progress: Option<Progress>,
     pub(crate) ending: Ending,
 }
 
@@ -366,6 +375,7 @@ pub(crate) fn judge(
         ..TaskResult::default()
     };
     let mut usage = None;
+    let mut progress = None;
     let stderr_tail = || {
         truncate(
             redactor.redact(&String::from_utf8_lossy(stderr)).trim(),
@@ -394,6 +404,8 @@ pub(crate) fn judge(
                 cost_usd: outcome.total_cost_usd.clone(),
             });
         }
+        let final_turns = parser.outcome().and_then(|outcome| outcome.num_turns);
+        progress = Some(shown_progress(parser.progress(), final_turns, redactor));
         parser.verdict()
     } else {
         let text = redactor.redact(&String::from_utf8_lossy(stdout));
@@ -418,9 +430,16 @@ pub(crate) fn judge(
             reason: match reason {
                 FailureReason::MaxTurns => TaskReason::MaxTurns,
                 FailureReason::ApiError { .. } => TaskReason::AgentApiError,
+                FailureReason::NotLoggedIn => TaskReason::MissingModelCredentials,
                 FailureReason::AgentError => TaskReason::AgentFailed,
             },
-            message: redactor.redact(&message),
+            message: match reason {
+                FailureReason::NotLoggedIn => format!(
+                    "Claude Code has no credentials for the model. Give the task ANTHROPIC_API_KEY, or ANTHROPIC_BASE_URL with ANTHROPIC_AUTH_TOKEN for an Anthropic-compatible endpoint, or CLAUDE_CODE_USE_BEDROCK=1 / CLAUDE_CODE_USE_VERTEX=1 with that cloud's credentials, from a Secret: spec.envFrom: [{{secretRef: {{name: anthropic}}}}]. The CLI said: {}",
+                    redactor.redact(&message)
+                ),
+                _ => redactor.redact(&message),
+            },
         },
         // An exit code before any output line: the CLI refused its invocation (not
         // installed, root refusing bypass mode, a bad extra argument), and a new sandbox
@@ -441,6 +460,7 @@ pub(crate) fn judge(
     Judgement {
         result,
         usage,
+        progress,
         ending,
     }
 }
@@ -453,6 +473,8 @@ mod tests {
     const UNAUTHORIZED: &[u8] = include_bytes!("../../../tests/fixtures/claude/unauthorized.jsonl");
     const MAX_TURNS: &[u8] = include_bytes!("../../../tests/fixtures/claude/max_turns.jsonl");
     const KILLED: &[u8] = include_bytes!("../../../tests/fixtures/claude/killed.jsonl");
+    const NOT_LOGGED_IN: &[u8] =
+        include_bytes!("../../../tests/fixtures/claude/not_logged_in.jsonl");
 
     fn redactor() -> Redactor {
         Redactor::new(vec!["hunter2".to_string()])
@@ -507,6 +529,23 @@ mod tests {
                 failed(TaskReason::AgentApiError, ""),
             ),
             (
+                "Claude Code without credentials says what to set",
+                match ending(true, 1, NOT_LOGGED_IN, b"") {
+                    Ending::Failed { reason, message } => {
+                        assert!(
+                            message.contains("ANTHROPIC_API_KEY")
+                                && message.contains("ANTHROPIC_AUTH_TOKEN")
+                                && message.contains("envFrom")
+                                && message.contains("Not logged in"),
+                            "{message}"
+                        );
+                        failed(reason, "")
+                    }
+                    other => other,
+                },
+                failed(TaskReason::MissingModelCredentials, ""),
+            ),
+            (
                 "an exit code before any output is a refused invocation, not a retry",
                 ending(true, 1, b"  \n", b"claude: not found\n"),
                 failed(
@@ -546,5 +585,9 @@ mod tests {
         assert!(usage.cost_usd.is_some());
         assert!(judged.result.session_id.is_some());
         assert_eq!(judged.result.subtype.as_deref(), Some("success"));
+        assert_eq!(judged.result.num_turns, Some(3));
+        let progress = judged.progress.expect("progress");
+        assert_eq!(progress.turns, 3, "the final count, as TURNS shows it");
+        assert_eq!(usage.cost_usd.as_deref(), Some("0.0024"));
     }
 }

@@ -88,24 +88,7 @@ pub(super) async fn wait_for_template(
     task: &AgentTask,
     template: Option<SandboxTemplate>,
 ) -> Result<Action, Error> {
-    let template_name = &task.spec.template_ref.name;
-    let failed = template
-        .and_then(|template| template.status)
-        .filter(|status| status.phase == Some(TemplatePhase::Failed))
-        .and_then(|status| {
-            status
-                .conditions
-                .into_iter()
-                .find(|c| c.type_ == CONDITION_READY)
-        });
-    let message = match failed {
-        Some(ready) => format!(
-            "waiting for SandboxTemplate {template_name} to be Ready; it failed ({}): {}",
-            ready.reason,
-            truncate(&ready.message, 512)
-        ),
-        None => format!("waiting for SandboxTemplate {template_name} to be Ready"),
-    };
+    let message = template_wait_message(task, template.as_ref());
     wait(
         ctx,
         task,
@@ -116,6 +99,40 @@ pub(super) async fn wait_for_template(
     .await
 }
 
+/// Why the task waits for its template, in words that say what to fix: a template that
+/// does not exist is named as such (the task waits for it, as a Pod waits for its
+/// ConfigMap), a failed one with its reason.
+pub(crate) fn template_wait_message(
+    task: &AgentTask,
+    template: Option<&SandboxTemplate>,
+) -> String {
+    let template_name = &task.spec.template_ref.name;
+    let Some(template) = template else {
+        let namespace = task.namespace().unwrap_or_default();
+        return format!(
+            "SandboxTemplate {template_name} does not exist in namespace {namespace}; waiting for it to be created"
+        );
+    };
+    let failed = template
+        .status
+        .as_ref()
+        .filter(|status| status.phase == Some(TemplatePhase::Failed))
+        .and_then(|status| {
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == CONDITION_READY)
+        });
+    match failed {
+        Some(ready) => format!(
+            "waiting for SandboxTemplate {template_name} to be Ready; it failed ({}): {}",
+            ready.reason,
+            truncate(&ready.message, 512)
+        ),
+        None => format!("waiting for SandboxTemplate {template_name} to be Ready"),
+    }
+}
+
 pub(super) async fn template_of(ctx: &Context, task: &AgentTask) -> Option<SandboxTemplate> {
     let namespace = task.namespace().unwrap_or_default();
     ctx.caches
@@ -123,4 +140,45 @@ pub(super) async fn template_of(ctx: &Context, task: &AgentTask) -> Option<Sandb
         .await
         .ok()
         .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wait_says_whether_the_template_exists() {
+        let task: AgentTask = serde_json::from_value(serde_json::json!({
+            "apiVersion": "sandcastle.dev/v1alpha1", "kind": "AgentTask",
+            "metadata": {"name": "t", "namespace": "team"},
+            "spec": {"templateRef": {"name": "nope"}, "agent": {"command": {"command": ["true"]}}},
+        }))
+        .expect("a task");
+        assert_eq!(
+            template_wait_message(&task, None),
+            "SandboxTemplate nope does not exist in namespace team; waiting for it to be created"
+        );
+        let building: SandboxTemplate = serde_json::from_value(serde_json::json!({
+            "apiVersion": "sandcastle.dev/v1alpha1", "kind": "SandboxTemplate",
+            "metadata": {"name": "nope", "namespace": "team"},
+            "spec": {"existing": {"templateId": "base"}},
+            "status": {"phase": "Building"},
+        }))
+        .expect("a template");
+        assert_eq!(
+            template_wait_message(&task, Some(&building)),
+            "waiting for SandboxTemplate nope to be Ready"
+        );
+        let mut failed = building.clone();
+        failed.status = serde_json::from_value(serde_json::json!({
+            "phase": "Failed",
+            "conditions": [{"type": "Ready", "status": "False", "reason": "BuildFailed",
+                            "message": "step 2 failed", "lastTransitionTime": "2026-12-04T10:00:00Z"}],
+        }))
+        .expect("a status");
+        assert_eq!(
+            template_wait_message(&task, Some(&failed)),
+            "waiting for SandboxTemplate nope to be Ready; it failed (BuildFailed): step 2 failed"
+        );
+    }
 }
