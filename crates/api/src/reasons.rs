@@ -59,6 +59,8 @@ reasons! {
         BuildSucceeded,
         Adopted,
         BuildFailed,
+        /// The build ran past `spec.build.timeoutSeconds`.
+        BuildTimedOut,
         MissingCredentials,
         Unauthorized,
         MissingConfigMap,
@@ -81,6 +83,7 @@ impl TemplateReason {
         matches!(
             self,
             TemplateReason::BuildFailed
+                | TemplateReason::BuildTimedOut
                 | TemplateReason::MissingCredentials
                 | TemplateReason::Unauthorized
                 | TemplateReason::MissingConfigMap

@@ -193,6 +193,13 @@ pub fn extend_log_tail(tail: &mut Vec<String>, lines: impl IntoIterator<Item = S
     tail.drain(..excess);
 }
 
+/// Whether a build started at `started` has run past its `timeoutSeconds` at `now`.
+pub fn timed_out(started: &Time, timeout_seconds: Option<i32>, now: &Time) -> bool {
+    timeout_seconds.is_some_and(|limit| {
+        now.0.duration_since(started.0) > jiff::SignedDuration::from_secs(i64::from(limit))
+    })
+}
+
 /// The provider's failed-step marker (a 1-based index as text, or "base"/"finalize").
 pub fn failed_step(step: Option<&str>) -> Option<i32> {
     step.and_then(|step| step.parse().ok())
@@ -230,6 +237,25 @@ pub fn status(
         observed_generation: generation,
         message: Some(message),
         ..previous.clone()
+    }
+}
+
+#[cfg(test)]
+mod timeout_tests {
+    use super::*;
+
+    fn at(second: i64) -> Time {
+        Time(jiff::Timestamp::from_second(1_780_000_000 + second).expect("a time"))
+    }
+
+    #[test]
+    fn a_build_times_out_only_past_its_limit() {
+        assert!(
+            !timed_out(&at(0), None, &at(100_000)),
+            "no limit, no timeout"
+        );
+        assert!(!timed_out(&at(0), Some(60), &at(60)));
+        assert!(timed_out(&at(0), Some(60), &at(61)));
     }
 }
 

@@ -315,6 +315,7 @@ fn template_stages(reason: Reason) -> (&'static [TemplatePhase], &'static str) {
         Reason::Queued | Reason::ProviderUnavailable => (&[Pending], "Progressing"),
         Reason::BuildSucceeded | Reason::Adopted => (&[Ready], "Healthy"),
         Reason::BuildFailed => (&[Pending, Failed], "Degraded"),
+        Reason::BuildTimedOut => (&[Failed], "Degraded"),
         Reason::MissingCredentials
         | Reason::Unauthorized
         | Reason::MissingConfigMap

@@ -181,6 +181,17 @@ impl Caches {
             .and_then(|guard| guard.0.as_ref().ok().cloned()))
     }
 
+    /// Every template the operator watches, once the caches have listed them.
+    async fn templates(&self) -> Result<Vec<SandboxTemplate>, Error> {
+        let stores = self.templates.lock().expect("template caches").clone();
+        let stores = Self::synced(stores, "SandboxTemplate").await?;
+        Ok(stores
+            .iter()
+            .flat_map(|store| store.state())
+            .filter_map(|guard| guard.0.as_ref().ok().cloned())
+            .collect())
+    }
+
     /// The trigger of the task controller that watches `namespace`.
     fn waker(&self, namespace: &str) -> Option<UnboundedSender<TaskRef>> {
         self.wake

@@ -664,6 +664,41 @@ async fn follow(
         );
     }
     ctx.builds.set_log_offset(&build_id, offset);
+    let running = matches!(info.status, BuildStatus::Waiting | BuildStatus::Building);
+    if running
+        && let Some(started) = &status.build_started_at
+        && template_build::timed_out(started, spec.timeout_seconds, &now())
+    {
+        // The E2B API has no call that stops one build; the provider ends it by its own
+        // limits. The template fails now, and a changed spec builds again.
+        ctx.builds.finish(&key);
+        let message = format!(
+            "the build did not finish within {} s (spec.build.timeoutSeconds)",
+            spec.timeout_seconds.unwrap_or_default()
+        );
+        record(
+            ctx,
+            template,
+            TemplatePhase::Failed,
+            TemplateReason::BuildTimedOut,
+            &message,
+            |status| {
+                status.log_tail = tail;
+                status.build_completed_at = Some(now());
+            },
+        )
+        .await
+        .map_err(kube_failure)?;
+        publish(
+            ctx,
+            template,
+            EventType::Warning,
+            TemplateReason::BuildTimedOut.as_str(),
+            message,
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
     match info.status {
         BuildStatus::Waiting => {
             let name = status.template_name.clone().unwrap_or_default();

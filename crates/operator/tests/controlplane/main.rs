@@ -44,6 +44,7 @@ fn main() -> ExitCode {
             operator_binary_runs_the_examples,
             builds_record_ids_early_and_rebuild_only_on_change,
             a_failed_step_is_reported_with_its_log,
+            a_build_past_its_timeout_fails,
             existing_templates_are_adopted_or_reported_missing,
             missing_credentials_are_retried_once_the_secret_exists,
             deletion_follows_the_policy_and_waits_for_users,

@@ -123,16 +123,28 @@ pub async fn a_command_task_reports_its_files_and_frees_its_sandbox(env: Arc<Tes
         0,
         "the sandbox is killed"
     );
-    let metrics = operator.metrics().await;
-    for series in [
+    let series = [
         r#"sandcastle_agenttasks{phase="Succeeded"} 1"#,
         r#"sandcastle_agenttask_duration_seconds_count{outcome="succeeded"} 1"#,
         "sandcastle_sandbox_create_seconds_count 1",
         r#"sandcastle_provider_requests_total{code="201"}"#,
         r#"controller_runtime_reconcile_total{controller="agenttask",result="success"}"#,
         r#"controller_runtime_reconcile_time_seconds_count{controller="sandboxtemplate"}"#,
-    ] {
-        assert!(metrics.contains(series), "no {series} in\n{metrics}");
+    ];
+    // A pass is counted when it returns, a moment after the status it wrote is seen.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = operator.metrics().await;
+        let missing: Vec<&str> = series
+            .iter()
+            .copied()
+            .filter(|series| !metrics.contains(series))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no {missing:?} in\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     create(
@@ -351,6 +363,24 @@ pub async fn deadlines_and_deletion_kill_the_sandbox(env: Arc<TestEnv>) {
     assert_eq!(live_sandboxes(&operator, &uid_slow).await, 1);
     let expired = wait_for(&api, "slow", "finished", finished).await;
     assert_eq!(expired.reason.as_deref(), Some("DeadlineExceeded"));
+    // Killed within a few seconds of its deadline, whatever its agent: the pass that
+    // follows a running command agent comes back by the deadline.
+    let created = api
+        .get("slow")
+        .await
+        .expect("get")
+        .metadata
+        .creation_timestamp;
+    let stalled = expired
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Stalled")
+        .expect("Stalled");
+    let took = stalled.last_transition_time.0 - created.expect("created").0;
+    assert!(
+        took.total(jiff::Unit::Second).expect("seconds") <= 9.0,
+        "ended {took:#} after its creation, with a 4 s deadline"
+    );
     assert_eq!(
         live_sandboxes(&operator, &uid_slow).await,
         0,
@@ -556,7 +586,7 @@ async fn external_template(
     name: &str,
     configure: impl FnOnce(&mut sandcastle_sandboxd::Config),
 ) -> (sandcastle_sandboxd::Sandboxd, std::path::PathBuf) {
-    let root = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("external-{ns}"));
+    let root = sandcastle_testkit::scratch_dir().join(format!("external-{ns}"));
     let mut config = sandcastle_sandboxd::Config::new(&root);
     config.api_key = Some("external-key".into());
     configure(&mut config);
@@ -699,6 +729,30 @@ pub async fn sandboxes_of_vanished_tasks_are_swept(env: Arc<TestEnv>) {
         provider.get_sandbox(&foreign.sandbox_id).await.is_ok(),
         "another operator's sandbox is not ours to sweep"
     );
+
+    // A template's own E2B account is swept too.
+    let (external, root) = external_template(&env, &ns, "remote", |_| {}).await;
+    let remote =
+        sandcastle_e2b::client::E2bClient::new(sandcastle_e2b::client::ClientConfig::with_urls(
+            external.api_url(),
+            external.sandbox_url(),
+            "external-key",
+        ))
+        .expect("client");
+    let remote_orphan = remote
+        .create_sandbox(&sandbox("sandcastle"))
+        .await
+        .expect("an orphan on the template's account");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while remote.get_sandbox(&remote_orphan.sandbox_id).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the orphan on the template's own provider was not swept"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    external.stop().await;
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 pub async fn the_sandbox_cap_queues_tasks_in_creation_order(env: Arc<TestEnv>) {

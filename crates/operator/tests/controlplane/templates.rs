@@ -254,6 +254,51 @@ pub async fn a_failed_step_is_reported_with_its_log(env: Arc<TestEnv>) {
     );
 }
 
+/// `spec.build.timeoutSeconds` is enforced: a build that hangs fails the template with a
+/// reason of its own, soon after its limit.
+pub async fn a_build_past_its_timeout_fails(env: Arc<TestEnv>) {
+    let ns = env.namespace("build-timeout").await;
+    let _operator = Operator::start(env.kubeconfig_path(), &ns);
+    let api: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
+    create_template(
+        &api,
+        "hanging",
+        json!({"build": {
+            "fromTemplate": "base",
+            "steps": [{"run": "echo hanging; sleep 600"}],
+            "timeoutSeconds": 3,
+        }}),
+    )
+    .await;
+    let failed = wait_for(&api, "hanging", "failed", |status| {
+        status.phase == Some(TemplatePhase::Failed)
+    })
+    .await;
+    assert_eq!(condition(&failed, "Ready"), ("False", "BuildTimedOut"));
+    assert_eq!(condition(&failed, "Stalled"), ("True", "BuildTimedOut"));
+    assert_eq!(condition(&failed, "Reconciling").0, "False");
+    let started = failed.build_started_at.as_ref().expect("started").0;
+    let ended = failed.build_completed_at.as_ref().expect("ended").0;
+    let took = ended.duration_since(started).as_secs_f64();
+    assert!(
+        (3.0..=10.0).contains(&took),
+        "failed {took} s after the build started"
+    );
+    assert!(
+        failed
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("within 3 s"),
+        "{failed:#?}"
+    );
+    let reasons = event_reasons(&env, &ns).await;
+    assert!(
+        reasons.iter().any(|(reason, _)| reason == "BuildTimedOut"),
+        "{reasons:?}"
+    );
+}
+
 pub async fn existing_templates_are_adopted_or_reported_missing(env: Arc<TestEnv>) {
     let ns = env.namespace("existing").await;
     let _operator = Operator::start(env.kubeconfig_path(), &ns);

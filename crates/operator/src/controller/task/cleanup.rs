@@ -88,16 +88,49 @@ pub(super) async fn cleanup(task: &AgentTask, ctx: &Context) -> Result<Action, E
     Ok(Action::await_change())
 }
 
-/// Kills the default provider's sandboxes that this operator made for tasks that no
-/// longer exist (deleted while the operator was down, or a create whose task is gone) or
-/// that have finished (a crash between the verdict and the kill).
+/// Kills the sandboxes this operator made whose task is gone or finished, on every
+/// provider a task can have a sandbox on: the default one, the embedded one, and the
+/// E2B account of each template that names its own.
 pub(crate) async fn sweep_orphans(ctx: &Context) {
+    for provider in sweep_providers(ctx).await {
+        sweep_provider(ctx, &provider).await;
+    }
+}
+
+/// The providers to sweep, each account once (by API URL and key).
+async fn sweep_providers(ctx: &Context) -> Vec<E2bClient> {
+    let mut providers: Vec<E2bClient> = ctx
+        .default_provider
+        .iter()
+        .chain(ctx.embedded.iter())
+        .cloned()
+        .collect();
+    let templates = ctx.caches.templates().await.unwrap_or_default();
+    for template in templates {
+        let own = template
+            .spec
+            .provider
+            .as_ref()
+            .is_some_and(|provider| provider.e2b.is_some());
+        if own
+            && let Ok(provider) =
+                crate::controller::template::resolve_provider(ctx, &template).await
+        {
+            providers.push(provider);
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    providers.retain(|provider| {
+        let config = provider.config();
+        seen.insert((config.api_url.clone(), config.api_key.expose().to_string()))
+    });
+    providers
+}
+
+async fn sweep_provider(ctx: &Context, provider: &E2bClient) {
     let query = ListQuery {
         metadata: BTreeMap::from([(OPERATOR.to_string(), ctx.instance.clone())]),
         ..ListQuery::default()
-    };
-    let Some(provider) = &ctx.default_provider else {
-        return;
     };
     let Ok(sandboxes) = provider.list_sandboxes(&query).await else {
         return;
