@@ -521,6 +521,42 @@ impl EnvdClient {
     }
 
     /// Reads a whole file.
+    /// What the file holds from byte `offset` on: a `Range` request, as envd serves
+    /// them, so a file that grows is read once, not again from the start each time.
+    /// Empty when the file holds no more than `offset` bytes (envd's 416). A server that
+    /// ignores the range sends the whole file, which is cut here.
+    pub async fn read_file_from(&self, path: &str, offset: u64) -> Result<Bytes, Error> {
+        if offset == 0 {
+            return self.read_file(path).await;
+        }
+        let request = self
+            .request(&self.http1, Method::GET, "/files")
+            .query(&self.file_query(path))
+            .header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        let response = request.send().await.map_err(Error::Transport)?;
+        let partial = match response.status() {
+            StatusCode::RANGE_NOT_SATISFIABLE => return Ok(Bytes::new()),
+            StatusCode::PARTIAL_CONTENT => true,
+            _ => false,
+        };
+        let response = if partial {
+            response
+        } else {
+            self.checked(Ok(response)).await?
+        };
+        let body = response
+            .bytes()
+            .await
+            .map_err(|error| Error::StreamInterrupted(error.without_url().to_string()))?;
+        if partial {
+            return Ok(body);
+        }
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(body.len());
+        Ok(body.slice(start..))
+    }
+
     pub async fn read_file(&self, path: &str) -> Result<Bytes, Error> {
         let request = self
             .request(&self.http1, Method::GET, "/files")

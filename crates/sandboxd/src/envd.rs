@@ -855,24 +855,32 @@ async fn download(
         }
         Err(error) => return http_error(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
     }
-    match tokio::fs::File::open(&host).await {
-        Ok(file) => {
+    // ServeFile answers `Range` (206 with `Content-Range`, 416 past the end) as the real
+    // envd does, so a client can read only what a file gained since its last read.
+    let mut request = axum::http::Request::new(());
+    if let Some(range) = headers.get(header::RANGE) {
+        request.headers_mut().insert(header::RANGE, range.clone());
+    }
+    let served =
+        tower::ServiceExt::oneshot(tower_http::services::ServeFile::new(&host), request).await;
+    match served {
+        Ok(response) => {
             let name = host
                 .file_name()
                 .map(|name| name.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let stream = tokio_util::io::ReaderStream::new(file);
-            (
-                [
-                    (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-                    (
-                        header::CONTENT_DISPOSITION,
-                        format!("inline; filename={name:?}"),
-                    ),
-                ],
-                Body::from_stream(stream),
-            )
-                .into_response()
+            let mut response = response.map(Body::new);
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/octet-stream"),
+            );
+            if let Ok(disposition) =
+                header::HeaderValue::from_str(&format!("inline; filename={name:?}"))
+            {
+                headers.insert(header::CONTENT_DISPOSITION, disposition);
+            }
+            response
         }
         Err(error) => http_error(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
     }

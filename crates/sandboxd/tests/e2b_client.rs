@@ -57,6 +57,7 @@ const EXTRA_SCENARIOS: &[&str] = &[
     "command_kill_by_signal",
     "command_missing_program_or_cwd",
     "files_relative_paths_depth_rename",
+    "files_read_from_an_offset",
     "template_delete_in_use",
     "retry_rate_limited_honours_retry_after",
     "retry_service_unavailable",
@@ -735,6 +736,55 @@ async fn template_build() {
 
 // ---------------------------------------------------------------------------------------
 // Beyond the shared list.
+
+#[tokio::test]
+async fn files_read_from_an_offset() {
+    let harness = Harness::start().await;
+    let sandbox = harness.create(&SandboxSpec::new("base", LIFETIME)).await;
+    let envd = harness.client.envd(&sandbox);
+    let path = "growing.log";
+    envd.write_file(path, "first line\n").await.unwrap();
+    assert_eq!(
+        &envd.read_file_from(path, 0).await.unwrap()[..],
+        b"first line\n"
+    );
+    envd.run(&format!("echo second line >> {path}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        &envd.read_file_from(path, 11).await.unwrap()[..],
+        b"second line\n",
+        "only what the file gained"
+    );
+    assert!(
+        envd.read_file_from(path, 23).await.unwrap().is_empty(),
+        "nothing new"
+    );
+    assert!(
+        envd.read_file_from(path, 99).await.unwrap().is_empty(),
+        "past the end"
+    );
+    // The wire: a 206 with the range, as the real envd answers.
+    let response = reqwest::Client::new()
+        .get(format!("{}/files", harness.server.sandbox_url()))
+        .query(&[("path", path), ("username", "user")])
+        .header("E2b-Sandbox-Id", &sandbox.sandbox_id)
+        .header(
+            "X-Access-Token",
+            sandbox.envd_access_token.clone().unwrap_or_default(),
+        )
+        .header("Range", "bytes=6-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 206);
+    assert_eq!(
+        response.headers()["content-range"].to_str().unwrap(),
+        "bytes 6-22/23"
+    );
+    assert_eq!(&response.bytes().await.unwrap()[..], b"line\nsecond line\n");
+    harness.stop().await;
+}
 
 #[tokio::test]
 async fn sandbox_connect() {

@@ -335,10 +335,22 @@ pub(super) async fn follow(
         .as_ref()
         .and_then(|progress| progress.updated_at.as_ref())
         .is_none_or(|at| (jiff::Timestamp::now() - at.0).get_seconds() >= PROGRESS_INTERVAL);
-    if due && let Ok(transcript) = envd.read_file(&run_file("stdout")).await {
-        let mut parser = StreamParser::new();
-        parser.feed(&transcript);
-        let seen = shown_progress(parser.progress(), None, redactor);
+    if due {
+        // Only what the transcript gained since the last look: a long run's transcript
+        // is never read again from the start.
+        let mut read = ctx.memory.take_transcript(&uid);
+        let seen = match envd.read_file_from(&run_file("stdout"), read.offset).await {
+            Ok(new) => {
+                read.parser.feed(&new);
+                read.offset += new.len() as u64;
+                Some(shown_progress(read.parser.progress(), None, redactor))
+            }
+            Err(_) => None,
+        };
+        ctx.memory.keep_transcript(&uid, read);
+        let Some(seen) = seen else {
+            return Ok(Action::requeue(until_deadline(task, FOLLOW_INTERVAL)));
+        };
         let changed = status.progress.as_ref().is_none_or(|progress| {
             progress.turns != seen.turns || progress.last_tool != seen.last_tool
         });

@@ -10,6 +10,9 @@
 //!   sandbox until the task ends or is deleted: a task never in it, created after this
 //!   process started, cannot have a sandbox anywhere;
 //! - a UID is in `followed` exactly while a stream of its agent is open in this process;
+//! - `transcripts[uid]` holds how far this process has read a running Claude Code agent's
+//!   transcript and what it made of it, so each look reads only what is new; it goes when
+//!   the task ends or is deleted (a new process starts again from the beginning);
 //! - `written[uid]` lists the resourceVersions this process's writes were based on, each
 //!   superseded by the next; a cached copy at one of them is stale. The list goes once the
 //!   cache shows a newer version, or when the task is deleted.
@@ -26,6 +29,14 @@ pub(crate) struct TaskMemory {
     creating: Mutex<HashSet<String>>,
     followed: Arc<Mutex<HashSet<String>>>,
     written: Mutex<HashMap<String, Vec<String>>>,
+    transcripts: Mutex<HashMap<String, TranscriptRead>>,
+}
+
+/// How far a transcript has been read, and the parser that has read it.
+#[derive(Default)]
+pub(crate) struct TranscriptRead {
+    pub(crate) offset: u64,
+    pub(crate) parser: crate::agent::stream_json::StreamParser,
 }
 
 impl TaskMemory {
@@ -119,10 +130,28 @@ impl TaskMemory {
         false
     }
 
-    /// Forgets a task that ended: its slot and its create.
+    /// Takes the task's transcript read (a fresh one the first time), to be given back
+    /// with [`TaskMemory::keep_transcript`] once the new part is fed to it.
+    pub(crate) fn take_transcript(&self, uid: &str) -> TranscriptRead {
+        self.transcripts
+            .lock()
+            .expect("transcripts")
+            .remove(uid)
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn keep_transcript(&self, uid: &str, read: TranscriptRead) {
+        self.transcripts
+            .lock()
+            .expect("transcripts")
+            .insert(uid.to_string(), read);
+    }
+
+    /// Forgets a task that ended: its slot, its create and its transcript read.
     pub(crate) fn forget(&self, uid: &str) {
         self.release_slot(uid);
         self.creating.lock().expect("sandbox creates").remove(uid);
+        self.transcripts.lock().expect("transcripts").remove(uid);
     }
 
     /// Forgets a deleted task entirely.
@@ -221,6 +250,32 @@ mod tests {
         assert!(memory.is_following("t"));
         TaskMemory::stop_following(&memory.following(), "t");
         assert!(!memory.is_following("t"));
+    }
+
+    #[test]
+    fn a_transcript_is_read_on_from_where_the_last_look_stopped() {
+        let memory = TaskMemory::default();
+        let mut read = memory.take_transcript("t");
+        assert_eq!(read.offset, 0);
+        let first = br#"{"type":"assistant","message":{"id":"m1","model":"m","content":[{"type":"tool_use","name":"Bash"}]}}
+{"type":"assis"#;
+        read.parser.feed(first);
+        read.offset += first.len() as u64;
+        memory.keep_transcript("t", read);
+        let mut read = memory.take_transcript("t");
+        assert_eq!(read.offset, first.len() as u64);
+        // The rest of a line cut between two looks completes it.
+        read.parser.feed(br#"tant","message":{"id":"m2","model":"m","content":[{"type":"tool_use","name":"Edit"}]}}
+"#);
+        assert_eq!(read.parser.progress().turns, 2);
+        assert_eq!(read.parser.progress().last_tool.as_deref(), Some("Edit"));
+        memory.keep_transcript("t", read);
+        memory.forget("t");
+        assert_eq!(
+            memory.take_transcript("t").offset,
+            0,
+            "a finished task's read is gone"
+        );
     }
 
     #[test]
