@@ -27,6 +27,33 @@ fn claude() -> PathBuf {
     path
 }
 
+/// The pinned CLI declares `node >= 22`, and setup installs it with the machine's Node
+/// 20: npm runs only its postinstall there, which links the native executable the CLI
+/// is. It runs with no Node at all, which is how sandboxes (with no Node) run it too.
+#[test]
+fn the_cli_is_a_native_executable_that_needs_no_node() {
+    let path = claude().canonicalize().expect("the CLI's path");
+    let head = std::fs::read(&path).expect("the CLI");
+    assert_eq!(
+        &head[..4],
+        b"\x7fELF",
+        "{} is not a native executable",
+        path.display()
+    );
+    let out = std::process::Command::new(&path)
+        .arg("--version")
+        .env_clear()
+        .env("PATH", "/nonexistent")
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .expect("the CLI runs");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "2.1.330 (Claude Code)"
+    );
+}
+
 /// A scratch directory that is removed again when the test passes.
 struct Scratch(PathBuf);
 
