@@ -9,13 +9,34 @@ pub(crate) struct Caps {
     pub(crate) per_namespace: Option<usize>,
 }
 
+/// Why a task must wait for a sandbox slot.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub(crate) enum Refusal {
+    #[error(
+        "waiting for a sandbox slot: {running} running, {ahead} queued ahead, at most {cap} at once"
+    )]
+    Cap {
+        running: usize,
+        ahead: usize,
+        cap: usize,
+    },
+    #[error(
+        "waiting for a sandbox slot in this namespace: {running} running, {ahead} queued ahead, at most {cap} at once"
+    )]
+    NamespaceCap {
+        running: usize,
+        ahead: usize,
+        cap: usize,
+    },
+}
+
 /// Gives the task a sandbox slot, or says why it must wait. Counted from the cache: a
 /// pass must not cost a LIST of every task.
 pub(super) fn admit<'a>(
     ctx: &'a Context,
     task: &AgentTask,
     cached: &[Arc<DeserializeGuard<AgentTask>>],
-) -> Result<Slot<'a>, String> {
+) -> Result<Slot<'a>, Refusal> {
     let others: Vec<&AgentTask> = cached
         .iter()
         .filter_map(|guard| guard.0.as_ref().ok())
@@ -30,7 +51,7 @@ pub(super) fn admit<'a>(
         refusal = admission(task, &others, holds_slot, caps).err();
         refusal.is_none()
     });
-    slot.ok_or_else(|| refusal.unwrap_or_default())
+    slot.ok_or_else(|| refusal.expect("a refused slot has its refusal"))
 }
 
 /// Whether `task` may take a sandbox slot now, and if not, why. Tasks with a sandbox, or
@@ -41,7 +62,7 @@ pub(crate) fn admission(
     others: &[&AgentTask],
     holds_slot: &dyn Fn(&str) -> bool,
     caps: Caps,
-) -> Result<(), String> {
+) -> Result<(), Refusal> {
     let all: Vec<&AgentTask> = others
         .iter()
         .copied()
@@ -89,19 +110,22 @@ pub(crate) fn admission(
     let running = all.iter().filter(holding).count();
     let ahead = all.iter().filter(queued_ahead).count();
     if running + ahead >= caps.running {
-        return Err(format!(
-            "waiting for a sandbox slot: {running} running, {ahead} queued ahead, at most {} at once",
-            caps.running
-        ));
+        return Err(Refusal::Cap {
+            running,
+            ahead,
+            cap: caps.running,
+        });
     }
     if let Some(cap) = caps.per_namespace {
         let here = |other: &&&AgentTask| other.metadata.namespace == task.metadata.namespace;
         let running = all.iter().filter(holding).filter(here).count();
         let ahead = all.iter().filter(queued_ahead).filter(here).count();
         if running + ahead >= cap {
-            return Err(format!(
-                "waiting for a sandbox slot in this namespace: {running} running, {ahead} queued ahead, at most {cap} at once"
-            ));
+            return Err(Refusal::NamespaceCap {
+                running,
+                ahead,
+                cap,
+            });
         }
     }
     Ok(())
@@ -271,12 +295,8 @@ mod tests {
         for (name, others, slots_here, caps, admitted) in cases {
             let others: Vec<&AgentTask> = others.iter().collect();
             let holds = |uid: &str| slots_here.contains(&uid);
-            let got = admission(&me, &others, &holds, caps);
-            assert_eq!(
-                got.as_ref().map(|_| ()).map_err(String::as_str),
-                admitted,
-                "{name}"
-            );
+            let got = admission(&me, &others, &holds, caps).map_err(|refusal| refusal.to_string());
+            assert_eq!(got, admitted.map_err(str::to_string), "{name}");
         }
     }
 }

@@ -166,12 +166,12 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     }
     let (env, secret_values) = match resolve_env(ctx, task).await {
         Ok(resolved) => resolved,
-        Err(message) => {
+        Err(error) => {
             return wait(
                 ctx,
                 task,
                 TaskReason::MissingSecret,
-                &message,
+                &error.to_string(),
                 WAIT_INTERVAL * 2,
             )
             .await;
@@ -203,7 +203,7 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
         let tasks = ctx.caches.tasks().await?;
         let slot = match admit(ctx, task, &tasks) {
             Ok(slot) => slot,
-            Err(message) => return queue(ctx, task, message).await,
+            Err(refusal) => return queue(ctx, task, refusal.to_string()).await,
         };
         return provision(task, ctx, slot, &provider, &template_status, env, &redactor).await;
     };

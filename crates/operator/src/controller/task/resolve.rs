@@ -3,12 +3,26 @@
 
 use super::*;
 
+/// Why a task's environment cannot be built yet. Names the Secret and key, never a value.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EnvError {
+    #[error("Secret {0} does not exist")]
+    MissingSecret(String),
+    #[error("Secret {name} has no key {key}")]
+    MissingKey { name: String, key: String },
+    #[error("cannot read Secret {name}: {source}")]
+    Unreadable {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
 /// The agent's environment from the spec, with the Secret values it used (for redaction).
-/// A missing Secret or key is named in the error, its value never.
 pub(super) async fn resolve_env(
     ctx: &Context,
     task: &AgentTask,
-) -> Result<(BTreeMap<String, String>, Vec<String>), String> {
+) -> Result<(BTreeMap<String, String>, Vec<String>), EnvError> {
     let namespace = task.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut cache: BTreeMap<String, Option<Secret>> = BTreeMap::new();
@@ -27,7 +41,7 @@ pub(super) async fn resolve_env(
                 }
             }
             None if source.secret_ref.optional => {}
-            None => return Err(format!("Secret {name} does not exist")),
+            None => return Err(EnvError::MissingSecret(name.clone())),
         }
     }
     for variable in &task.spec.env {
@@ -52,13 +66,13 @@ pub(super) async fn resolve_env(
             }
             None if selector.optional => {}
             None if secret.is_none() => {
-                return Err(format!("Secret {} does not exist", selector.name));
+                return Err(EnvError::MissingSecret(selector.name.clone()));
             }
             None => {
-                return Err(format!(
-                    "Secret {} has no key {}",
-                    selector.name, selector.key
-                ));
+                return Err(EnvError::MissingKey {
+                    name: selector.name.clone(),
+                    key: selector.key.clone(),
+                });
             }
         }
     }
@@ -69,14 +83,17 @@ pub(super) async fn fetch(
     secrets: &Api<Secret>,
     cache: &mut BTreeMap<String, Option<Secret>>,
     name: &str,
-) -> Result<Option<Secret>, String> {
+) -> Result<Option<Secret>, EnvError> {
     if let Some(found) = cache.get(name) {
         return Ok(found.clone());
     }
     let found = secrets
         .get_opt(name)
         .await
-        .map_err(|error| format!("cannot read Secret {name}: {error}"))?;
+        .map_err(|source| EnvError::Unreadable {
+            name: name.to_string(),
+            source,
+        })?;
     cache.insert(name.to_string(), found.clone());
     Ok(found)
 }
