@@ -696,7 +696,7 @@ const RECORDER_NAME_LIMIT: usize = 236;
 /// Publishes `event` about `regarding` through `recorder`; about an object whose name is
 /// too long for the recorder's Event names (which the apiserver would refuse), it posts
 /// the same Event under a name the apiserver generates from the object's.
-async fn publish(
+async fn publish_event(
     client: &Client,
     recorder: &Recorder,
     event: &Event,

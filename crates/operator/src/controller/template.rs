@@ -103,7 +103,7 @@ pub async fn reconcile(template: Arc<SandboxTemplate>, ctx: Arc<Context>) -> Res
     .map_err(|error| Error::Finalizer(Box::new(error)))
 }
 
-async fn write(
+async fn write_status(
     ctx: &Context,
     template: &SandboxTemplate,
     status: SandboxTemplateStatus,
@@ -118,7 +118,7 @@ fn previous(template: &SandboxTemplate) -> SandboxTemplateStatus {
 }
 
 /// Records a stage; the status keeps IDs and log tail from before unless `change` edits them.
-async fn record(
+async fn write_stage(
     ctx: &Context,
     template: &SandboxTemplate,
     phase: TemplatePhase,
@@ -135,10 +135,10 @@ async fn record(
         &now(),
     );
     change(&mut status);
-    write(ctx, template, status).await
+    write_status(ctx, template, status).await
 }
 
-async fn record_blocked(
+async fn write_blocked(
     ctx: &Context,
     template: &SandboxTemplate,
     blocked: &Blocked,
@@ -154,7 +154,7 @@ async fn record_blocked(
         TemplateReason::DeletionBlocked => status.phase.unwrap_or(TemplatePhase::Pending),
         _ => TemplatePhase::Pending,
     };
-    record(
+    write_stage(
         ctx,
         template,
         phase,
@@ -166,7 +166,7 @@ async fn record_blocked(
     // One event per change of reason; a new message under the same reason (a retry's
     // error text) is status only.
     if ready_reason(&status) != Some(blocked.reason.as_str()) {
-        publish(
+        publish_event(
             ctx,
             template,
             EventType::Warning,
@@ -186,7 +186,7 @@ fn ready_reason(status: &SandboxTemplateStatus) -> Option<&str> {
         .map(|condition| condition.reason.as_str())
 }
 
-async fn publish(
+async fn publish_event(
     ctx: &Context,
     template: &SandboxTemplate,
     type_: EventType,
@@ -200,7 +200,7 @@ async fn publish(
         action: reason.into(),
         secondary: None,
     };
-    if let Err(error) = super::publish(
+    if let Err(error) = super::publish_event(
         &ctx.client,
         &ctx.recorder,
         &event,
@@ -335,7 +335,7 @@ async fn apply(template: &SandboxTemplate, ctx: &Context) -> Result<Action, Erro
     match outcome {
         Ok(action) => Ok(action),
         Err((blocked, retry)) => {
-            record_blocked(ctx, template, &blocked).await?;
+            write_blocked(ctx, template, &blocked).await?;
             // An unreachable API server or provider heals without any change to watch.
             let retry = retry.or((blocked.reason == TemplateReason::ProviderUnavailable)
                 .then_some(UNAVAILABLE_INTERVAL));
@@ -384,7 +384,7 @@ async fn adopt(template: &SandboxTemplate, ctx: &Context) -> Outcome {
     };
     let adopted_before =
         ready_reason(&previous(template)) == Some(TemplateReason::Adopted.as_str());
-    record(
+    write_stage(
         ctx,
         template,
         TemplatePhase::Ready,
@@ -405,7 +405,7 @@ async fn adopt(template: &SandboxTemplate, ctx: &Context) -> Outcome {
     })?;
     if !adopted_before {
         let note = format!("adopted template {id}");
-        publish(ctx, template, EventType::Normal, "Adopted", note).await;
+        publish_event(ctx, template, EventType::Normal, "Adopted", note).await;
     }
     Ok(Action::await_change())
 }
@@ -428,7 +428,9 @@ async fn build(template: &SandboxTemplate, ctx: &Context) -> Outcome {
                 // A change that does not touch the build (say, the deletion policy).
                 let mut status = status.clone();
                 status.observed_generation = template.metadata.generation;
-                write(ctx, template, status).await.map_err(kube_failure)?;
+                write_status(ctx, template, status)
+                    .await
+                    .map_err(kube_failure)?;
             }
             if phase == TemplatePhase::Failed {
                 return Ok(Action::await_change());
@@ -440,7 +442,7 @@ async fn build(template: &SandboxTemplate, ctx: &Context) -> Outcome {
                 let message = format!(
                     "template {template_id} disappeared from the provider; building it again"
                 );
-                publish(
+                publish_event(
                     ctx,
                     template,
                     EventType::Warning,
@@ -450,7 +452,9 @@ async fn build(template: &SandboxTemplate, ctx: &Context) -> Outcome {
                 .await;
                 let mut status = status;
                 status.spec_hash = None;
-                write(ctx, template, status).await.map_err(kube_failure)?;
+                write_status(ctx, template, status)
+                    .await
+                    .map_err(kube_failure)?;
                 return Ok(Action::requeue(Duration::from_secs(1)));
             }
             Ok(Action::requeue(ctx.verify_templates_every))
@@ -522,7 +526,7 @@ async fn start(
         );
         let queued_before =
             ready_reason(&previous(template)) == Some(TemplateReason::Queued.as_str());
-        record(
+        write_stage(
             ctx,
             template,
             TemplatePhase::Pending,
@@ -533,7 +537,7 @@ async fn start(
         .await
         .map_err(kube_failure)?;
         if !queued_before {
-            publish(ctx, template, EventType::Normal, "Queued", message).await;
+            publish_event(ctx, template, EventType::Normal, "Queued", message).await;
         }
         return Ok(Action::requeue(QUEUE_INTERVAL));
     }
@@ -566,7 +570,7 @@ async fn start(
         "build {} of template {} requested",
         requested.build_id, requested.template_id
     );
-    record(
+    write_stage(
         ctx,
         template,
         TemplatePhase::Building,
@@ -586,7 +590,7 @@ async fn start(
     .await
     .map_err(kube_failure)?;
     ctx.builds.forget_logs(&requested.build_id);
-    publish(ctx, template, EventType::Normal, "BuildStarted", message).await;
+    publish_event(ctx, template, EventType::Normal, "BuildStarted", message).await;
     launch(provider, &requested.template_id, &requested.build_id, &plan).await?;
     Ok(Action::requeue(FOLLOW_INTERVAL))
 }
@@ -649,7 +653,9 @@ async fn follow(
                 ctx.builds.finish(&key);
                 let mut status = status.clone();
                 status.spec_hash = None;
-                write(ctx, template, status).await.map_err(kube_failure)?;
+                write_status(ctx, template, status)
+                    .await
+                    .map_err(kube_failure)?;
                 return Ok(Action::requeue(Duration::from_secs(1)));
             }
             Err(error) => return Err(Blocked::from_provider(&error)),
@@ -676,7 +682,7 @@ async fn follow(
             "the build did not finish within {} s (spec.build.timeoutSeconds)",
             spec.timeout_seconds.unwrap_or_default()
         );
-        record(
+        write_stage(
             ctx,
             template,
             TemplatePhase::Failed,
@@ -689,7 +695,7 @@ async fn follow(
         )
         .await
         .map_err(kube_failure)?;
-        publish(
+        publish_event(
             ctx,
             template,
             EventType::Warning,
@@ -714,7 +720,7 @@ async fn follow(
         BuildStatus::Building => {
             if tail != status.log_tail {
                 let message = tail.last().cloned().unwrap_or_else(|| "building".into());
-                record(
+                write_stage(
                     ctx,
                     template,
                     TemplatePhase::Building,
@@ -733,7 +739,7 @@ async fn follow(
             ctx.builds.finish(&key);
             ctx.builds.checked(&key);
             let message = format!("template {template_id} built (build {build_id})");
-            record(
+            write_stage(
                 ctx,
                 template,
                 TemplatePhase::Ready,
@@ -746,7 +752,7 @@ async fn follow(
             )
             .await
             .map_err(kube_failure)?;
-            publish(ctx, template, EventType::Normal, "BuildSucceeded", message).await;
+            publish_event(ctx, template, EventType::Normal, "BuildSucceeded", message).await;
             Ok(Action::await_change())
         }
         BuildStatus::Error => {
@@ -761,7 +767,7 @@ async fn follow(
                 Some(step) => format!("build failed at step {step}: {detail}"),
                 None => format!("build failed: {detail}"),
             };
-            record(
+            write_stage(
                 ctx,
                 template,
                 TemplatePhase::Failed,
@@ -775,7 +781,7 @@ async fn follow(
             )
             .await
             .map_err(kube_failure)?;
-            publish(ctx, template, EventType::Warning, "BuildFailed", message).await;
+            publish_event(ctx, template, EventType::Warning, "BuildFailed", message).await;
             Ok(Action::await_change())
         }
     }
@@ -799,13 +805,13 @@ async fn cleanup(template: &SandboxTemplate, ctx: &Context) -> Result<Action, Er
                 TemplateReason::DeletionBlocked,
                 format!("cannot delete template {template_id}: {}", blocked.message),
             );
-            record_blocked(ctx, template, &blocked).await?;
+            write_blocked(ctx, template, &blocked).await?;
             return Err(Error::CleanupBlocked(blocked.message));
         }
     };
     match provider.delete_template(&template_id).await {
         Ok(_) => {
-            publish(
+            publish_event(
                 ctx,
                 template,
                 EventType::Normal,
@@ -817,7 +823,7 @@ async fn cleanup(template: &SandboxTemplate, ctx: &Context) -> Result<Action, Er
         }
         Err(error) => {
             let message = format!("cannot delete template {template_id} yet: {error}");
-            record_blocked(
+            write_blocked(
                 ctx,
                 template,
                 &Blocked::new(TemplateReason::DeletionBlocked, message.clone()),

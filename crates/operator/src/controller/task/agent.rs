@@ -90,9 +90,9 @@ pub(super) async fn start(
     redactor: &Redactor,
 ) -> Result<Action, Error> {
     match launch(task, ctx, envd, env, redactor).await {
-        Ok(process) => running(ctx, task, process, |_| {}, "the agent started".into()).await,
+        Ok(process) => write_running(ctx, task, process, |_| {}, "the agent started".into()).await,
         Err(Launch::Invalid { reason, message }) => {
-            fail_and_kill(ctx, task, reason, &message).await
+            write_failure_and_kill(ctx, task, reason, &message).await
         }
         Err(Launch::Provider(error)) => envd_trouble(task, ctx, provider, &error, redactor).await,
         Err(Launch::Kube(error)) => Err(Error::Kube(error)),
@@ -101,7 +101,7 @@ pub(super) async fn start(
 
 /// Follows the agent just started to its end, and records that it runs (with what
 /// `change` adds) and the `Started` event saying `note`.
-pub(super) async fn running(
+pub(super) async fn write_running(
     ctx: &Context,
     task: &AgentTask,
     process: ProcessStream,
@@ -116,8 +116,8 @@ pub(super) async fn running(
         "the agent is running",
         change,
     );
-    write(ctx, task, status).await?;
-    publish(ctx, task, EventType::Normal, TaskReason::Started, note).await;
+    write_status(ctx, task, status).await?;
+    publish_event(ctx, task, EventType::Normal, TaskReason::Started, note).await;
     Ok(Action::requeue(FOLLOW_INTERVAL))
 }
 
@@ -308,7 +308,7 @@ pub(super) async fn follow(
     let status = previous(task);
     // Also after a passing trouble, so the status does not go on naming it.
     if status.phase != Some(TaskPhase::Running) || status.reason != TaskReason::Running {
-        write(
+        write_status(
             ctx,
             task,
             staged(
@@ -360,7 +360,7 @@ pub(super) async fn follow(
                 updated_at: Some(now()),
                 ..seen
             });
-            write(ctx, task, status).await?;
+            write_status(ctx, task, status).await?;
         }
     }
     Ok(Action::requeue(until_deadline(task, FOLLOW_INTERVAL)))

@@ -38,7 +38,7 @@ pub(super) async fn kill_sandboxes(
 }
 
 /// Deletes a finished task once its `ttlSecondsAfterFinished` has passed.
-pub(super) async fn expire(
+pub(super) async fn delete_if_expired(
     task: &AgentTask,
     ctx: &Context,
     status: &AgentTaskStatus,
@@ -75,7 +75,7 @@ pub(super) async fn cleanup(task: &AgentTask, ctx: &Context) -> Result<Action, E
     }
     if let Err(error) = kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await {
         let message = format!("cannot kill the task's sandbox yet: {error}");
-        publish(
+        publish_event(
             ctx,
             task,
             EventType::Warning,

@@ -127,11 +127,11 @@ fn deadline(task: &AgentTask) -> Option<jiff::Timestamp> {
 async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     let status = previous(task);
     if is_terminal(status.phase) {
-        return expire(task, ctx, &status).await;
+        return delete_if_expired(task, ctx, &status).await;
     }
     // A glob the files list cannot use would throw the run's result away at the end.
     if let Err(error) = files::exclusions(&task.spec.outputs.exclude) {
-        return fail(
+        return write_failure(
             ctx,
             task,
             TaskReason::InvalidOutputs,
@@ -149,7 +149,7 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
             "the task did not finish within {} s",
             task.spec.active_deadline_seconds
         );
-        return fail(ctx, task, TaskReason::DeadlineExceeded, &message, |_| {}).await;
+        return write_failure(ctx, task, TaskReason::DeadlineExceeded, &message, |_| {}).await;
     }
     let namespace = task.namespace().unwrap_or_default();
     let template_name = &task.spec.template_ref.name;
@@ -167,7 +167,7 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     let (env, secret_values) = match resolve_env(ctx, task).await {
         Ok(resolved) => resolved,
         Err(error) => {
-            return wait(
+            return write_waiting(
                 ctx,
                 task,
                 TaskReason::MissingSecret,
@@ -237,10 +237,10 @@ async fn queue(ctx: &Context, task: &AgentTask, message: String) -> Result<Actio
     );
     let before = previous(task);
     if before.message.as_deref() != status.message.as_deref() {
-        write(ctx, task, status).await?;
+        write_status(ctx, task, status).await?;
     }
     if before.reason != TaskReason::Queued {
-        publish(ctx, task, EventType::Normal, TaskReason::Queued, message).await;
+        publish_event(ctx, task, EventType::Normal, TaskReason::Queued, message).await;
     }
     Ok(Action::requeue(FOLLOW_INTERVAL))
 }

@@ -78,7 +78,7 @@ pub(super) async fn finish(
     let changes = match files::exclusions(&outputs.exclude) {
         Ok(exclude) => files::changes(&before, &after, &exclude, outputs.max_files.max(0) as usize),
         Err(error) => {
-            return fail(
+            return write_failure(
                 ctx,
                 task,
                 TaskReason::InvalidOutputs,
@@ -142,11 +142,11 @@ pub(super) async fn finish(
                 "the agent finished",
                 record,
             );
-            write(ctx, task, status.clone()).await?;
+            write_status(ctx, task, status.clone()).await?;
             forget(ctx, task);
             count_finished(ctx, &status);
             let _ = kill_sandboxes(ctx, task, sandbox.as_deref()).await;
-            publish(
+            publish_event(
                 ctx,
                 task,
                 EventType::Normal,
@@ -157,7 +157,7 @@ pub(super) async fn finish(
             Ok(Action::await_change())
         }
         Some((reason, message)) => {
-            let action = fail(ctx, task, reason, &message, record).await?;
+            let action = write_failure(ctx, task, reason, &message, record).await?;
             let _ = kill_sandboxes(ctx, task, sandbox.as_deref()).await;
             Ok(action)
         }
@@ -227,7 +227,7 @@ pub(super) async fn save_transcript(
     Ok(())
 }
 
-pub(super) async fn fail(
+pub(super) async fn write_failure(
     ctx: &Context,
     task: &AgentTask,
     reason: TaskReason,
@@ -240,22 +240,22 @@ pub(super) async fn fail(
         }
         change(status);
     });
-    write(ctx, task, status.clone()).await?;
+    write_status(ctx, task, status.clone()).await?;
     forget(ctx, task);
     count_finished(ctx, &status);
-    publish(ctx, task, EventType::Warning, reason, message.to_string()).await;
+    publish_event(ctx, task, EventType::Warning, reason, message.to_string()).await;
     Ok(Action::await_change())
 }
 
 /// Fails a task that holds a sandbox: the verdict first, so a crash between the two
 /// never loses it; a kill that fails here is the orphan sweep's to repeat.
-pub(super) async fn fail_and_kill(
+pub(super) async fn write_failure_and_kill(
     ctx: &Context,
     task: &AgentTask,
     reason: TaskReason,
     message: &str,
 ) -> Result<Action, Error> {
-    let action = fail(ctx, task, reason, message, |_| {}).await?;
+    let action = write_failure(ctx, task, reason, message, |_| {}).await?;
     let _ = kill_sandboxes(ctx, task, previous(task).sandbox_id.as_deref()).await;
     Ok(action)
 }
@@ -296,7 +296,7 @@ pub(super) async fn retry(
     let attempts = status.attempts.unwrap_or(1);
     if attempts > task.spec.backoff_limit {
         let message = format!("{message} (after {attempts} attempts)");
-        return fail(ctx, task, reason, &message, |status| {
+        return write_failure(ctx, task, reason, &message, |status| {
             status.sandbox_id = None
         })
         .await;
@@ -311,11 +311,11 @@ pub(super) async fn retry(
             status.progress = None;
         },
     );
-    write(ctx, task, status).await?;
+    write_status(ctx, task, status).await?;
     if let Some(uid) = &task.metadata.uid {
         ctx.memory.release_slot(uid);
     }
-    publish(ctx, task, EventType::Warning, reason, message.to_string()).await;
+    publish_event(ctx, task, EventType::Warning, reason, message.to_string()).await;
     let backoff = Duration::from_secs(2u64.saturating_pow(attempts.clamp(0, 6) as u32));
     Ok(Action::requeue(backoff))
 }

@@ -25,7 +25,7 @@ pub(super) async fn finalizer_trouble(
         "the apiserver refused the finalizer {FINALIZER}: {}",
         status.message
     );
-    wait(
+    write_waiting(
         ctx,
         task,
         TaskReason::FinalizerRefused,
@@ -124,7 +124,7 @@ pub(super) async fn provision(
         };
         slot.keep();
         // What the sandbox holds is unknown: the next pass looks before it starts anything.
-        return provisioning(ctx, &task, &sandbox_id, record(&sandbox_id)).await;
+        return write_provisioning(ctx, &task, &sandbox_id, record(&sandbox_id)).await;
     }
     // A refused finalizer must not cost a sandbox per pass: once refused, it goes first.
     let task = if was_refused(task) {
@@ -183,7 +183,7 @@ pub(super) async fn provision(
         Ok(sandbox) => sandbox,
         Err(error) if matches!(error, ProviderError::RateLimited { .. }) => {
             let again = error.retry_after().unwrap_or(WAIT_INTERVAL * 3);
-            return wait(
+            return write_waiting(
                 ctx,
                 task,
                 TaskReason::ProviderBusy,
@@ -201,7 +201,7 @@ pub(super) async fn provision(
             | ProviderError::InvalidRequest { .. }),
         ) => {
             let message = format!("the provider refused to create the sandbox: {error}");
-            return fail(ctx, task, TaskReason::ProviderRejected, &message, |_| {}).await;
+            return write_failure(ctx, task, TaskReason::ProviderRejected, &message, |_| {}).await;
         }
         Err(error) => {
             return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3).await;
@@ -215,15 +215,15 @@ pub(super) async fn provision(
     match launch(task, ctx, &provider.envd(&sandbox), env, redactor).await {
         Ok(process) => {
             let note = format!("the agent started in sandbox {sandbox_id}");
-            running(ctx, task, process, record(&sandbox_id), note).await
+            write_running(ctx, task, process, record(&sandbox_id), note).await
         }
         Err(Launch::Invalid { reason, message }) => {
-            let action = fail(ctx, task, reason, &message, record(&sandbox_id)).await?;
+            let action = write_failure(ctx, task, reason, &message, record(&sandbox_id)).await?;
             let _ = provider.kill_sandbox(&sandbox_id).await;
             Ok(action)
         }
         Err(Launch::Provider(_) | Launch::Kube(_)) => {
-            provisioning(ctx, task, &sandbox_id, record(&sandbox_id)).await
+            write_provisioning(ctx, task, &sandbox_id, record(&sandbox_id)).await
         }
     }
 }
@@ -245,7 +245,7 @@ pub(super) async fn finalized<'a>(
 
 /// Records a sandbox the agent has not been started in (as far as this pass knows) and
 /// looks into it again shortly.
-pub(super) async fn provisioning(
+pub(super) async fn write_provisioning(
     ctx: &Context,
     task: &AgentTask,
     sandbox_id: &str,
@@ -259,8 +259,8 @@ pub(super) async fn provisioning(
         &message,
         record,
     );
-    write(ctx, task, status).await?;
-    publish(
+    write_status(ctx, task, status).await?;
+    publish_event(
         ctx,
         task,
         EventType::Normal,

@@ -106,7 +106,7 @@ pub(super) async fn wait_for_template(
     template: Option<SandboxTemplate>,
 ) -> Result<Action, Error> {
     let message = template_wait_message(task, template.as_ref());
-    wait(
+    write_waiting(
         ctx,
         task,
         TaskReason::TemplateNotReady,

@@ -64,7 +64,7 @@ pub(super) fn staged(
     status
 }
 
-pub(super) async fn write(
+pub(super) async fn write_status(
     ctx: &Context,
     task: &AgentTask,
     mut status: AgentTaskStatus,
@@ -100,11 +100,11 @@ pub(super) async fn provider_trouble(
     message: &str,
     again: Duration,
 ) -> Result<Action, Error> {
-    wait(ctx, task, TaskReason::ProviderUnavailable, message, again).await
+    write_waiting(ctx, task, TaskReason::ProviderUnavailable, message, again).await
 }
 
 /// Writes a waiting stage unless the status already says exactly that.
-pub(super) async fn wait(
+pub(super) async fn write_waiting(
     ctx: &Context,
     task: &AgentTask,
     reason: TaskReason,
@@ -117,7 +117,7 @@ pub(super) async fn wait(
             .phase
             .filter(|phase| *phase != TaskPhase::Queued)
             .unwrap_or(TaskPhase::Pending);
-        write(ctx, task, staged(task, phase, reason, message, |_| {})).await?;
+        write_status(ctx, task, staged(task, phase, reason, message, |_| {})).await?;
         // One event per change of reason; a new message under the same reason is status only.
         if status.reason != reason {
             let type_ = if reason.is_normal_wait() {
@@ -125,7 +125,7 @@ pub(super) async fn wait(
             } else {
                 EventType::Warning
             };
-            publish(ctx, task, type_, reason, message.to_string()).await;
+            publish_event(ctx, task, type_, reason, message.to_string()).await;
         }
     }
     Ok(Action::requeue(again))
@@ -136,7 +136,7 @@ pub(super) async fn wait(
 /// all it keeps on every publish under one lock: at 50 tasks a second these would be
 /// 30,000 events. They need no series, so each goes out through a recorder of its own;
 /// waits, retries, failures and cleanup trouble, which can repeat, share the operator's.
-pub(super) async fn publish(
+pub(super) async fn publish_event(
     ctx: &Context,
     task: &AgentTask,
     type_: EventType,
@@ -158,7 +158,7 @@ pub(super) async fn publish(
         &ctx.recorder
     };
     if let Err(error) =
-        crate::controller::publish(&ctx.client, recorder, &event, &task.object_ref(&())).await
+        crate::controller::publish_event(&ctx.client, recorder, &event, &task.object_ref(&())).await
     {
         tracing::warn!(%error, %reason, "cannot publish event");
     }
