@@ -15,7 +15,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::client::{ClientConfig, sandbox_base_url};
+use super::config::{ClientConfig, sandbox_base_url};
 use super::envd::{
     CONTENT_TYPE_STREAM, CONTENT_TYPE_UNARY, ConnectRequest, DataEvent, DataInput, ENVD_PORT,
     Empty, EndEvent, EndStream, EntryInfo, EntryResponse, EnvelopeDecoder, FILESYSTEM_LIST_DIR,

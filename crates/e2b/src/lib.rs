@@ -2,6 +2,7 @@
 //! the client the operator drives sandboxes and template builds with.
 
 pub mod client;
+pub mod config;
 pub mod envd;
 pub mod envd_client;
 pub mod error;
