@@ -624,6 +624,42 @@ async fn launch(
         })
 }
 
+/// Fails a build that ran past `timeoutSeconds`. The E2B API has no call that stops one
+/// build; the provider ends it by its own limits. A changed spec builds again.
+async fn write_timed_out(
+    ctx: &Context,
+    template: &SandboxTemplate,
+    spec: &sandcastle_api::TemplateBuild,
+    tail: Vec<String>,
+) -> Outcome {
+    let message = format!(
+        "the build did not finish within {} s (spec.build.timeoutSeconds)",
+        spec.timeout_seconds.unwrap_or_default()
+    );
+    write_stage(
+        ctx,
+        template,
+        TemplatePhase::Failed,
+        TemplateReason::BuildTimedOut,
+        &message,
+        |status| {
+            status.log_tail = tail;
+            status.build_completed_at = Some(now());
+        },
+    )
+    .await
+    .map_err(kube_failure)?;
+    publish_event(
+        ctx,
+        template,
+        EventType::Warning,
+        TemplateReason::BuildTimedOut.as_str(),
+        message,
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
 /// Reads the build's new log entries and status, and records them.
 async fn follow(
     template: &SandboxTemplate,
@@ -675,35 +711,8 @@ async fn follow(
         && let Some(started) = &status.build_started_at
         && template_build::timed_out(started, spec.timeout_seconds, &now())
     {
-        // The E2B API has no call that stops one build; the provider ends it by its own
-        // limits. The template fails now, and a changed spec builds again.
         ctx.builds.finish(&key);
-        let message = format!(
-            "the build did not finish within {} s (spec.build.timeoutSeconds)",
-            spec.timeout_seconds.unwrap_or_default()
-        );
-        write_stage(
-            ctx,
-            template,
-            TemplatePhase::Failed,
-            TemplateReason::BuildTimedOut,
-            &message,
-            |status| {
-                status.log_tail = tail;
-                status.build_completed_at = Some(now());
-            },
-        )
-        .await
-        .map_err(kube_failure)?;
-        publish_event(
-            ctx,
-            template,
-            EventType::Warning,
-            TemplateReason::BuildTimedOut.as_str(),
-            message,
-        )
-        .await;
-        return Ok(Action::await_change());
+        return write_timed_out(ctx, template, spec, tail).await;
     }
     match info.status {
         BuildStatus::Waiting => {
