@@ -253,6 +253,29 @@ impl Drop for Operator {
     }
 }
 
+/// An object [`wait_for`] can watch until its status says something.
+pub trait Watched:
+    kube::Resource<DynamicType = ()>
+    + kube::core::object::HasStatus<Status: Clone + Default + std::fmt::Debug>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: kube::Resource<DynamicType = ()>
+        + kube::core::object::HasStatus<Status: Clone + Default + std::fmt::Debug>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static
+{
+}
+
 /// Waits until the object's status satisfies `done`, and returns that status. It watches
 /// the object, so it sees every state the object passes through, however briefly (a
 /// finished task a short TTL deletes at once); an object deleted before it got there
@@ -265,14 +288,7 @@ pub async fn wait_for<K>(
     done: impl Fn(&K::Status) -> bool,
 ) -> K::Status
 where
-    K: kube::Resource
-        + kube::core::object::HasStatus
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + 'static,
-    K::Status: Clone + Default + std::fmt::Debug,
+    K: Watched,
 {
     wait_for_within(api, name, what, Duration::from_secs(60), done).await
 }
@@ -286,14 +302,7 @@ pub async fn wait_for_within<K>(
     done: impl Fn(&K::Status) -> bool,
 ) -> K::Status
 where
-    K: kube::Resource
-        + kube::core::object::HasStatus
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + 'static,
-    K::Status: Clone + Default + std::fmt::Debug,
+    K: Watched,
 {
     use futures::StreamExt;
     use kube::runtime::watcher::{self, Event};
