@@ -460,8 +460,17 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
     assert_eq!(result.text, "done");
     assert_eq!((result.num_turns, result.is_error), (Some(3), false));
     assert!(result.session_id.is_some());
+    // What `kubectl get` shows once the task ended: TURNS is the final count, COST the
+    // decimal the CLI meant, without the digits of its float sums.
+    let progress = status.progress.as_ref().expect("progress");
+    assert_eq!(progress.turns, 3, "{progress:?}");
     let usage = status.usage.as_ref().expect("usage");
     assert!(usage.input_tokens > 0 && usage.cost_usd.is_some());
+    let cost_text = usage.cost_usd.as_deref().unwrap_or_default();
+    assert!(
+        cost_text.split('.').nth(1).is_none_or(|digits| digits.len() <= 9),
+        "cost {cost_text}"
+    );
     assert_eq!(
         operator
             .metric(r#"sandcastle_agent_tokens_total{kind="input"}"#)
