@@ -138,22 +138,7 @@ pub(super) async fn provision(
         std::borrow::Cow::Borrowed(task)
     };
     let task = task.as_ref();
-    let remaining = deadline(task)
-        .map(|deadline| (deadline - jiff::Timestamp::now()).get_seconds().max(1) as u64)
-        .unwrap_or(task.spec.active_deadline_seconds as u64);
-    let mut spec = SandboxSpec::new(
-        template.template_id.clone().unwrap_or_default(),
-        Duration::from_secs(remaining) + SANDBOX_GRACE,
-    );
-    spec.metadata = BTreeMap::from([
-        (TASK_UID.to_string(), uid.clone()),
-        (
-            TASK_NAMESPACE.to_string(),
-            task.namespace().unwrap_or_default(),
-        ),
-        (TASK_NAME.to_string(), task.name_any()),
-        (OPERATOR.to_string(), ctx.instance.clone()),
-    ]);
+    let spec = sandbox_spec(task, template, &ctx.instance, jiff::Timestamp::now());
     // Before the call: a create that fails may still have made the sandbox.
     ctx.memory.note_create(&uid);
     let asked = std::time::Instant::now();
@@ -269,4 +254,78 @@ pub(super) async fn write_provisioning(
     )
     .await;
     Ok(Action::requeue(Duration::from_millis(100)))
+}
+
+/// The sandbox a task asks for: from its template, living until the task's deadline plus
+/// a grace (the provider's own dead-man switch, should the operator be gone), and
+/// stamped with the task and this operator instance so the orphan sweep can find it.
+pub(crate) fn sandbox_spec(
+    task: &AgentTask,
+    template: &sandcastle_api::SandboxTemplateStatus,
+    instance: &str,
+    now: jiff::Timestamp,
+) -> SandboxSpec {
+    let remaining = deadline(task)
+        .map(|deadline| (deadline - now).get_seconds().max(1) as u64)
+        .unwrap_or(task.spec.active_deadline_seconds as u64);
+    let mut spec = SandboxSpec::new(
+        template.template_id.clone().unwrap_or_default(),
+        Duration::from_secs(remaining) + SANDBOX_GRACE,
+    );
+    spec.metadata = BTreeMap::from([
+        (
+            TASK_UID.to_string(),
+            task.metadata.uid.clone().unwrap_or_default(),
+        ),
+        (
+            TASK_NAMESPACE.to_string(),
+            task.namespace().unwrap_or_default(),
+        ),
+        (TASK_NAME.to_string(), task.name_any()),
+        (OPERATOR.to_string(), instance.to_string()),
+    ]);
+    spec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sandbox_lives_until_the_deadline_and_names_its_task() {
+        let task: AgentTask = serde_json::from_value(serde_json::json!({
+            "apiVersion": "sandcastle.dev/v1alpha1", "kind": "AgentTask",
+            "metadata": {"name": "t", "namespace": "team", "uid": "u-1",
+                         "creationTimestamp": "2026-12-04T10:00:00Z"},
+            "spec": {"templateRef": {"name": "base"}, "agent": {"command": {"command": ["true"]}},
+                     "activeDeadlineSeconds": 600},
+        }))
+        .expect("a task");
+        let template: sandcastle_api::SandboxTemplateStatus =
+            serde_json::from_value(serde_json::json!({"templateId": "tpl-1"})).expect("a status");
+        let now: jiff::Timestamp = "2026-12-04T10:01:40Z".parse().expect("a time");
+        let spec = sandbox_spec(&task, &template, "sandcastle", now);
+        assert_eq!(spec.template, "tpl-1");
+        assert_eq!(spec.timeout, Duration::from_secs(500) + SANDBOX_GRACE);
+        let keys: Vec<(&str, &str)> = spec
+            .metadata
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (OPERATOR, "sandcastle"),
+                (TASK_NAME, "t"),
+                (TASK_NAMESPACE, "team"),
+                (TASK_UID, "u-1")
+            ]
+        );
+        // Past the deadline it still asks for a moment, never for nothing.
+        let late: jiff::Timestamp = "2026-12-04T11:00:00Z".parse().expect("a time");
+        assert_eq!(
+            sandbox_spec(&task, &template, "sandcastle", late).timeout,
+            Duration::from_secs(1) + SANDBOX_GRACE
+        );
+    }
 }
