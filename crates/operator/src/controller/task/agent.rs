@@ -338,7 +338,8 @@ pub(super) async fn follow(
     if due {
         // Only what the transcript gained since the last look: a long run's transcript
         // is never read again from the start.
-        let mut read = ctx.memory.take_transcript(&uid);
+        let sandbox = status.sandbox_id.clone().unwrap_or_default();
+        let mut read = ctx.memory.take_transcript(&uid, &sandbox);
         let seen = match envd.read_file_from(&run_file("stdout"), read.offset).await {
             Ok(new) => {
                 read.parser.feed(&new);

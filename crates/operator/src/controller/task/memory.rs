@@ -35,6 +35,8 @@ pub(crate) struct TaskMemory {
 /// How far a transcript has been read, and the parser that has read it.
 #[derive(Default)]
 pub(crate) struct TranscriptRead {
+    /// The sandbox whose transcript it is: a new attempt's starts from nothing.
+    pub(crate) sandbox: String,
     pub(crate) offset: u64,
     pub(crate) parser: crate::agent::stream_json::StreamParser,
 }
@@ -130,14 +132,19 @@ impl TaskMemory {
         false
     }
 
-    /// Takes the task's transcript read (a fresh one the first time), to be given back
-    /// with [`TaskMemory::keep_transcript`] once the new part is fed to it.
-    pub(crate) fn take_transcript(&self, uid: &str) -> TranscriptRead {
+    /// Takes the task's read of the transcript in `sandbox` (a fresh one the first time,
+    /// and for a new attempt's sandbox), to be given back with
+    /// [`TaskMemory::keep_transcript`] once the new part is fed to it.
+    pub(crate) fn take_transcript(&self, uid: &str, sandbox: &str) -> TranscriptRead {
         self.transcripts
             .lock()
             .expect("transcripts")
             .remove(uid)
-            .unwrap_or_default()
+            .filter(|read| read.sandbox == sandbox)
+            .unwrap_or_else(|| TranscriptRead {
+                sandbox: sandbox.to_string(),
+                ..TranscriptRead::default()
+            })
     }
 
     pub(crate) fn keep_transcript(&self, uid: &str, read: TranscriptRead) {
@@ -255,14 +262,14 @@ mod tests {
     #[test]
     fn a_transcript_is_read_on_from_where_the_last_look_stopped() {
         let memory = TaskMemory::default();
-        let mut read = memory.take_transcript("t");
+        let mut read = memory.take_transcript("t", "sb-1");
         assert_eq!(read.offset, 0);
         let first = br#"{"type":"assistant","message":{"id":"m1","model":"m","content":[{"type":"tool_use","name":"Bash"}]}}
 {"type":"assis"#;
         read.parser.feed(first);
         read.offset += first.len() as u64;
         memory.keep_transcript("t", read);
-        let mut read = memory.take_transcript("t");
+        let mut read = memory.take_transcript("t", "sb-1");
         assert_eq!(read.offset, first.len() as u64);
         // The rest of a line cut between two looks completes it.
         read.parser.feed(br#"tant","message":{"id":"m2","model":"m","content":[{"type":"tool_use","name":"Edit"}]}}
@@ -270,9 +277,17 @@ mod tests {
         assert_eq!(read.parser.progress().turns, 2);
         assert_eq!(read.parser.progress().last_tool.as_deref(), Some("Edit"));
         memory.keep_transcript("t", read);
+        assert_eq!(
+            memory.take_transcript("t", "sb-2").offset,
+            0,
+            "a new attempt's transcript is read from its start"
+        );
+        let mut read = memory.take_transcript("t", "sb-1");
+        read.offset = 7;
+        memory.keep_transcript("t", read);
         memory.forget("t");
         assert_eq!(
-            memory.take_transcript("t").offset,
+            memory.take_transcript("t", "sb-1").offset,
             0,
             "a finished task's read is gone"
         );
