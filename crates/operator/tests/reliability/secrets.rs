@@ -68,7 +68,12 @@ pub async fn secrets_never_leave_the_sandbox(env: Arc<TestEnv>) {
         ("beta", vec![("THREE", value()), ("FOUR", value())]),
         (
             "gamma",
-            vec![("PROJECT_TOKEN", value()), ("ANTHROPIC_API_KEY", value())],
+            // A quote in the value: the transcript holds it JSON-escaped (`\"`), which
+            // redaction must find as well as the plain value.
+            vec![
+                ("PROJECT_TOKEN", format!("{}\"{}", &value()[..16], &value()[..16])),
+                ("ANTHROPIC_API_KEY", value()),
+            ],
         ),
     ]
     .into();
