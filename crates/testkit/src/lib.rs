@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod figures;
 pub mod localcluster;
 pub mod model;
+pub mod node;
 pub mod operator;
 
 use std::path::{Path, PathBuf};

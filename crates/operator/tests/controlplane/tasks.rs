@@ -468,7 +468,10 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
     assert!(usage.input_tokens > 0 && usage.cost_usd.is_some());
     let cost_text = usage.cost_usd.as_deref().unwrap_or_default();
     assert!(
-        cost_text.split('.').nth(1).is_none_or(|digits| digits.len() <= 9),
+        cost_text
+            .split('.')
+            .nth(1)
+            .is_none_or(|digits| digits.len() <= 9),
         "cost {cost_text}"
     );
     assert_eq!(

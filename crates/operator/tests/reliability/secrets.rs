@@ -71,7 +71,10 @@ pub async fn secrets_never_leave_the_sandbox(env: Arc<TestEnv>) {
             // A quote in the value: the transcript holds it JSON-escaped (`\"`), which
             // redaction must find as well as the plain value.
             vec![
-                ("PROJECT_TOKEN", format!("{}\"{}", &value()[..16], &value()[..16])),
+                (
+                    "PROJECT_TOKEN",
+                    format!("{}\"{}", &value()[..16], &value()[..16]),
+                ),
                 ("ANTHROPIC_API_KEY", value()),
             ],
         ),
