@@ -25,6 +25,9 @@ pub const FILESYSTEM_LIST_DIR: &str = "/filesystem.Filesystem/ListDir";
 pub const FILESYSTEM_MAKE_DIR: &str = "/filesystem.Filesystem/MakeDir";
 pub const FILESYSTEM_REMOVE: &str = "/filesystem.Filesystem/Remove";
 pub const FILESYSTEM_MOVE: &str = "/filesystem.Filesystem/Move";
+pub const FILESYSTEM_CREATE_WATCHER: &str = "/filesystem.Filesystem/CreateWatcher";
+pub const FILESYSTEM_GET_WATCHER_EVENTS: &str = "/filesystem.Filesystem/GetWatcherEvents";
+pub const FILESYSTEM_REMOVE_WATCHER: &str = "/filesystem.Filesystem/RemoveWatcher";
 
 // ---------------------------------------------------------------------------------------
 // Envelope framing of streaming calls: 1 flag byte, a big-endian u32 length, the payload.
@@ -501,6 +504,59 @@ pub struct MoveRequest {
     pub destination: String,
 }
 
+/// What happened to a watched path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsEventType {
+    #[serde(rename = "EVENT_TYPE_UNSPECIFIED")]
+    Unspecified,
+    #[serde(rename = "EVENT_TYPE_CREATE")]
+    Create,
+    #[serde(rename = "EVENT_TYPE_WRITE")]
+    Write,
+    #[serde(rename = "EVENT_TYPE_REMOVE")]
+    Remove,
+    #[serde(rename = "EVENT_TYPE_RENAME")]
+    Rename,
+    #[serde(rename = "EVENT_TYPE_CHMOD")]
+    Chmod,
+}
+
+/// A change below a watched directory; `name` is relative to it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FilesystemEvent {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: FsEventType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<EntryInfo>,
+}
+
+/// `CreateWatcher` and `WatchDir`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchRequest {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recursive: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub include_entry: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_network_mounts: bool,
+}
+
+/// `CreateWatcher`'s answer, and the request of `GetWatcherEvents` and `RemoveWatcher`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatcherId {
+    pub watcher_id: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WatcherEvents {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<FilesystemEvent>,
+}
+
 /// One entry of the `POST /files` answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WrittenFile {
@@ -513,6 +569,35 @@ pub struct WrittenFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watcher_messages_read_as_proto3_json() {
+        let request: WatchRequest =
+            serde_json::from_str(r#"{"path":"/home/user","recursive":true}"#).unwrap();
+        assert!(request.recursive && !request.include_entry);
+        let events = WatcherEvents {
+            events: vec![FilesystemEvent {
+                name: "a/b.txt".into(),
+                kind: FsEventType::Create,
+                entry: None,
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&events).unwrap(),
+            r#"{"events":[{"name":"a/b.txt","type":"EVENT_TYPE_CREATE"}]}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&WatcherEvents::default()).unwrap(),
+            "{}"
+        );
+        assert_eq!(
+            serde_json::to_string(&WatcherId {
+                watcher_id: "w1".into()
+            })
+            .unwrap(),
+            r#"{"watcherId":"w1"}"#
+        );
+    }
 
     #[test]
     fn envelopes_survive_any_chunking() {

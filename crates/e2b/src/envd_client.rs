@@ -18,11 +18,13 @@ use serde::de::DeserializeOwned;
 use super::config::{ClientConfig, sandbox_base_url};
 use super::envd::{
     CONTENT_TYPE_STREAM, CONTENT_TYPE_UNARY, ConnectRequest, DataEvent, DataInput, ENVD_PORT,
-    Empty, EndEvent, EndStream, EntryInfo, EntryResponse, EnvelopeDecoder, FILESYSTEM_LIST_DIR,
-    FILESYSTEM_MAKE_DIR, FILESYSTEM_MOVE, FILESYSTEM_REMOVE, FILESYSTEM_STAT, ListDirRequest,
-    ListDirResponse, ListResponse, MoveRequest, PROCESS_CONNECT, PROCESS_LIST, PROCESS_SEND_INPUT,
-    PROCESS_SEND_SIGNAL, PROCESS_START, PathRequest, ProcessConfig, ProcessEvent, ProcessInfo,
-    ProcessSelector, SendInputRequest, SendSignalRequest, Signal, StartRequest, WrittenFile,
+    Empty, EndEvent, EndStream, EntryInfo, EntryResponse, EnvelopeDecoder,
+    FILESYSTEM_CREATE_WATCHER, FILESYSTEM_GET_WATCHER_EVENTS, FILESYSTEM_LIST_DIR,
+    FILESYSTEM_MAKE_DIR, FILESYSTEM_MOVE, FILESYSTEM_REMOVE, FILESYSTEM_REMOVE_WATCHER,
+    FILESYSTEM_STAT, FilesystemEvent, ListDirRequest, ListDirResponse, ListResponse, MoveRequest,
+    PROCESS_CONNECT, PROCESS_LIST, PROCESS_SEND_INPUT, PROCESS_SEND_SIGNAL, PROCESS_START,
+    PathRequest, ProcessConfig, ProcessEvent, ProcessInfo, ProcessSelector, SendInputRequest,
+    SendSignalRequest, Signal, StartRequest, WatchRequest, WatcherEvents, WatcherId, WrittenFile,
     decode_process_event, message_envelope,
 };
 use super::error::{Error, envd_error};
@@ -461,6 +463,36 @@ impl EnvdClient {
 
     pub async fn exists(&self, path: &str) -> Result<bool, Error> {
         found(self.stat(path).await)
+    }
+
+    /// Starts watching a directory (with its subdirectories when `recursive`); the events
+    /// are collected by the server until [`EnvdClient::watcher_events`] asks.
+    pub async fn create_watcher(&self, path: &str, recursive: bool) -> Result<String, Error> {
+        let request = WatchRequest {
+            path: path.into(),
+            recursive,
+            include_entry: false,
+            allow_network_mounts: false,
+        };
+        let response: WatcherId = self.unary(FILESYSTEM_CREATE_WATCHER, &request).await?;
+        Ok(response.watcher_id)
+    }
+
+    /// The watcher's events since the last call.
+    pub async fn watcher_events(&self, watcher_id: &str) -> Result<Vec<FilesystemEvent>, Error> {
+        let request = WatcherId {
+            watcher_id: watcher_id.into(),
+        };
+        let response: WatcherEvents = self.unary(FILESYSTEM_GET_WATCHER_EVENTS, &request).await?;
+        Ok(response.events)
+    }
+
+    pub async fn remove_watcher(&self, watcher_id: &str) -> Result<(), Error> {
+        let request = WatcherId {
+            watcher_id: watcher_id.into(),
+        };
+        let _: Empty = self.unary(FILESYSTEM_REMOVE_WATCHER, &request).await?;
+        Ok(())
     }
 
     /// Entries below `path`, down to `depth` levels (1 = the directory's own entries).

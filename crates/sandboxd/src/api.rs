@@ -255,6 +255,7 @@ async fn create_sandbox(
         memory_mb: ready.memory_mb,
         dir: dir.clone(),
         processes: Arc::default(),
+        watchers: Default::default(),
     });
     if let Err(limit) = state.add_sandbox(record.clone()) {
         return Err(error(

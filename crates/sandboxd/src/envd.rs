@@ -31,8 +31,8 @@ use sandcastle_e2b::envd::{
     CONTENT_TYPE_STREAM, Code, ConnectError, ConnectRequest, DataEvent, DataInput, Empty,
     EntryInfo, EntryResponse, EnvelopeDecoder, FileType, KeepaliveEvent, ListDirRequest,
     ListDirResponse, ListResponse, MoveRequest, PathRequest, ProcessEvent, ProcessEventMessage,
-    SendInputRequest, SendSignalRequest, Signal, StartEvent, StartRequest, WrittenFile,
-    end_stream_envelope, message_envelope,
+    SendInputRequest, SendSignalRequest, Signal, StartEvent, StartRequest, WatchRequest,
+    WatcherEvents, WatcherId, WrittenFile, end_stream_envelope, message_envelope,
 };
 
 type Shared = Arc<State>;
@@ -55,6 +55,12 @@ pub fn router(state: Shared) -> Router {
         .route("/filesystem.Filesystem/MakeDir", post(make_dir))
         .route("/filesystem.Filesystem/Remove", post(remove))
         .route("/filesystem.Filesystem/Move", post(move_entry))
+        .route("/filesystem.Filesystem/CreateWatcher", post(create_watcher))
+        .route(
+            "/filesystem.Filesystem/GetWatcherEvents",
+            post(get_watcher_events),
+        )
+        .route("/filesystem.Filesystem/RemoveWatcher", post(remove_watcher))
         .route("/files", get(download).post(upload))
         .route("/envs", get(envs))
         .fallback(|| async { rpc_error(ConnectError::new(Code::Unimplemented, "no such method")) })
@@ -714,6 +720,59 @@ async fn list_dir(
             .map_err(|error| io_error(&request.path, error))?;
         Ok(ListDirResponse { entries })
     })())
+}
+
+/// Starts a watcher on a directory of the sandbox; its events are collected until the
+/// client asks (`GetWatcherEvents`), which is how the SDKs' `watch_dir` polls.
+async fn create_watcher(
+    Call {
+        caller, request, ..
+    }: Call<WatchRequest>,
+) -> Response {
+    reply((|| {
+        let host = host_path(&caller, &request.path)?;
+        let metadata = std::fs::metadata(&host).map_err(|error| io_error(&request.path, error))?;
+        if !metadata.is_dir() {
+            return Err(ConnectError::new(
+                Code::InvalidArgument,
+                format!("path {} not a directory", request.path),
+            ));
+        }
+        let watcher_id = super::random_id(16);
+        caller
+            .sandbox
+            .watchers
+            .create(watcher_id.clone(), &host, request.recursive)?;
+        Ok(WatcherId { watcher_id })
+    })())
+}
+
+async fn get_watcher_events(
+    Call {
+        caller, request, ..
+    }: Call<WatcherId>,
+) -> Response {
+    reply(
+        caller
+            .sandbox
+            .watchers
+            .take_events(&request.watcher_id)
+            .map(|events| WatcherEvents { events }),
+    )
+}
+
+async fn remove_watcher(
+    Call {
+        caller, request, ..
+    }: Call<WatcherId>,
+) -> Response {
+    reply(
+        caller
+            .sandbox
+            .watchers
+            .remove(&request.watcher_id)
+            .map(|()| Empty {}),
+    )
 }
 
 fn walk(

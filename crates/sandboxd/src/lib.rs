@@ -69,6 +69,7 @@ mod envd;
 mod faults;
 mod runtime;
 mod templates;
+mod watchers;
 
 #[cfg(feature = "faults")]
 pub use faults::{Fault, FaultPlan, Faults, Injected, RandomFaults};
@@ -275,6 +276,8 @@ pub(crate) struct SandboxRecord {
     memory_mb: u32,
     dir: PathBuf,
     processes: Arc<ProcessTable>,
+    /// envd's filesystem watchers, which end with the sandbox.
+    watchers: watchers::Watchers,
 }
 
 impl SandboxRecord {

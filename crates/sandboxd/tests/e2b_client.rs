@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use sandcastle_e2b::client::{AliasLookup, ClientConfig, E2bClient, ListQuery, SandboxSpec};
-use sandcastle_e2b::envd::{Code, FileType, ProcessSelector, Signal};
+use sandcastle_e2b::envd::{Code, FileType, FsEventType, ProcessSelector, Signal};
 use sandcastle_e2b::envd_client::{CommandSpec, EnvdClient, Output, ProcessUpdate};
 use sandcastle_e2b::error::Error;
 use sandcastle_e2b::models::{
@@ -40,6 +40,7 @@ const SCENARIOS: &[&str] = &[
     "files_make_dir",
     "files_remove",
     "files_read_missing_not_found",
+    "files_watch",
     "sandbox_list_metadata_query",
     "sandbox_set_timeout",
     "sandbox_kill",
@@ -486,6 +487,73 @@ fn metadata_query(pairs: &[(&str, &str)]) -> ListQuery {
         metadata: map(pairs),
         ..ListQuery::default()
     }
+}
+
+#[tokio::test]
+async fn files_watch() {
+    let harness = Harness::start().await;
+    let (envd, workdir) = harness.sandbox_with_workdir().await;
+    envd.make_dir(&format!("{workdir}/sub")).await.unwrap();
+    let watcher = envd.create_watcher(&workdir, true).await.unwrap();
+    envd.write_file(&format!("{workdir}/new.txt"), "one")
+        .await
+        .unwrap();
+    envd.run(&format!(
+        "echo two >> {workdir}/new.txt; echo deep > {workdir}/sub/deep.txt; \
+         mv {workdir}/new.txt {workdir}/moved.txt; chmod 600 {workdir}/moved.txt; \
+         rm {workdir}/moved.txt"
+    ))
+    .await
+    .unwrap();
+    let wanted = [
+        ("new.txt", FsEventType::Create),
+        ("new.txt", FsEventType::Write),
+        ("sub/deep.txt", FsEventType::Create),
+        ("new.txt", FsEventType::Rename),
+        ("moved.txt", FsEventType::Create),
+        ("moved.txt", FsEventType::Chmod),
+        ("moved.txt", FsEventType::Remove),
+    ];
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        seen.extend(envd.watcher_events(&watcher).await.unwrap());
+        let has = |(name, kind): &(&str, FsEventType)| {
+            seen.iter()
+                .any(|event| event.name == *name && event.kind == *kind)
+        };
+        if wanted.iter().all(has) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (name, kind) in wanted {
+        assert!(
+            seen.iter()
+                .any(|event| event.name == name && event.kind == kind),
+            "no {kind:?} of {name} in {seen:?}"
+        );
+    }
+    envd.remove_watcher(&watcher).await.unwrap();
+    let gone = envd.watcher_events(&watcher).await;
+    assert!(
+        matches!(&gone, Err(Error::Envd(error)) if error.code == Code::NotFound),
+        "{gone:?}"
+    );
+    // A file is not a directory to watch, and a path outside the sandbox is refused.
+    envd.write_file(&format!("{workdir}/plain.txt"), "x")
+        .await
+        .unwrap();
+    let file = envd
+        .create_watcher(&format!("{workdir}/plain.txt"), false)
+        .await;
+    assert!(
+        matches!(&file, Err(Error::Envd(error)) if error.code == Code::InvalidArgument),
+        "{file:?}"
+    );
+    let outside = envd.create_watcher("/proc/1", false).await;
+    assert!(outside.is_err(), "{outside:?}");
+    harness.stop().await;
 }
 
 #[tokio::test]

@@ -16,9 +16,11 @@ from e2b import (
     AuthenticationException,
     CommandExitException,
     FileNotFoundException,
+    FilesystemEventType,
     FileType,
     Sandbox,
     SandboxNotFoundException,
+    SandboxException,
     SandboxNotRunningException,
     SandboxQuery,
     SandboxState,
@@ -155,6 +157,31 @@ def test_files_list(sandbox, workdir):
     assert (entries["a.txt"].type, entries["a.txt"].size) == (FileType.FILE, 5)
     assert entries["a.txt"].path == f"{workdir}/a.txt"
     assert entries["sub"].type == FileType.DIR
+
+
+def test_files_watch(sandbox, workdir):
+    sandbox.files.make_dir(f"{workdir}/sub")
+    handle = sandbox.files.watch_dir(workdir, recursive=True)
+    sandbox.files.write(f"{workdir}/new.txt", "one")
+    sandbox.commands.run(
+        f"echo deep > {workdir}/sub/deep.txt; mv {workdir}/new.txt {workdir}/moved.txt; "
+        f"rm {workdir}/moved.txt"
+    )
+    wanted = {
+        ("new.txt", FilesystemEventType.CREATE),
+        ("sub/deep.txt", FilesystemEventType.CREATE),
+        ("new.txt", FilesystemEventType.RENAME),
+        ("moved.txt", FilesystemEventType.REMOVE),
+    }
+    seen = set()
+    deadline = time.monotonic() + 10
+    while not wanted <= seen and time.monotonic() < deadline:
+        seen |= {(event.name, event.type) for event in handle.get_new_events()}
+        time.sleep(0.1)
+    assert wanted <= seen, seen
+    handle.stop()
+    with pytest.raises(SandboxException):
+        handle.get_new_events()
 
 
 def test_files_exists(sandbox, workdir):
