@@ -55,6 +55,7 @@ pub fn router(state: Shared) -> Router {
         .route("/filesystem.Filesystem/MakeDir", post(make_dir))
         .route("/filesystem.Filesystem/Remove", post(remove))
         .route("/filesystem.Filesystem/Move", post(move_entry))
+        .route("/filesystem.Filesystem/WatchDir", post(watch_dir))
         .route("/filesystem.Filesystem/CreateWatcher", post(create_watcher))
         .route(
             "/filesystem.Filesystem/GetWatcherEvents",
@@ -722,6 +723,89 @@ async fn list_dir(
     })())
 }
 
+/// A directory's events as a stream: `start`, then one `filesystem` message per event
+/// and `keepalive` while idle, until the client goes away (which ends the watch).
+async fn watch_dir(
+    Extract(state): Extract<Shared>,
+    Call {
+        caller,
+        request,
+        headers,
+        ..
+    }: Call<WatchRequest>,
+) -> Response {
+    let dir = match watched_dir(&caller, &request.path) {
+        Ok(dir) => dir,
+        Err(error) => return rpc_error(error),
+    };
+    let (events, mut received) = mpsc::unbounded_channel();
+    let watcher = match super::watchers::watch(&dir, request.recursive, move |event| {
+        let _ = events.send(event);
+    }) {
+        Ok(watcher) => watcher,
+        Err(error) => return rpc_error(error),
+    };
+    let keepalive = header_number(&headers, "keepalive-ping-interval")
+        .map_or(DEFAULT_KEEPALIVE, Duration::from_secs)
+        .max(Duration::from_secs(1));
+    let (sender, receiver) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let sandbox = caller.sandbox.clone();
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        let frame = |message: WatchDirMessage| Ok(message_envelope(&message));
+        if sender.send(frame(WatchDirMessage::Start {})).await.is_err() {
+            return;
+        }
+        let mut stopping = state.stopping.clone();
+        loop {
+            let next = tokio::select! {
+                next = tokio::time::timeout(keepalive, received.recv()) => next,
+                () = async { drop(stopping.wait_for(|stop| *stop).await) } => {
+                    let error = ConnectError::new(Code::Unavailable, "the server is stopping");
+                    let _ = sender.send(Ok(end_stream_envelope(Some(&error)))).await;
+                    return;
+                }
+            };
+            let message = match next {
+                Ok(Some(event)) => WatchDirMessage::Filesystem(event),
+                Ok(None) => return,
+                Err(_idle) if state.sandbox(&sandbox.id).is_none() => {
+                    let error = ConnectError::new(Code::Unavailable, "The sandbox was not found");
+                    let _ = sender.send(Ok(end_stream_envelope(Some(&error)))).await;
+                    return;
+                }
+                Err(_idle) => WatchDirMessage::Keepalive {},
+            };
+            if sender.send(frame(message)).await.is_err() {
+                return;
+            }
+        }
+    });
+    stream_response(Body::from_stream(tokio_stream_from(receiver)))
+}
+
+/// One message of a `WatchDir` stream.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+enum WatchDirMessage {
+    Start {},
+    Filesystem(sandcastle_e2b::envd::FilesystemEvent),
+    Keepalive {},
+}
+
+/// The host path of a directory of the sandbox the caller may watch.
+fn watched_dir(caller: &Caller, path: &str) -> Result<std::path::PathBuf, ConnectError> {
+    let host = host_path(caller, path)?;
+    let metadata = std::fs::metadata(&host).map_err(|error| io_error(path, error))?;
+    if !metadata.is_dir() {
+        return Err(ConnectError::new(
+            Code::InvalidArgument,
+            format!("path {path} not a directory"),
+        ));
+    }
+    Ok(host)
+}
+
 /// Starts a watcher on a directory of the sandbox; its events are collected until the
 /// client asks (`GetWatcherEvents`), which is how the SDKs' `watch_dir` polls.
 async fn create_watcher(
@@ -730,14 +814,7 @@ async fn create_watcher(
     }: Call<WatchRequest>,
 ) -> Response {
     reply((|| {
-        let host = host_path(&caller, &request.path)?;
-        let metadata = std::fs::metadata(&host).map_err(|error| io_error(&request.path, error))?;
-        if !metadata.is_dir() {
-            return Err(ConnectError::new(
-                Code::InvalidArgument,
-                format!("path {} not a directory", request.path),
-            ));
-        }
+        let host = watched_dir(&caller, &request.path)?;
         let watcher_id = super::random_id(16);
         caller
             .sandbox

@@ -159,7 +159,9 @@ impl Sandboxd {
             addr: SocketAddr::new(config.listen, config.envd_port),
             source,
         })?;
+        let (shutdown, stopped) = watch::channel(false);
         let state = Arc::new(State {
+            stopping: stopped.clone(),
             api_url: format!("http://{api_addr}"),
             config,
             launcher,
@@ -170,7 +172,6 @@ impl Sandboxd {
             templates,
             upload_secret: random_token(32),
         });
-        let (shutdown, stopped) = watch::channel(false);
         let servers = vec![
             serve(api_listener, api::router(state.clone()), stopped.clone()),
             serve(envd_listener, envd::router(state.clone()), stopped.clone()),
@@ -237,6 +238,9 @@ impl Sandboxd {
 
 pub(crate) struct State {
     config: Config,
+    /// Turns true when the server stops: streams that would never end by themselves
+    /// (a directory watch) end then, so the graceful shutdown does not wait for them.
+    stopping: watch::Receiver<bool>,
     api_url: String,
     launcher: Launcher,
     #[cfg(feature = "faults")]

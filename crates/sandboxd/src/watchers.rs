@@ -33,27 +33,13 @@ impl Watchers {
     ) -> Result<(), ConnectError> {
         let pending: Arc<Mutex<Vec<FilesystemEvent>>> = Arc::default();
         let sink = pending.clone();
-        let root = dir.to_path_buf();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                let Ok(event) = event else {
-                    return;
-                };
-                let mut pending = sink.lock().expect("watcher events");
-                for event in envd_events(&root, &event) {
-                    if pending.len() == MAX_PENDING {
-                        pending.remove(0);
-                    }
-                    pending.push(event);
-                }
-            })
-            .map_err(watch_error)?;
-        let mode = if recursive {
-            RecursiveMode::Recursive
-        } else {
-            RecursiveMode::NonRecursive
-        };
-        watcher.watch(dir, mode).map_err(watch_error)?;
+        let watcher = watch(dir, recursive, move |event| {
+            let mut pending = sink.lock().expect("watcher events");
+            if pending.len() == MAX_PENDING {
+                pending.remove(0);
+            }
+            pending.push(event);
+        })?;
         self.0.lock().expect("watchers").insert(
             id,
             Watch {
@@ -81,6 +67,29 @@ impl Watchers {
             .map(drop)
             .ok_or_else(|| unknown(id))
     }
+}
+
+/// Watches `dir`, handing each event envd would report to `sink`, until the returned
+/// watcher is dropped.
+pub(crate) fn watch(
+    dir: &Path,
+    recursive: bool,
+    sink: impl Fn(FilesystemEvent) + Send + 'static,
+) -> Result<notify::RecommendedWatcher, ConnectError> {
+    let root = dir.to_path_buf();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event {
+            envd_events(&root, &event).into_iter().for_each(&sink);
+        }
+    })
+    .map_err(watch_error)?;
+    let mode = if recursive {
+        RecursiveMode::Recursive
+    } else {
+        RecursiveMode::NonRecursive
+    };
+    watcher.watch(dir, mode).map_err(watch_error)?;
+    Ok(watcher)
 }
 
 fn unknown(id: &str) -> ConnectError {

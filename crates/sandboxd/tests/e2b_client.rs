@@ -41,6 +41,7 @@ const SCENARIOS: &[&str] = &[
     "files_remove",
     "files_read_missing_not_found",
     "files_watch",
+    "files_watch_stream",
     "sandbox_list_metadata_query",
     "sandbox_set_timeout",
     "sandbox_kill",
@@ -554,6 +555,96 @@ async fn files_watch() {
     let outside = envd.create_watcher("/proc/1", false).await;
     assert!(outside.is_err(), "{outside:?}");
     harness.stop().await;
+}
+
+#[tokio::test]
+async fn files_watch_stream() {
+    let harness = Harness::start().await;
+    let sandbox = harness.create(&SandboxSpec::new("base", LIFETIME)).await;
+    let envd = harness.client.envd(&sandbox);
+    // The streaming WatchDir, spoken as a Connect server-stream: one request envelope,
+    // then envelopes of start, filesystem and keepalive messages.
+    let request = sandcastle_e2b::envd::message_envelope(
+        &serde_json::json!({"path": "/tmp", "recursive": true}),
+    );
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/filesystem.Filesystem/WatchDir",
+            harness.server.sandbox_url()
+        ))
+        .header("E2b-Sandbox-Id", &sandbox.sandbox_id)
+        .header(
+            "X-Access-Token",
+            sandbox.envd_access_token.clone().unwrap_or_default(),
+        )
+        .header("Content-Type", "application/connect+json")
+        .header("Connect-Protocol-Version", "1")
+        .header("Keepalive-Ping-Interval", "1")
+        .body(request.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let mut decoder = sandcastle_e2b::envd::EnvelopeDecoder::new(1 << 20);
+    let mut messages: Vec<serde_json::Value> = Vec::new();
+    let mut next = async || -> serde_json::Value {
+        loop {
+            if let Some(envelope) = decoder.next_envelope().unwrap() {
+                return serde_json::from_slice(&envelope.payload).unwrap();
+            }
+            let chunk =
+                tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut body))
+                    .await
+                    .expect("a message within 10 s")
+                    .expect("the stream goes on")
+                    .unwrap();
+            decoder.push(&chunk);
+        }
+    };
+    messages.push(next().await);
+    assert_eq!(messages[0], serde_json::json!({"start": {}}));
+    envd.write_file("/tmp/streamed.txt", "x").await.unwrap();
+    let mut event = next().await;
+    for _ in 0..10 {
+        if event.get("filesystem").is_some() {
+            break;
+        }
+        event = next().await;
+    }
+    assert_eq!(
+        event,
+        serde_json::json!({"filesystem": {"name": "streamed.txt", "type": "EVENT_TYPE_CREATE"}})
+    );
+    // Idle, it keeps the stream alive at the interval the client asked for.
+    let idle = loop {
+        let message = next().await;
+        if message.get("filesystem").is_none() {
+            break message;
+        }
+    };
+    assert_eq!(idle, serde_json::json!({"keepalive": {}}));
+    // The server's stop ends the stream, which would not end by itself.
+    let stopping = tokio::spawn(harness.stop());
+    let mut ended = false;
+    for _ in 0..5 {
+        if decoder
+            .next_envelope()
+            .unwrap()
+            .is_some_and(|envelope| envelope.is_end_stream())
+        {
+            ended = true;
+            break;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut body))
+            .await
+        {
+            Ok(Some(Ok(chunk))) => decoder.push(&chunk),
+            _ => break,
+        }
+    }
+    assert!(ended, "the stream ends with the server");
+    stopping.await.unwrap();
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ E2B_SANDBOX_URL and E2B_API_KEY pointing at it. Every test is one scenario of
 scenarios.txt, which the Rust client suite implements too.
 """
 
+import asyncio
 import os
 import time
 import uuid
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from e2b import (
+    AsyncSandbox,
     AuthenticationException,
     CommandExitException,
     FileNotFoundException,
@@ -182,6 +184,28 @@ def test_files_watch(sandbox, workdir):
     handle.stop()
     with pytest.raises(SandboxException):
         handle.get_new_events()
+
+
+def test_files_watch_stream(sandbox, workdir):
+    # The async SDK watches through the streaming WatchDir.
+    async def watch():
+        sbx = await AsyncSandbox.connect(sandbox.sandbox_id)
+        events = []
+        handle = await sbx.files.watch_dir(workdir, on_event=events.append, recursive=True)
+        await sbx.files.write(f"{workdir}/streamed.txt", "x")
+        await sbx.commands.run(f"rm {workdir}/streamed.txt")
+        wanted = {
+            ("streamed.txt", FilesystemEventType.CREATE),
+            ("streamed.txt", FilesystemEventType.REMOVE),
+        }
+        deadline = time.monotonic() + 10
+        while not wanted <= {(e.name, e.type) for e in events} and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await handle.stop()
+        return wanted, {(e.name, e.type) for e in events}
+
+    wanted, seen = asyncio.run(watch())
+    assert wanted <= seen, seen
 
 
 def test_files_exists(sandbox, workdir):
