@@ -767,7 +767,7 @@ async fn watch_dir(
                 }
             };
             let message = match next {
-                Ok(Some(event)) => WatchDirMessage::Filesystem(event),
+                Ok(Some(event)) => WatchDirMessage::Filesystem(Box::new(event)),
                 Ok(None) => return,
                 Err(_idle) if state.sandbox(&sandbox.id).is_none() => {
                     let error = ConnectError::new(Code::Unavailable, "The sandbox was not found");
@@ -789,7 +789,7 @@ async fn watch_dir(
 #[serde(rename_all = "camelCase")]
 enum WatchDirMessage {
     Start {},
-    Filesystem(sandcastle_e2b::envd::FilesystemEvent),
+    Filesystem(Box<sandcastle_e2b::envd::FilesystemEvent>),
     Keepalive {},
 }
 
