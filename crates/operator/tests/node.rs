@@ -286,6 +286,68 @@ impl Env {
     }
 }
 
+/// The image built without a daemon has the runtime layout the Dockerfile declares: its
+/// user, entrypoint and command as the image config states them, and the binary where the
+/// Dockerfile copies it (the pods running from it prove the binary runs).
+fn image_matches_the_dockerfile(reference: &str) {
+    let dockerfile =
+        std::fs::read_to_string(sandcastle_testkit::repo().join("Dockerfile")).expect("Dockerfile");
+    let runtime = dockerfile
+        .rsplit("\nFROM ")
+        .next()
+        .expect("a runtime stage");
+    let directive = |name: &str| -> String {
+        runtime
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("the Dockerfile's runtime stage has no {name}"))
+            .trim()
+            .to_string()
+    };
+    let json_list = |text: String| -> Vec<String> {
+        serde_json::from_str(&text).unwrap_or_else(|err| panic!("{text}: {err}"))
+    };
+    let binary = directive("COPY")
+        .split_whitespace()
+        .last()
+        .expect("a COPY destination")
+        .to_string();
+    // skopeo takes a name with a digest or a tag, not both.
+    let (named, digest) = reference.split_once('@').expect("a digest");
+    let repository = match named.rsplit_once(':') {
+        Some((repository, tag)) if !tag.contains('/') => repository,
+        _ => named,
+    };
+    let out = std::process::Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--config"])
+        .arg(format!("docker://{repository}@{digest}"))
+        .output()
+        .expect("skopeo runs");
+    assert!(
+        out.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout).expect("an image config");
+    let config = &config["config"];
+    assert_eq!(config["User"], directive("USER"), "{config}");
+    assert_eq!(
+        serde_json::from_value::<Vec<String>>(config["Entrypoint"].clone()).unwrap(),
+        json_list(directive("ENTRYPOINT")),
+        "{config}"
+    );
+    assert_eq!(
+        serde_json::from_value::<Vec<String>>(config["Cmd"].clone()).unwrap(),
+        json_list(directive("CMD")),
+        "{config}"
+    );
+    assert_eq!(
+        json_list(directive("ENTRYPOINT"))[0],
+        binary,
+        "the entrypoint is the copied binary"
+    );
+}
+
 fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
@@ -312,6 +374,7 @@ async fn steps() {
         .map(|(_, digest)| digest.to_owned())
         .expect("a digest");
     println!("pushed {reference} in {}", secs(image_time));
+    image_matches_the_dockerfile(&reference);
 
     let provider_root =
         sandcastle_testkit::scratch_dir().join(format!("node-provider-{}", std::process::id()));
