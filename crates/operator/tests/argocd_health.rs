@@ -306,8 +306,8 @@ fn template_fixtures_hold_the_conditions_the_operator_computes() {
     }
 }
 
-/// The phases the template controller records with each reason (`record` and
-/// `record_blocked` in src/controller/template.rs), and the health each must read as.
+/// The phases the template controller records with each reason (`write_stage` and
+/// `write_blocked` in crates/operator/src/controller/template.rs), and the health each must read as.
 fn template_stages(reason: Reason) -> (&'static [TemplatePhase], &'static str) {
     use TemplatePhase::*;
     match reason {

@@ -1,4 +1,4 @@
-//! Bad input: manifests the apiserver must refuse (the table of `tests/admission/
+//! Bad input: manifests the apiserver must refuse (the table of `crates/operator/tests/admission/
 //! invalid.yaml`, also run by the control-plane suite), and at run time data the operator
 //! did not create: missing Secrets and keys, a broken template, a template deleted under
 //! a running task, a prompt of the largest size, an agent printing invalid UTF-8 or 50 MiB,
@@ -6,7 +6,7 @@
 //! result, an agent that kills the recorder around it. Each task ends (or waits) with a
 //! reason naming the problem, every status stays under a byte budget, and the operator
 //! never panics. (A missing Secret and a missing ConfigMap key
-//! are also covered in `tests/controlplane/tasks.rs`, with the wait ending once the
+//! are also covered in `crates/operator/tests/controlplane/tasks.rs`, with the wait ending once the
 //! Secret appears.)
 
 use std::sync::Arc;
