@@ -92,6 +92,28 @@ async fn build_count(operator: &Operator, template_id: &str) -> u64 {
         .build_count
 }
 
+/// The namespace's events once `wanted` holds of them, or as they stand after 20 s so the
+/// caller's assertion shows what was there: the operator publishes an event after the status
+/// write it reports, so a test that saw the status may list events a moment too early.
+async fn events_once(
+    env: &TestEnv,
+    ns: &str,
+    wanted: impl Fn(&[(String, String)]) -> bool,
+) -> Vec<(String, String)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let reasons = event_reasons(env, ns).await;
+        if wanted(&reasons) || tokio::time::Instant::now() >= deadline {
+            return reasons;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn has_reason(reasons: &[(String, String)], wanted: &str) -> bool {
+    reasons.iter().any(|(reason, _)| reason == wanted)
+}
+
 /// Each event's reason and note, repeated as often as it happened: the recorder folds
 /// repeats of a reason into one event with a series count.
 async fn event_reasons(env: &TestEnv, ns: &str) -> Vec<(String, String)> {
@@ -199,7 +221,14 @@ pub async fn builds_record_ids_early_and_rebuild_only_on_change(env: Arc<TestEnv
     })
     .await;
     assert_eq!(build_count(&operator, &template_id).await, 3);
-    let reasons = event_reasons(&env, &ns).await;
+    let reasons = events_once(&env, &ns, |reasons| {
+        reasons
+            .iter()
+            .filter(|(reason, _)| reason == "BuildStarted")
+            .count()
+            >= 3
+    })
+    .await;
     let started = reasons
         .iter()
         .filter(|(reason, _)| reason == "BuildStarted")
@@ -247,7 +276,7 @@ pub async fn a_failed_step_is_reported_with_its_log(env: Arc<TestEnv>) {
             .unwrap_or_default()
             .contains("step 3")
     );
-    let reasons = event_reasons(&env, &ns).await;
+    let reasons = events_once(&env, &ns, |reasons| has_reason(reasons, "BuildFailed")).await;
     assert!(
         reasons.iter().any(|(reason, _)| reason == "BuildFailed"),
         "{reasons:?}"
@@ -292,7 +321,7 @@ pub async fn a_build_past_its_timeout_fails(env: Arc<TestEnv>) {
             .contains("within 3 s"),
         "{failed:#?}"
     );
-    let reasons = event_reasons(&env, &ns).await;
+    let reasons = events_once(&env, &ns, |reasons| has_reason(reasons, "BuildTimedOut")).await;
     assert!(
         reasons.iter().any(|(reason, _)| reason == "BuildTimedOut"),
         "{reasons:?}"
@@ -504,7 +533,7 @@ pub async fn a_template_deleted_behind_the_operators_back_is_rebuilt(env: Arc<Te
     .await;
     let rebuilt_id = rebuilt.template_id.expect("ID");
     assert!(operator.provider().get_template(&rebuilt_id).await.is_ok());
-    let reasons = event_reasons(&env, &ns).await;
+    let reasons = events_once(&env, &ns, |reasons| has_reason(reasons, "TemplateVanished")).await;
     assert!(
         reasons
             .iter()

@@ -426,27 +426,37 @@ pub async fn bad_input_is_refused_or_reported(env: Arc<TestEnv>) {
     // kube's Recorder names an Event after its object plus 17 characters, too long for
     // this task's name: its events must still be there.
     let long_name = longest_name();
+    // Events follow the status they announce, so the last may arrive a moment after the
+    // task reads Succeeded.
     let events: Api<Event> = Api::namespaced(env.client.clone(), &ns);
-    let reasons: Vec<String> = events
-        .list(&Default::default())
-        .await
-        .expect("events")
-        .items
-        .into_iter()
-        .filter(|event| {
-            event
-                .regarding
-                .as_ref()
-                .is_some_and(|regarding| regarding.name.as_deref() == Some(long_name.as_str()))
-        })
-        .filter_map(|event| event.reason)
-        .collect();
-    assert!(
-        ["Started", "Succeeded"]
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reasons: Vec<String> = events
+            .list(&Default::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter(|event| {
+                event
+                    .regarding
+                    .as_ref()
+                    .is_some_and(|regarding| regarding.name.as_deref() == Some(long_name.as_str()))
+            })
+            .filter_map(|event| event.reason)
+            .collect();
+        if ["Started", "Succeeded"]
             .iter()
-            .all(|reason| reasons.iter().any(|seen| seen == reason)),
-        "the 253-character task's events: {reasons:?}"
-    );
+            .all(|reason| reasons.iter().any(|seen| seen == reason))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the 253-character task's events: {reasons:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let logs = operator.logs();
     let panics = logs.matches("panicked").count();
     figure(format!(
