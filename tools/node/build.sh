@@ -10,6 +10,10 @@
 #   coredns                              from github.com/coredns/coredns pinned in
 #                                        tools/node/coredns/go.mod, with only the
 #                                        plugins cluster DNS needs (coredns/main.go);
+#   kube-router                          from github.com/cloudnativelabs/kube-router/v2
+#                                        pinned in tools/node/kube-router/go.mod (a
+#                                        `tool` line, no code of ours); up.sh runs only
+#                                        its NetworkPolicy firewall (iptables + ipset);
 #   pause, pause.tar                     the pause container built statically from the
 #                                        kubernetes module's build/pause/linux/pause.c,
 #                                        and its image as a docker-archive named
@@ -39,10 +43,11 @@ fi
 (cd "$here/k8s" && go mod download k8s.io/kubernetes)
 k8s_dir=$(cd "$here/k8s" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)
 coredns_version=$(cd "$here/coredns" && go list -m -f '{{.Version}}' github.com/coredns/coredns)
+kube_router_version=$(cd "$here/kube-router" && go list -m -f '{{.Version}}' github.com/cloudnativelabs/kube-router/v2)
 pause_version=$(sed -n 's/^TAG ?= *//p' "$k8s_dir/build/pause/Makefile")
 go_version=$(go env GOVERSION)
 cache_root=${SANDCASTLE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sandcastle}
-out="$cache_root/node-k8s-$k8s_version-coredns-$coredns_version-pause-$pause_version-$go_version"
+out="$cache_root/node-k8s-$k8s_version-coredns-$coredns_version-kube-router-$kube_router_version-pause-$pause_version-$go_version"
 mkdir -p "$out"
 
 minor=${k8s_version#v1.}; minor=${minor%%.*}
@@ -71,6 +76,9 @@ if [ "$(cat "$out/coredns.key" 2>/dev/null)" != "$coredns_key" ]; then
 fi
 build "$here/coredns" coredns "-s -w" .
 echo "$coredns_key" >"$out/coredns.key"
+build "$here/kube-router" kube-router \
+  "-s -w -X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$kube_router_version" \
+  github.com/cloudnativelabs/kube-router/v2/cmd/kube-router
 
 if [[ ! -x "$out/pause" ]]; then
   echo "building pause $pause_version into $out" >&2

@@ -3,11 +3,12 @@
 # machine:
 #   tools/node/check-clean.sh [DIR]
 # Checks: node processes (kubelet, containerd and its shims, kube-proxy, kube-scheduler,
-# docker-registry, coredns, runc; and any process whose command line names DIR),
-# listeners on the node's fixed ports, /run/netns/cni-* and nsfs mounts, CNI veths, the
-# cni0 bridge, KUBE-*/CNI-* chains (iptables and ip6tables; filter, nat, mangle, raw),
-# kubepods cgroups in every hierarchy, mounts under DIR and overlay mounts anywhere,
-# the kubelet's /var/log/containers links into DIR.
+# kube-router, docker-registry, coredns, runc; and any process whose command line names
+# DIR), listeners on the node's fixed ports, /run/netns/cni-* and nsfs mounts, CNI
+# veths, the cni0 bridge, KUBE-*/CNI-* chains (iptables and ip6tables; filter, nat,
+# mangle, raw; kube-router's among them), kube-router's ipsets (KUBE-SRC-*, KUBE-DST-*,
+# TMP-*), kubepods cgroups in every hierarchy, mounts under DIR and overlay mounts
+# anywhere, the kubelet's /var/log/containers links into DIR.
 set -uo pipefail
 dir=${1:-}
 if [ -n "$dir" ] && [ -d "$dir" ]; then dir=$(cd "$dir" && pwd); fi
@@ -21,7 +22,7 @@ for p in /proc/[0-9]*; do
   # A zombie has exited already; its parent has just not reaped it yet.
   [ "$(awk '/^State:/ {print $2}' "$p/status" 2>/dev/null)" = Z ] && continue
   case "$comm" in
-    kubelet | containerd | containerd-shim* | kube-proxy | kube-scheduler | docker-registry | coredns | runc)
+    kubelet | containerd | containerd-shim* | kube-proxy | kube-scheduler | kube-router | docker-registry | coredns | runc)
       add "process $pid: $( { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null)" ;;
     *)
       if [ -n "$dir" ]; then
@@ -51,6 +52,12 @@ for cmd in iptables ip6tables; do
     done < <("$cmd-save" -t "$table" 2>/dev/null | sed -n 's/^:\(\(KUBE\|CNI\)-[^ ]*\) .*/\1/p')
   done
 done
+
+if command -v ipset >/dev/null; then
+  while IFS= read -r s; do
+    [ -n "$s" ] && add "ipset $s"
+  done < <(ipset list -n 2>/dev/null | grep -E '^(inet6:)?(KUBE-(SRC|DST)-[A-Z2-7]+|TMP-[A-Z2-7]{16})$')
+fi
 
 for h in /sys/fs/cgroup/*/; do
   [ -d "$h/kubepods" ] && add "cgroup ${h}kubepods"

@@ -4,14 +4,16 @@
 #   tools/node/down.sh DIR [--purge]
 # Order: controller-manager and scheduler (nothing recreates or places pods), then the
 # pods are deleted through the API so the kubelet stops them and the CNI plugin tears
-# their networks down, then coredns, kube-proxy, kubelet; whatever still runs in the
-# kubepods cgroups is killed, then the containerd shims of this node's containerd,
-# containerd, the registry, kube-apiserver and etcd. Then it removes what is left
-# behind: mounts under DIR (unmounted, deepest first; nothing outside DIR except
-# /run/netns/cni-* network namespaces is unmounted), /run/netns/cni-*, the cni0 bridge
-# and its veths, the KUBE-*/CNI-* iptables and ip6tables chains (filter, nat, mangle,
-# raw), the kubepods cgroups (rmdir only; the hierarchies stay mounted), what the
-# kubelet, containerd and the CNI library put outside DIR whatever their configuration
+# their networks down, then kube-router, coredns, kube-proxy, kubelet; whatever still
+# runs in the kubepods cgroups is killed, then the containerd shims of this node's
+# containerd, containerd, the registry, kube-apiserver and etcd. Then it removes what
+# is left behind: mounts under DIR (unmounted, deepest first; nothing outside DIR
+# except /run/netns/cni-* network namespaces is unmounted), /run/netns/cni-*, the cni0
+# bridge and its veths, the KUBE-*/CNI-* iptables and ip6tables chains (filter, nat,
+# mangle, raw; kube-router's KUBE-ROUTER-*, KUBE-NWPLCY-*, KUBE-POD-FW-* among them),
+# kube-router's ipsets (KUBE-SRC-*, KUBE-DST-*, TMP-*), the kubepods cgroups (rmdir
+# only; the hierarchies stay mounted), what the kubelet, containerd and the CNI
+# library put outside DIR whatever their configuration
 # (/var/lib/kubelet/device-plugins, /var/log/pods, /var/log/containers,
 # /run/containerd/s, /var/lib/cni/results), and the sysctls the node changed. DIR's
 # contents (certificates, etcd, registry data, containerd root) are deleted except
@@ -98,9 +100,9 @@ if alive kube-apiserver && alive kubelet && [ -n "$kubectl" ] && [ -f "$dir/kube
   fi
 fi
 
-# 3. The node's own daemons.
-stop coredns kube-proxy kubelet
-log "coredns, kube-proxy, kubelet stopped"
+# 3. The node's own daemons. kube-router leaves its chains and ipsets (removed below).
+stop kube-router coredns kube-proxy kubelet
+log "kube-router, coredns, kube-proxy, kubelet stopped"
 
 # 4. Whatever still runs in a pod cgroup belongs to this node.
 pod_pids() {
@@ -190,6 +192,15 @@ clean_chains iptables
 clean_chains ip6tables
 
 log "iptables chains removed"
+
+# 8b. kube-router's ipsets: its pod and CIDR sets and the TMP-<base32> sets of its
+# atomic swaps (inet6: prefixed when IPv6). Only now, with no rule referring to them.
+if command -v ipset >/dev/null; then
+  for s in $(ipset list -n 2>/dev/null | grep -E '^(inet6:)?(KUBE-(SRC|DST)-[A-Z2-7]+|TMP-[A-Z2-7]{16})$'); do
+    ipset destroy "$s" 2>/dev/null || log "ipset $s still in use"
+  done
+  log "ipsets removed"
+fi
 
 # 9. Pod cgroups: rmdir, deepest first. Never unmount a hierarchy.
 for h in /sys/fs/cgroup/*/; do

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs the Debian packages a local node needs (container runtime, CNI plugins,
-# iptables, a plain-HTTP registry, daemonless image tools). Must run as root. A
-# policy-rc.d that exits 101 keeps the packages' maintainer scripts from starting
-# services (containerd, docker-registry) during the install: up.sh starts its own.
+# iptables and ipset, a plain-HTTP registry, daemonless image tools). Must run as
+# root. A policy-rc.d that exits 101 keeps the packages' maintainer scripts from
+# starting services (containerd, docker-registry) during the install: up.sh starts
+# its own.
 # A fast no-op when everything is already installed.
 set -euo pipefail
 
 packages=(
   containerd runc containernetworking-plugins # runtime and bridge/host-local/portmap/loopback
   iptables conntrack ebtables ethtool iproute2 socat # kubelet/kube-proxy host tools
+  ipset                                    # kube-router's NetworkPolicy firewall
   docker-registry                          # CNCF distribution, the local registry
   skopeo umoci                             # daemonless image building and pushing
   busybox-static                           # the minimal sandbox image's userland

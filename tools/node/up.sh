@@ -12,6 +12,9 @@
 #   etcd, kube-apiserver (Node,RBAC; NodeRestriction; apiserver->kubelet client cert),
 #   kube-controller-manager, kube-scheduler, kubelet (cgroupfs, cgroup v1 allowed,
 #   CA-signed serving cert, webhook authn/authz), kube-proxy (iptables, oomScoreAdj 0),
+#   kube-router      only its NetworkPolicy firewall (iptables + ipset; no routing, no
+#                    service proxy), as system:kube-router with a read-only ClusterRole
+#                    (see NODE_NETPOL: without it, policies are not enforced),
 #   coredns          on the host at NODE_IP:53, behind the selector-less Service kube-dns
 #                    (10.96.0.10) with a hand-written EndpointSlice.
 # Prints shell assignments (KUBECONFIG=..., REGISTRY=..., ...) on stdout; also written
@@ -22,6 +25,9 @@
 # APISERVER_PORT (6443), ETCD_PORT (2379), ETCD_PEER_PORT (2380), REGISTRY_PORT (5000),
 # DNS_UPSTREAM (none: only cluster names resolve; e.g. /etc/resolv.conf to forward),
 # NODE_TMPFS (1: DIR is a tmpfs mounted by up.sh, unmounted by down.sh),
+# NODE_NETPOL (unset: kube-router's firewall enforces NetworkPolicy when NODE_BIN has
+# kube-router and ipset is installed, and a note says so when not; 1: it must; 0: no
+# enforcement; DIR/env's NETWORK_POLICY says which: kube-router or none),
 # NODE_BIN / CONTROLPLANE_BIN (the build directories; built when unset), KUBECTL.
 # One node per machine: the kubelet's ports, the cni0 bridge and the kubepods cgroups
 # are machine-wide. Needs root and tools/node/install-packages.sh.
@@ -85,6 +91,7 @@ etcd_port=${ETCD_PORT:-2379}
 etcd_peer_port=${ETCD_PEER_PORT:-2380}
 registry_port=${REGISTRY_PORT:-5000}
 dns_upstream=${DNS_UPSTREAM:-}
+netpol=${NODE_NETPOL:-auto}
 service_cidr=10.96.0.0/16
 service_ip=10.96.0.1
 dns_ip=10.96.0.10
@@ -105,6 +112,19 @@ for b in "$cp_bin/etcd" "$cp_bin/kube-apiserver" "$cp_bin/kube-controller-manage
   "$node_bin/kubelet" "$node_bin/kube-scheduler" "$node_bin/kube-proxy" "$node_bin/coredns" "$kubectl"; do
   [ -x "$b" ] || die "missing $b"
 done
+# A NODE_BIN built before kube-router was added (a stale .tools/node link) still runs.
+if [ "$netpol" = auto ]; then
+  if [ -x "$node_bin/kube-router" ] && command -v ipset >/dev/null; then
+    netpol=1
+  else
+    netpol=0
+    log "note: NetworkPolicy is NOT enforced: no $node_bin/kube-router or no ipset (tools/node/build.sh, install-packages.sh)"
+  fi
+fi
+if [ "$netpol" = 1 ]; then
+  [ -x "$node_bin/kube-router" ] || die "missing $node_bin/kube-router (NODE_NETPOL=0 runs without it)"
+  command -v ipset >/dev/null || die "missing ipset (tools/node/install-packages.sh)"
+fi
 
 mkdir -p "$dir"/{pids,logs,pki,kubeconfigs,run,etcd,registry/data,containerd/certs.d,cni/net.d,cni/ipam,kubelet/root,kubelet/pod-logs,kube-proxy,coredns}
 chmod 700 "$dir/pki"
@@ -154,6 +174,7 @@ cert kubelet "system:node:$node_name" system:nodes clientAuth
 cert kubelet-serving "system:node:$node_name" system:nodes serverAuth "DNS:$node_name,DNS:localhost,IP:$node_ip,IP:127.0.0.1"
 cert kube-proxy system:kube-proxy "" clientAuth
 cert coredns system:coredns "" clientAuth
+cert kube-router system:kube-router "" clientAuth
 openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$pki/sa.key" 2>/dev/null
 openssl pkey -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 chmod 600 "$pki"/*.key
@@ -179,7 +200,7 @@ contexts:
 current-context: node
 EOF
 }
-for c in admin controller-manager scheduler kubelet kube-proxy coredns; do kubeconfig "$c" "$c"; done
+for c in admin controller-manager scheduler kubelet kube-proxy coredns kube-router; do kubeconfig "$c" "$c"; done
 cp "$dir/kubeconfigs/admin.kubeconfig" "$dir/kubeconfig"
 export KUBECONFIG=$dir/kubeconfig
 log "certificates and kubeconfigs written"
@@ -444,6 +465,50 @@ log "node $node_name Ready"
 if grep -h 'strict decoding error' "$dir/logs/kubelet.log" "$dir/logs/kube-proxy.log" >&2; then
   die "the kubelet or kube-proxy configuration has unknown fields"
 fi
+
+# --- NetworkPolicy firewall -----------------------------------------------------------
+# kube-router's firewall only: a chain per local pod (KUBE-POD-FW-*) and per policy
+# (KUBE-NWPLCY-*), reached from KUBE-ROUTER-INPUT/FORWARD/OUTPUT, which it keeps first
+# in the filter table's INPUT/FORWARD/OUTPUT; pod and CIDR sets in ipsets (KUBE-SRC-*,
+# KUBE-DST-*). It reads the Node object (its InternalIP tells the local pods by hostIP),
+# so it starts once the node is registered. It re-syncs on every pod, namespace and
+# policy event, and every --iptables-sync-period. No health or metrics listener.
+if [ "$netpol" = 1 ]; then
+  k apply -f - >/dev/null <<EOF
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "system:kube-router"}
+rules:
+- apiGroups: [""]
+  resources: [namespaces, pods, services, nodes, endpoints]
+  verbs: [get, list, watch]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "system:kube-router"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:kube-router"}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:kube-router"}
+EOF
+  start kube-router "$node_bin/kube-router" --kubeconfig="$kc/kube-router.kubeconfig" \
+    --hostname-override="$node_name" --service-cluster-ip-range="$service_cidr" \
+    --run-firewall=true --run-router=false --run-service-proxy=false --enable-cni=false \
+    --health-port=0 --metrics-port=0 --v=1
+  # Its chains and the jumps to them exist once its first full sync has run.
+  netpol_synced() {
+    [[ "$(iptables -w -t filter -S FORWARD)" == *"-j KUBE-ROUTER-FORWARD"* ]] &&
+      [[ "$(iptables -w -t filter -S KUBE-ROUTER-FORWARD 2>/dev/null)" == *"-j ACCEPT"* ]]
+  }
+  wait_for kube-router 30 netpol_synced
+  log "kube-router NetworkPolicy firewall synced"
+fi
+
 wait_for kube-controller-manager 60 k get serviceaccount default -n default
 log "default ServiceAccount exists"
 
@@ -550,6 +615,7 @@ CONTAINERD_ADDRESS=$ctd_sock
 NODE_NAME=$node_name
 NODE_IP=$node_ip
 CLUSTER_DNS=$dns_ip
+NETWORK_POLICY=$([ "$netpol" = 1 ] && echo kube-router || echo none)
 EOF
 cat "$dir/env"
 log "node up"
