@@ -17,6 +17,10 @@ COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --release --locked --recipe-path recipe.json
 COPY . .
 RUN cargo build --release --locked --bin sandcastle
+# envd for sandbox pods, linked statically so that it runs in any image whatever its libc.
+RUN RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked \
+      --target "$(rustc -vV | sed -n 's/^host: //p')" -p sandcastle-sandboxd --bin sandcastle-envd \
+ && cp target/*-linux-gnu/release/sandcastle-envd /src/sandcastle-envd
 
 # cc-debian12 matches the builder's Debian 12 glibc; TLS is rustls, so no OpenSSL is needed.
 FROM gcr.io/distroless/cc-debian12:nonroot
@@ -25,6 +29,7 @@ LABEL org.opencontainers.image.title="sandcastle" \
       org.opencontainers.image.description="A Kubernetes operator that runs AI coding agents in E2B-compatible sandboxes" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=builder /src/sandcastle-envd /usr/local/bin/sandcastle-envd
 COPY --from=builder /src/target/release/sandcastle /usr/local/bin/sandcastle
 # Numeric, so the kubelet can verify runAsNonRoot without reading /etc/passwd.
 USER 65532:65532

@@ -2,7 +2,8 @@
 # Builds the operator image with no container daemon and pushes it to a plain-HTTP
 # registry:
 #   tools/images/build-operator-image.sh BINARY [TAG]
-# BINARY is a release build of the operator (target/release/sandcastle). The image is
+# BINARY is a release build of the operator (target/release/sandcastle); ENVD_BINARY a
+# static build of sandcastle-envd, placed where the Dockerfile puts it. The image is
 # the Dockerfile's runtime stage rebuilt from Debian 12 packages instead of
 # distroless/cc-debian12: glibc, libgcc, CA certificates, netbase, a passwd with the
 # nonroot user, and the binary at the path, with the user, entrypoint, command and
@@ -55,7 +56,8 @@ for l in stage:
         args[k.strip()] = v.strip().strip('"')
     elif word == "COPY":
         parts = [p for p in shlex.split(rest) if not p.startswith("--")]
-        out["path"] = parts[-1]
+        key = "envd_path" if parts[-1].endswith("/sandcastle-envd") else "path"
+        out[key] = parts[-1]
     elif word == "USER":
         out["user"] = rest.strip()
     elif word in ("ENTRYPOINT", "CMD"):
@@ -76,6 +78,7 @@ EOF
 )
 get() { awk -F'\t' -v k="$1" '$1 == k {print $2}' <<<"$declared"; }
 path=$(get path)
+envd_path=$(get envd_path)
 user=$(get user)
 tag=${2:-$(get version)}
 tag=${tag:-latest}
@@ -105,6 +108,11 @@ fi
 mkdir -p "$work/app$(dirname "$path")"
 passwd_files "$work/app"
 install -m 0755 -o 0 -g 0 "$binary" "$work/app$path"
+if [ -n "$envd_path" ]; then
+  envd=${ENVD_BINARY:?the Dockerfile puts envd at $envd_path: set ENVD_BINARY to a static build of sandcastle-envd}
+  [ -f "$envd" ] || { echo "build-operator-image.sh: no such file: $envd" >&2; exit 1; }
+  install -m 0755 -o 0 -g 0 "$envd" "$work/app$envd_path"
+fi
 layer_tar "$work/app" "$work/app.tar"
 
 config=(--config.user="$user" --config.workingdir=/home/nonroot

@@ -3,9 +3,10 @@
 # plain-HTTP registry:
 #   tools/images/build-sandbox-images.sh [CLAUDE_DIR]
 #   sandbox-minimal: Debian's busybox-static (sh and the usual applets), a passwd with
-#                    root and nonroot; about 1 MB.
+#                    root, nonroot and E2B's user (uid 1000, /home/user); about 1 MB.
 #   sandbox-full:    a Debian 12 root from mmdebstrap (the Essential set: bash, coreutils,
 #                    dpkg, ...) plus git, python3, nodejs, ca-certificates and procps,
+#                    and E2B's user (uid 1000, /home/user),
 #                    with an empty /opt/claude-code for the Claude Code CLI. Given
 #                    CLAUDE_DIR (an installed CLI, as tools/install-claude.sh leaves it),
 #                    a last layer copies it there and links /usr/local/bin/claude.
@@ -39,6 +40,7 @@ if [ ! -f "$minimal_layer" ]; then
     ln -s /bin/busybox "$work/minimal/$applet"
   done
   passwd_files "$work/minimal"
+  sandbox_user "$work/minimal"
   layer_tar "$work/minimal" "$minimal_layer"
 fi
 oci_build "$images_cache/oci/sandbox-minimal" "$tag" "$minimal_layer" -- \
@@ -49,7 +51,9 @@ img_log "built sandbox-minimal:$tag"
 packages=git,python3,nodejs,ca-certificates,procps
 sources=/etc/apt/sources.list.d/debian.sources
 [ -f "$sources" ] || sources=http://deb.debian.org/debian
-key=$(printf '%s\n' "$packages" "$(cat "$sources" 2>/dev/null || echo "$sources")" | sha256sum | cut -c1-12)
+# The root's account layout is part of the key: "user" (uid 1000) as in E2B's images.
+accounts="user:1000:/home/user"
+key=$(printf '%s\n' "$packages" "$accounts" "$(cat "$sources" 2>/dev/null || echo "$sources")" | sha256sum | cut -c1-12)
 full_layer="$images_cache/layers/sandbox-full-$key.tar"
 if [ ! -f "$full_layer" ]; then
   img_log "mmdebstrap bookworm with $packages (about a minute)"
@@ -59,6 +63,9 @@ if [ ! -f "$full_layer" ]; then
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' \
     --customize-hook='mkdir -p "$1/opt/claude-code"' \
+    --customize-hook='echo "user:x:1000:1000:user:/home/user:/bin/bash" >>"$1/etc/passwd"' \
+    --customize-hook='echo "user:x:1000:" >>"$1/etc/group"' \
+    --customize-hook='install -d -o 1000 -g 1000 "$1/home/user"' \
     --format=tar bookworm "$work/full.tar" "$sources" >&2
   mv "$work/full.tar" "$full_layer"
 fi

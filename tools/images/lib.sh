@@ -111,6 +111,16 @@ oci_push() {
   rm -f "$digestfile"
 }
 
+# sandbox_user DIR: adds E2B's sandbox account, user (uid 1000) with its home
+# /home/user, to a root that passwd_files made: sandbox pods run as this uid.
+sandbox_user() {
+  local dir=$1
+  mkdir -p "$dir/home/user"
+  chown 1000:1000 "$dir/home/user"
+  echo 'user:x:1000:1000:user:/home/user:/bin/sh' >>"$dir/etc/passwd"
+  echo 'user:x:1000:' >>"$dir/etc/group"
+}
+
 # passwd_files DIR: /etc/passwd, /etc/group with root and nonroot (65532, as in
 # distroless), a /tmp and the nonroot home.
 passwd_files() {

@@ -117,7 +117,7 @@ int main(int argc, char **argv) {
 EOF
 gcc -O2 -o "$work/hello" "$work/hello.c"
 t=$(now)
-ref=$(REGISTRY=$REGISTRY "$here/../images/build-operator-image.sh" "$work/hello" smoke 2>/dev/null)
+ref=$(REGISTRY=$REGISTRY ENVD_BINARY="$work/hello" "$here/../images/build-operator-image.sh" "$work/hello" smoke 2>/dev/null)
 rm -rf "$work"
 echo "smoke: operator image $ref built and pushed in $(since "$t")"
 t=$(now)

@@ -765,3 +765,18 @@ mod tests {
         }
     }
 }
+
+/// `POST /init`: what the server hands envd inside a sandbox pod once the pod runs, so
+/// that neither the sandbox's variables nor its access token appear in the Pod object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitRequest {
+    #[serde(default)]
+    pub env_vars: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_workdir: Option<String>,
+}

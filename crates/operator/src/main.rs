@@ -47,6 +47,63 @@ enum Command {
         #[arg(long, env = "SANDCASTLE_LOG", default_value = "info")]
         log: String,
     },
+    /// Run the E2B-compatible sandbox server with its kubernetes runtime: every sandbox a
+    /// Pod in one namespace, any number of replicas.
+    SandboxdKubernetes(Box<KubeSandboxdArgs>),
+}
+
+#[derive(clap::Args)]
+struct KubeSandboxdArgs {
+    /// Where sandbox pods and templates live.
+    #[arg(long, env = "SANDCASTLE_SANDBOX_NAMESPACE")]
+    namespace: String,
+    /// An image with the static envd binary at --envd-path, for the pods' init container.
+    #[arg(long, env = "SANDCASTLE_ENVD_IMAGE")]
+    envd_image: String,
+    #[arg(long, default_value = "/usr/local/bin/sandcastle-envd")]
+    envd_path: String,
+    /// The image of the `base` template.
+    #[arg(long, env = "SANDCASTLE_BASE_IMAGE")]
+    base_image: String,
+    #[arg(long, default_value = "0.0.0.0")]
+    listen: std::net::IpAddr,
+    #[arg(long, default_value_t = 3000)]
+    api_port: u16,
+    #[arg(long, default_value_t = 49983)]
+    envd_port: u16,
+    #[arg(long, env = "SANDCASTLE_SANDBOXD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    #[arg(long, env = "SANDCASTLE_RUNTIME_CLASS")]
+    runtime_class_name: Option<String>,
+    /// KEY=VALUE; repeat for more.
+    #[arg(long, env = "SANDCASTLE_NODE_SELECTOR", value_delimiter = ',', value_parser = key_value)]
+    node_selector: Vec<(String, String)>,
+    /// A JSON list of Kubernetes tolerations.
+    #[arg(long, env = "SANDCASTLE_TOLERATIONS", default_value = "[]")]
+    tolerations: String,
+    /// The labels of the server's own pods (KEY=VALUE, repeatable): sandboxes admit
+    /// traffic from these only.
+    #[arg(long, env = "SANDCASTLE_SERVER_LABELS", value_delimiter = ',', value_parser = key_value)]
+    server_label: Vec<(String, String)>,
+    #[arg(long, env = "SANDCASTLE_SERVER_NAMESPACE")]
+    server_namespace: Option<String>,
+    /// Egress denied even to sandboxes with internet access (CIDR, repeatable); defaults
+    /// to the private ranges and the link-local metadata range.
+    #[arg(long, env = "SANDCASTLE_DENY_CIDRS", value_delimiter = ',')]
+    deny_cidr: Vec<String>,
+    #[arg(long, default_value_t = 100)]
+    max_sandboxes: usize,
+    /// The share of a template's CPUs its sandboxes request (their limit is all of them).
+    #[arg(long, env = "SANDCASTLE_CPU_REQUEST_FRACTION", default_value_t = 1.0)]
+    cpu_request_fraction: f64,
+    #[arg(long, env = "SANDCASTLE_LOG", default_value = "info")]
+    log: String,
+}
+
+fn key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
 }
 
 #[tokio::main]
@@ -73,6 +130,7 @@ async fn main() -> ExitCode {
             config.network = !no_network;
             sandboxd(config, &log).await
         }
+        Command::SandboxdKubernetes(args) => sandboxd_kubernetes(*args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -91,6 +149,38 @@ async fn sandboxd(config: sandcastle_sandboxd::Config, log: &str) -> Result<(), 
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(log)?)
         .init();
     let server = sandcastle_sandboxd::Sandboxd::start(config).await?;
+    println!("E2B_API_URL={}", server.api_url());
+    println!("E2B_SANDBOX_URL={}", server.sandbox_url());
+    let _ = terminated().await;
+    server.stop().await;
+    Ok(())
+}
+
+async fn sandboxd_kubernetes(args: KubeSandboxdArgs) -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log)?)
+        .init();
+    let mut config = sandcastle_sandboxd::KubeConfig::new(args.namespace, args.envd_image);
+    config.envd_path = args.envd_path;
+    config.base_image = args.base_image;
+    config.listen = args.listen;
+    config.api_port = args.api_port;
+    config.envd_port = args.envd_port;
+    config.api_key = args.api_key;
+    config.runtime_class = args.runtime_class_name;
+    config.node_selector = args.node_selector.into_iter().collect();
+    config.tolerations = serde_json::from_str(&args.tolerations)
+        .map_err(|error| format!("--tolerations is not a JSON list: {error}"))?;
+    config.server_labels = args.server_label.into_iter().collect();
+    config.server_namespace = args.server_namespace;
+    if !args.deny_cidr.is_empty() {
+        config.denied_cidrs = args.deny_cidr;
+    }
+    config.max_sandboxes = args.max_sandboxes;
+    config.cpu_request_fraction = args.cpu_request_fraction;
+    let client = kube::Client::try_default().await?;
+    let server = sandcastle_sandboxd::KubeSandboxd::start(config, client).await?;
     println!("E2B_API_URL={}", server.api_url());
     println!("E2B_SANDBOX_URL={}", server.sandbox_url());
     let _ = terminated().await;

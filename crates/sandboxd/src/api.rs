@@ -33,9 +33,9 @@ use sandcastle_e2b::models::{
 };
 
 /// The real service's default when a v1 create leaves `timeout` out.
-const DEFAULT_TIMEOUT_V1: i64 = 15;
-const DEFAULT_TIMEOUT_V2: i64 = 300;
-const MAX_LIST_PAGE: usize = 100;
+pub(crate) const DEFAULT_TIMEOUT_V1: i64 = 15;
+pub(crate) const DEFAULT_TIMEOUT_V2: i64 = 300;
+pub(crate) const MAX_LIST_PAGE: usize = 100;
 /// How long a sandbox's create waits for its template's ready command.
 const READY_WAIT: Duration = Duration::from_secs(60);
 
@@ -99,7 +99,7 @@ impl IntoResponse for TemplateError {
 }
 
 /// JSON bodies whose rejections read like the service's 400s rather than axum's text.
-pub struct Body400<T>(T);
+pub struct Body400<T>(pub T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body400<T> {
     type Rejection = Response;
@@ -132,7 +132,7 @@ async fn authenticate(Extract(state): Extract<Shared>, request: Request, next: N
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -162,7 +162,10 @@ async fn create_v2(
 }
 
 fn checked_timeout(state: &State, timeout: i64) -> Result<Duration, Response> {
-    let max = state.config.max_timeout;
+    timeout_within(state.config.max_timeout, timeout)
+}
+
+pub(crate) fn timeout_within(max: Duration, timeout: i64) -> Result<Duration, Response> {
     if timeout < 0 {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -181,7 +184,7 @@ fn checked_timeout(state: &State, timeout: i64) -> Result<Duration, Response> {
     Ok(Duration::from_secs(timeout as u64))
 }
 
-fn deadline(timeout: Duration) -> jiff::Timestamp {
+pub(crate) fn deadline(timeout: Duration) -> jiff::Timestamp {
     jiff::Timestamp::now()
         + jiff::SignedDuration::try_from(timeout).unwrap_or(jiff::SignedDuration::ZERO)
 }
@@ -253,7 +256,8 @@ async fn create_sandbox(
         default_workdir: ready.runtime.workdir.clone(),
         cpu_count: ready.cpu_count,
         memory_mb: ready.memory_mb,
-        dir: dir.clone(),
+        fs: dir.join("fs"),
+        dir: Some(dir.clone()),
         processes: Arc::default(),
         watchers: Default::default(),
     });
@@ -387,7 +391,7 @@ fn detail(sandbox: &SandboxRecord, with_token: bool) -> SandboxDetail {
     }
 }
 
-fn not_found(id: &str) -> Response {
+pub(crate) fn not_found(id: &str) -> Response {
     error(
         StatusCode::NOT_FOUND,
         format!("sandbox \"{id}\" doesn't exist or you don't have access to it"),
@@ -486,14 +490,14 @@ async fn connect(
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-struct ListQuery {
-    metadata: Option<String>,
+pub(crate) struct ListQuery {
+    pub(crate) metadata: Option<String>,
     state: Option<String>,
     limit: Option<usize>,
     next_token: Option<String>,
 }
 
-fn metadata_filter(query: &ListQuery) -> Result<Vec<(String, String)>, Response> {
+pub(crate) fn metadata_filter(query: &ListQuery) -> Result<Vec<(String, String)>, Response> {
     match &query.metadata {
         None => Ok(Vec::new()),
         // The SDK percent-encodes each key and value before joining them, so after the
@@ -555,13 +559,31 @@ async fn list_v1(Extract(state): Extract<Shared>, Query(query): Query<ListQuery>
     Json(listed).into_response()
 }
 
-/// Pages are cut by a cursor naming the last sandbox returned, so removals between pages
-/// neither repeat nor skip entries.
 async fn list_v2(Extract(state): Extract<Shared>, Query(query): Query<ListQuery>) -> Response {
     let filter = match metadata_filter(&query) {
         Ok(filter) => filter,
         Err(response) => return response,
     };
+    let listed = matching(&state, &filter)
+        .iter()
+        .map(|sandbox| Listed {
+            started_at: sandbox.started_at,
+            detail: detail(sandbox, false),
+        })
+        .collect();
+    list_page(&query, listed)
+}
+
+/// A sandbox as a v2 list shows it.
+pub(crate) struct Listed {
+    pub(crate) started_at: jiff::Timestamp,
+    pub(crate) detail: SandboxDetail,
+}
+
+/// One page of a v2 list of sandboxes ordered newest first. Pages are cut by a cursor
+/// naming the last sandbox returned, so removals between pages neither repeat nor skip
+/// entries.
+pub(crate) fn list_page(query: &ListQuery, all: Vec<Listed>) -> Response {
     let limit = query.limit.unwrap_or(MAX_LIST_PAGE);
     if !(1..=MAX_LIST_PAGE).contains(&limit) {
         return error(
@@ -586,11 +608,10 @@ async fn list_v2(Extract(state): Extract<Shared>, Query(query): Query<ListQuery>
             format!("invalid state {unknown:?}"),
         );
     }
-    let all = matching(&state, &filter);
     let total_running = all.len();
     let selected: Vec<_> = all
         .into_iter()
-        .filter(|sandbox| states.is_empty() || states.contains(&sandbox.state().as_str()))
+        .filter(|sandbox| states.is_empty() || states.contains(&sandbox.detail.state.as_str()))
         .collect();
     let start = match &query.next_token {
         None => 0,
@@ -605,7 +626,7 @@ async fn list_v2(Extract(state): Extract<Shared>, Query(query): Query<ListQuery>
                 .iter()
                 .position(|sandbox| {
                     let at = sandbox.started_at.as_nanosecond();
-                    at < nanos || (at == nanos && sandbox.id.as_str() > id)
+                    at < nanos || (at == nanos && sandbox.detail.sandbox_id.as_str() > id)
                 })
                 .unwrap_or(selected.len())
         }
@@ -615,12 +636,15 @@ async fn list_v2(Extract(state): Extract<Shared>, Query(query): Query<ListQuery>
     headers.insert("x-total-running", HeaderValue::from(total_running));
     if start + page.len() < selected.len()
         && let Some(last) = page.last()
-        && let Ok(value) =
-            HeaderValue::from_str(&format!("{}-{}", last.started_at.as_nanosecond(), last.id))
+        && let Ok(value) = HeaderValue::from_str(&format!(
+            "{}-{}",
+            last.started_at.as_nanosecond(),
+            last.detail.sandbox_id
+        ))
     {
         headers.insert("x-next-token", value);
     }
-    let listed: Vec<_> = page.iter().map(|sandbox| detail(sandbox, false)).collect();
+    let listed: Vec<_> = page.iter().map(|sandbox| &sandbox.detail).collect();
     (headers, Json(listed)).into_response()
 }
 

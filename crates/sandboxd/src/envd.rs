@@ -100,7 +100,7 @@ pub(crate) fn rpc_error(error: ConnectError) -> Response {
 }
 
 /// What the E2B proxy answers when no sandbox matches: a plain JSON 502.
-fn sandbox_not_found(id: &str) -> Response {
+pub(crate) fn sandbox_not_found(id: &str) -> Response {
     let body = serde_json::json!({
         "sandboxId": id,
         "message": "The sandbox was not found",
@@ -109,7 +109,7 @@ fn sandbox_not_found(id: &str) -> Response {
     (StatusCode::BAD_GATEWAY, Json(body)).into_response()
 }
 
-fn sandbox_id(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn sandbox_id(headers: &HeaderMap) -> Option<String> {
     if let Some(id) = headers
         .get("e2b-sandbox-id")
         .and_then(|value| value.to_str().ok())
@@ -155,6 +155,15 @@ fn caller(
             None => sandbox.default_user.clone(),
         },
     };
+    if !state.launcher.can_act_as(&user) {
+        return Err(rpc_error(ConnectError::new(
+            Code::PermissionDenied,
+            format!(
+                "this sandbox runs without root: it cannot act as '{}'",
+                user.name
+            ),
+        )));
+    }
     if let Some(token) = &sandbox.access_token {
         let presented = headers
             .get("x-access-token")

@@ -67,12 +67,18 @@ mod api;
 mod envd;
 #[cfg(feature = "faults")]
 mod faults;
+#[cfg(feature = "kubernetes")]
+mod kubernetes;
+mod pod;
 mod runtime;
 mod templates;
 mod watchers;
 
 #[cfg(feature = "faults")]
 pub use faults::{Fault, FaultPlan, Faults, Injected, RandomFaults};
+#[cfg(feature = "kubernetes")]
+pub use kubernetes::{KubeConfig, KubeSandboxd};
+pub use pod::{PodEnvdConfig, serve_pod_envd};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -95,6 +101,8 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Kubernetes(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -278,7 +286,11 @@ pub(crate) struct SandboxRecord {
     default_workdir: Option<String>,
     cpu_count: u32,
     memory_mb: u32,
-    dir: PathBuf,
+    /// The sandbox's root as the server sees it: `/` for envd inside a pod.
+    fs: PathBuf,
+    /// What the server made for the sandbox and removes with it; none for envd inside a
+    /// pod, whose filesystem ends with its container.
+    dir: Option<PathBuf>,
     processes: Arc<ProcessTable>,
     /// envd's filesystem watchers, which end with the sandbox.
     watchers: watchers::Watchers,
@@ -286,7 +298,7 @@ pub(crate) struct SandboxRecord {
 
 impl SandboxRecord {
     fn fs(&self) -> PathBuf {
-        self.dir.join("fs")
+        self.fs.clone()
     }
 
     fn state(&self) -> SandboxState {
@@ -346,8 +358,9 @@ impl State {
             return false;
         };
         sandbox.processes.kill_all();
-        let dir = sandbox.dir.clone();
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        if let Some(dir) = sandbox.dir.clone() {
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        }
         tracing::info!(sandbox = id, "sandbox killed");
         true
     }

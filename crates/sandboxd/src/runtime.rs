@@ -152,6 +152,12 @@ pub enum Launcher {
         accounts: PathBuf,
     },
     Host,
+    /// envd inside a sandbox pod: the container is the sandbox, so processes start
+    /// directly in it, switching to the caller's uid when envd itself runs as root.
+    Container {
+        /// envd's own uid: a pod that runs as a non-root user cannot act as another.
+        uid: u32,
+    },
 }
 
 /// Everything needed to start one process in a sandbox.
@@ -166,8 +172,21 @@ pub struct Launch<'a> {
 }
 
 impl Launcher {
+    /// Whether the sandbox is kept from the machine that serves it: by bubblewrap, or by
+    /// being a container of its own.
     pub fn is_isolated(&self) -> bool {
-        matches!(self, Launcher::Bubblewrap { .. })
+        matches!(
+            self,
+            Launcher::Bubblewrap { .. } | Launcher::Container { .. }
+        )
+    }
+
+    /// Whether processes and files can be handled as `user`.
+    pub fn can_act_as(&self, user: &User) -> bool {
+        match self {
+            Launcher::Container { uid } => *uid == 0 || *uid == user.uid,
+            Launcher::Bubblewrap { .. } | Launcher::Host => true,
+        }
     }
 
     pub fn command(&self, launch: &Launch<'_>) -> Command {
@@ -226,6 +245,14 @@ impl Launcher {
                 let mut command = Command::new(launch.cmd);
                 command.args(launch.args);
                 command.current_dir(host_view(launch.fs, launch.cwd));
+                command
+            }
+            Launcher::Container { uid } => {
+                let mut command = Command::new(launch.cmd);
+                command.args(launch.args).current_dir(launch.cwd);
+                if *uid == 0 && launch.user.uid != 0 {
+                    command.uid(launch.user.uid).gid(launch.user.uid);
+                }
                 command
             }
         };

@@ -97,6 +97,15 @@ fn bare_name(reference: &str) -> &str {
 }
 
 impl Registry {
+    /// No templates and nowhere to keep any: envd inside a pod serves no template API.
+    pub fn empty() -> Registry {
+        Registry {
+            dir: PathBuf::new(),
+            uploads: PathBuf::new(),
+            templates: Mutex::default(),
+        }
+    }
+
     pub fn load(root: &Path) -> std::io::Result<Registry> {
         let dir = root.join("templates");
         let uploads = root.join("uploads");
@@ -237,37 +246,7 @@ impl Registry {
         &self,
         request: &TemplateBuildRequest,
     ) -> Result<(TemplateRecord, String), TemplateError> {
-        let name = request
-            .name
-            .as_deref()
-            .or(request.alias.as_deref())
-            .ok_or_else(|| TemplateError::Invalid("name is required".into()))?;
-        let bare = bare_name(name);
-        let valid = !bare.is_empty()
-            && name.len() <= 128
-            && bare
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_./".contains(c));
-        if !valid {
-            return Err(TemplateError::Invalid(format!(
-                "invalid template name '{name}': use lowercase letters, digits, '-', '_' and '.', at most 128 characters"
-            )));
-        }
-        if bare == BASE_TEMPLATE {
-            return Err(TemplateError::Public(BASE_TEMPLATE.into()));
-        }
-        let cpu_count = request.cpu_count.unwrap_or(2);
-        if !(cpu_count == 1 || (cpu_count.is_multiple_of(2) && (2..=32).contains(&cpu_count))) {
-            return Err(TemplateError::Invalid(format!(
-                "cpuCount must be 1 or an even number up to 32, got {cpu_count}"
-            )));
-        }
-        let memory_mb = request.memory_mb.unwrap_or(1024);
-        if memory_mb < 128 || !memory_mb.is_multiple_of(2) {
-            return Err(TemplateError::Invalid(format!(
-                "memoryMB must be even and at least 128, got {memory_mb}"
-            )));
-        }
+        let (bare, cpu_count, memory_mb) = checked_build_request(request)?;
         let at = now();
         let build = BuildRecord {
             id: random_uuid(),
@@ -516,7 +495,46 @@ impl Registry {
     }
 }
 
-fn validate_step(number: usize, step: &TemplateStep) -> Result<(), TemplateError> {
+/// The name (without its tag), CPU count and memory of a `POST /v3/templates`, checked as
+/// the service checks them.
+pub(crate) fn checked_build_request(
+    request: &TemplateBuildRequest,
+) -> Result<(&str, u32, u32), TemplateError> {
+    let name = request
+        .name
+        .as_deref()
+        .or(request.alias.as_deref())
+        .ok_or_else(|| TemplateError::Invalid("name is required".into()))?;
+    let bare = bare_name(name);
+    let valid = !bare.is_empty()
+        && name.len() <= 128
+        && bare
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_./".contains(c));
+    if !valid {
+        return Err(TemplateError::Invalid(format!(
+            "invalid template name '{name}': use lowercase letters, digits, '-', '_' and '.', at most 128 characters"
+        )));
+    }
+    if bare == BASE_TEMPLATE {
+        return Err(TemplateError::Public(BASE_TEMPLATE.into()));
+    }
+    let cpu_count = request.cpu_count.unwrap_or(2);
+    if !(cpu_count == 1 || (cpu_count.is_multiple_of(2) && (2..=32).contains(&cpu_count))) {
+        return Err(TemplateError::Invalid(format!(
+            "cpuCount must be 1 or an even number up to 32, got {cpu_count}"
+        )));
+    }
+    let memory_mb = request.memory_mb.unwrap_or(1024);
+    if memory_mb < 128 || !memory_mb.is_multiple_of(2) {
+        return Err(TemplateError::Invalid(format!(
+            "memoryMB must be even and at least 128, got {memory_mb}"
+        )));
+    }
+    Ok((bare, cpu_count, memory_mb))
+}
+
+pub(crate) fn validate_step(number: usize, step: &TemplateStep) -> Result<(), TemplateError> {
     let invalid = |what: &str| {
         Err(TemplateError::Invalid(format!(
             "step {number} ({}): {what}",

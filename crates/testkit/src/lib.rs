@@ -35,6 +35,24 @@ pub fn scratch_dir() -> PathBuf {
 /// The `sandcastle` binary cargo built beside the running test or benchmark (cargo builds
 /// a package's binaries before its integration tests and benchmarks), or
 /// `$SANDCASTLE_OPERATOR_BIN`.
+/// The static envd of sandbox pods, as `tools/images/build-envd.sh` builds it (which
+/// `scripts/test` runs before the tests).
+pub fn envd_binary() -> Result<PathBuf, String> {
+    let host = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
+    let path = repo()
+        .join("target")
+        .join(host)
+        .join("debug/sandcastle-envd");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} is missing: build it with tools/images/build-envd.sh",
+            path.display()
+        ))
+    }
+}
+
 pub fn operator_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("SANDCASTLE_OPERATOR_BIN") {
         return PathBuf::from(path);

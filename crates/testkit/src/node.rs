@@ -296,7 +296,8 @@ impl Node {
             Command::new(script("tools/images/build-operator-image.sh"))
                 .arg(binary)
                 .arg(tag)
-                .env("REGISTRY", &self.registry),
+                .env("REGISTRY", &self.registry)
+                .env("ENVD_BINARY", crate::envd_binary()?),
             "tools/images/build-operator-image.sh",
         )?;
         out.lines()
