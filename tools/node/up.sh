@@ -8,7 +8,10 @@
 #                    restrict_oom_score_adj (no CAP_SYS_RESOURCE here), cgroupfs runc,
 #                    the bridge CNI config below, the locally built pause image
 #                    side-loaded as registry.k8s.io/pause:<version>
-#   docker-registry  plain HTTP on 127.0.0.1:$REGISTRY_PORT, data in DIR/registry
+#   docker-registry  plain HTTP on 127.0.0.1:$REGISTRY_PORT, data in DIR/registry;
+#                    also on NODE_IP:$REGISTRY_PORT (it listens on 0.0.0.0), the name
+#                    pods use (REGISTRY_POD in DIR/env: a pod's 127.0.0.1 is its own),
+#                    pulled by containerd over plain HTTP through certs.d
 #   etcd, kube-apiserver (Node,RBAC; NodeRestriction; apiserver->kubelet client cert),
 #   kube-controller-manager, kube-scheduler, kubelet (cgroupfs, cgroup v1 allowed,
 #   CA-signed serving cert, webhook authn/authz), kube-proxy (iptables, oomScoreAdj 0),
@@ -269,6 +272,16 @@ server = "http://127.0.0.1:$registry_port"
   capabilities = ["pull", "resolve", "push"]
   skip_verify = true
 EOF
+# The same registry under the node's address: the name images get when something in a
+# pod (an image build) pushes them and pods then run them.
+mkdir -p "$dir/containerd/certs.d/$node_ip:$registry_port"
+cat >"$dir/containerd/certs.d/$node_ip:$registry_port/hosts.toml" <<EOF
+server = "http://$node_ip:$registry_port"
+
+[host."http://$node_ip:$registry_port"]
+  capabilities = ["pull", "resolve", "push"]
+  skip_verify = true
+EOF
 cat >"$dir/containerd/config.toml" <<EOF
 version = 2
 root = "$dir/containerd/root"
@@ -343,7 +356,8 @@ storage:
   delete:
     enabled: true
 http:
-  addr: 127.0.0.1:$registry_port
+  # 127.0.0.1 for the host's tools, NODE_IP for pods (an in-cluster image build).
+  addr: 0.0.0.0:$registry_port
 EOF
 start registry docker-registry serve "$dir/registry/config.yml"
 
@@ -371,7 +385,8 @@ start kube-apiserver "$cp_bin/kube-apiserver" \
 wait_for etcd 30 curl -sf "http://127.0.0.1:$etcd_port/health"
 log "etcd up"
 wait_for registry 30 curl -sf "http://127.0.0.1:$registry_port/v2/"
-log "registry up on 127.0.0.1:$registry_port"
+wait_for registry 30 curl -sf "http://$node_ip:$registry_port/v2/"
+log "registry up on 127.0.0.1:$registry_port and $node_ip:$registry_port"
 wait_for kube-apiserver 90 curl -sf --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
   "https://127.0.0.1:$api_port/readyz"
 log "kube-apiserver ready"
@@ -611,6 +626,7 @@ trap - ERR
 cat >"$dir/env" <<EOF
 KUBECONFIG=$dir/kubeconfig
 REGISTRY=127.0.0.1:$registry_port
+REGISTRY_POD=$node_ip:$registry_port
 CONTAINERD_ADDRESS=$ctd_sock
 NODE_NAME=$node_name
 NODE_IP=$node_ip
