@@ -307,6 +307,22 @@ impl Node {
             .ok_or_else(|| format!("build-operator-image.sh printed no reference:\n{out}"))
     }
 
+    /// Builds the sandbox images (`tools/images/build-sandbox-images.sh`: sandbox-minimal
+    /// and sandbox-full, cached by their package lists) and pushes them to the node's
+    /// registry; returns the pushed references with their digests.
+    pub fn push_sandbox_images(&self) -> Result<Vec<String>, String> {
+        let out = run(
+            Command::new(script("tools/images/build-sandbox-images.sh"))
+                .env("REGISTRY", &self.registry),
+            "tools/images/build-sandbox-images.sh",
+        )?;
+        Ok(out
+            .lines()
+            .filter(|line| line.contains("@sha256:"))
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// Stops the node (`down.sh`, which removes all it left on the machine and ends with
     /// `check-clean.sh`). The logs stay in `DIR/logs`. Idempotent.
     pub fn stop(&mut self) -> Result<(), String> {
