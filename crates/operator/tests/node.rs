@@ -307,11 +307,12 @@ fn image_matches_the_dockerfile(reference: &str) {
     let json_list = |text: String| -> Vec<String> {
         serde_json::from_str(&text).unwrap_or_else(|err| panic!("{text}: {err}"))
     };
-    let binary = directive("COPY")
-        .split_whitespace()
-        .last()
-        .expect("a COPY destination")
-        .to_string();
+    let copied: Vec<String> = runtime
+        .lines()
+        .filter_map(|line| line.strip_prefix("COPY "))
+        .filter_map(|line| line.split_whitespace().last())
+        .map(str::to_string)
+        .collect();
     // skopeo takes a name with a digest or a tag, not both.
     let (named, digest) = reference.split_once('@').expect("a digest");
     let repository = match named.rsplit_once(':') {
@@ -341,10 +342,14 @@ fn image_matches_the_dockerfile(reference: &str) {
         json_list(directive("CMD")),
         "{config}"
     );
-    assert_eq!(
-        json_list(directive("ENTRYPOINT"))[0],
-        binary,
-        "the entrypoint is the copied binary"
+    let entrypoint = &json_list(directive("ENTRYPOINT"))[0];
+    assert!(
+        copied.contains(entrypoint),
+        "the entrypoint {entrypoint} is a copied binary: {copied:?}"
+    );
+    assert!(
+        copied.iter().any(|path| path.ends_with("/sandcastle-envd")),
+        "the image carries envd for sandbox pods: {copied:?}"
     );
 }
 
