@@ -4,7 +4,8 @@
 //! SDK's conformance suite runs against it, then the pod's shape is checked from inside:
 //! no ServiceAccount token, a non-root user, and (where the node enforces NetworkPolicy)
 //! neither the apiserver nor another sandbox reachable while DNS still is. Every sandbox's
-//! Pod, Secret and NetworkPolicy must be gone at the end.
+//! Pod, Secret and NetworkPolicy must be gone at the end. A restart of the server loses no
+//! sandbox, and a Pod deleted behind it is a sandbox gone.
 //!
 //! Needs root and `scripts/setup`; fails (never skips) where a node cannot start.
 
@@ -67,7 +68,7 @@ async fn steps() {
     config.denied_cidrs.push(format!("{}/32", node.ip()));
     // Two cores: sandboxes that mostly wait share them.
     config.cpu_request_fraction = 0.05;
-    let server = KubeSandboxd::start(config, client.clone())
+    let server = KubeSandboxd::start(config.clone(), client.clone())
         .await
         .expect("the sandbox server");
 
@@ -187,9 +188,45 @@ async fn steps() {
             .unwrap()
         );
     }
-    for sandbox in [&first, &second] {
-        assert!(e2b.kill_sandbox(&sandbox.sandbox_id).await.expect("kill"));
+
+    // --- a restart loses nothing; a pod deleted behind the server is a sandbox gone ------
+    let port = |url: String| -> u16 { url.rsplit(':').next().unwrap().parse().expect("a port") };
+    config.api_port = port(server.api_url());
+    config.envd_port = port(server.sandbox_url());
+    server.stop().await;
+    let server = KubeSandboxd::start(config, client.clone())
+        .await
+        .expect("the sandbox server, again");
+    let after = run(&a, "echo still here").await;
+    assert_eq!(after.stdout, "still here\n", "{after:?}");
+    let detail = e2b
+        .get_sandbox(&first.sandbox_id)
+        .await
+        .expect("the sandbox, after a restart");
+    assert_eq!(detail.envd_access_token, first.envd_access_token);
+    pods.delete(
+        &format!("sandbox-{}", second.sandbox_id),
+        &Default::default(),
+    )
+    .await
+    .expect("delete a sandbox pod behind the server");
+    let gone = e2b.get_sandbox(&second.sandbox_id).await;
+    assert!(
+        gone.as_ref().is_err_and(|error| error.is_not_found()),
+        "a deleted pod's sandbox is not found: {gone:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match b.run("true").await {
+            Err(error) if error.is_sandbox_gone() => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "envd calls to a deleted pod's sandbox end as a sandbox gone: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    assert!(e2b.kill_sandbox(&first.sandbox_id).await.expect("kill"));
 
     // --- nothing left ------------------------------------------------------------------
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
