@@ -17,6 +17,7 @@ use kube::api::{Api, ListParams, PostParams};
 use sandcastle_e2b::client::{E2bClient, SandboxSpec};
 use sandcastle_e2b::config::ClientConfig;
 use sandcastle_e2b::envd_client::EnvdClient;
+use sandcastle_e2b::models::{BuildStatus, TemplateBuildRequest, TemplateBuildStart, TemplateStep};
 use sandcastle_sandboxd::{KubeConfig, KubeSandboxd};
 use sandcastle_testkit::node::Node;
 use serde_json::json;
@@ -188,6 +189,93 @@ async fn steps() {
             .unwrap()
         );
     }
+
+    // --- templates: an image with settings and a start command; RUN needs the builder ----
+    let requested = e2b
+        .request_build(&TemplateBuildRequest {
+            name: Some("serving".into()),
+            cpu_count: Some(1),
+            memory_mb: Some(256),
+            ..TemplateBuildRequest::default()
+        })
+        .await
+        .expect("a template");
+    let step = |kind: &str, args: &[&str]| TemplateStep {
+        kind: kind.into(),
+        args: args.iter().map(|arg| arg.to_string()).collect(),
+        files_hash: None,
+        force: false,
+    };
+    e2b.start_build(
+        &requested.template_id,
+        &requested.build_id,
+        &TemplateBuildStart {
+            from_template: Some("base".into()),
+            steps: vec![step("ENV", &["GREETING", "hi"]), step("WORKDIR", &["/tmp"])],
+            start_cmd: Some("echo started > /tmp/started; sleep infinity".into()),
+            ready_cmd: Some("test -f /tmp/started".into()),
+            ..TemplateBuildStart::default()
+        },
+    )
+    .await
+    .expect("a build");
+    let built = e2b
+        .wait_for_build(
+            &requested.template_id,
+            &requested.build_id,
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("the build ends");
+    assert_eq!(built.status, BuildStatus::Ready, "{built:?}");
+    let serving = e2b
+        .create_sandbox(&SandboxSpec::new("serving", lifetime))
+        .await
+        .expect("a sandbox of the template");
+    let inside = e2b
+        .envd(&serving)
+        .run("echo $GREETING; pwd; cat started; ps -o args= | grep -c '^sleep infinity'")
+        .await
+        .expect("a command");
+    assert_eq!(inside.stdout, "hi\n/tmp\nstarted\n1\n", "{inside:?}");
+    assert!(e2b.kill_sandbox(&serving.sandbox_id).await.expect("kill"));
+    let again = e2b
+        .request_build(&TemplateBuildRequest {
+            name: Some("serving".into()),
+            ..TemplateBuildRequest::default()
+        })
+        .await
+        .expect("another build");
+    e2b.start_build(
+        &again.template_id,
+        &again.build_id,
+        &TemplateBuildStart {
+            from_template: Some("base".into()),
+            steps: vec![step("ENV", &["A", "b"]), step("RUN", &["make"])],
+            ..TemplateBuildStart::default()
+        },
+    )
+    .await
+    .expect("a build request");
+    let failed = e2b
+        .build_status(&again.template_id, &again.build_id, 0)
+        .await
+        .expect("the build's status");
+    assert_eq!(failed.status, BuildStatus::Error, "{failed:?}");
+    assert_eq!(
+        failed
+            .reason
+            .as_ref()
+            .and_then(|reason| reason.step.as_deref()),
+        Some("2"),
+        "{failed:?}"
+    );
+    assert!(
+        e2b.delete_template(&requested.template_id)
+            .await
+            .expect("delete the template")
+    );
 
     // --- a restart loses nothing; a pod deleted behind the server is a sandbox gone ------
     let port = |url: String| -> u16 { url.rsplit(':').next().unwrap().parse().expect("a port") };

@@ -33,6 +33,9 @@ use sandcastle_e2b::models::{
 
 type Shared = Arc<KubeState>;
 
+/// How long a sandbox's create waits for its template's ready command.
+const READY_WAIT: Duration = Duration::from_secs(60);
+
 pub fn router(state: Shared) -> Router {
     let authenticated = Router::new()
         .route("/sandboxes", post(create_v1).get(list_v1))
@@ -280,10 +283,11 @@ async fn start(
     };
     let url = format!("http://{ip}:{ENVD_PORT}/init");
     let until = tokio::time::Instant::now() + state.config.start_timeout;
+    let token = init.access_token.clone();
     loop {
         // envd binds its port a moment after the container starts.
         match state.envd.post(&url).json(&init).send().await {
-            Ok(answer) if answer.status().is_success() => return Ok(()),
+            Ok(answer) if answer.status().is_success() => break,
             Ok(answer) => {
                 return Err(error(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -298,6 +302,73 @@ async fn start(
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
         }
+    }
+    let Some(start_cmd) = &template.start_cmd else {
+        return Ok(());
+    };
+    let sandbox_id = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(objects::SANDBOX_ID))
+        .cloned()
+        .unwrap_or_default();
+    start_template_command(
+        &ip,
+        &sandbox_id,
+        token,
+        start_cmd,
+        template.ready_cmd.as_deref(),
+    )
+    .await
+    .map_err(|failure| error(StatusCode::INTERNAL_SERVER_ERROR, failure))
+}
+
+/// Starts the template's start command (tag `startCmd`) through the pod's envd, as any
+/// client would, and waits for its ready command to succeed.
+async fn start_template_command(
+    ip: &str,
+    sandbox_id: &str,
+    token: Option<String>,
+    start: &str,
+    ready: Option<&str>,
+) -> Result<(), String> {
+    use sandcastle_e2b::client::E2bClient;
+    use sandcastle_e2b::config::ClientConfig;
+    use sandcastle_e2b::envd_client::{CommandSpec, SandboxAccess};
+    let config = ClientConfig::with_urls(
+        String::new(),
+        format!("http://{ip}:{ENVD_PORT}"),
+        "unused: envd needs no API key",
+    );
+    let client = E2bClient::new(config).map_err(|failure| failure.to_string())?;
+    let envd = client.envd(SandboxAccess {
+        sandbox_id: sandbox_id.to_string(),
+        envd_version: ENVD_VERSION.into(),
+        access_token: token.map(Into::into),
+        domain: None,
+    });
+    let mut spec = CommandSpec::shell(start);
+    spec.tag = Some("startCmd".into());
+    // The stream is dropped at once: the command runs on for the sandbox's life.
+    envd.start(&spec)
+        .await
+        .map_err(|failure| format!("cannot run the start command: {failure}"))?;
+    let Some(ready) = ready else { return Ok(()) };
+    let deadline = tokio::time::Instant::now() + READY_WAIT;
+    loop {
+        if let Ok(output) = envd.run(ready).await
+            && output.exit_code == 0
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "the ready command did not succeed within {} s",
+                READY_WAIT.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -703,12 +774,6 @@ fn apply_build(
     parent_image: String,
     request: &TemplateBuildStart,
 ) -> Result<(), (u32, String)> {
-    if request.start_cmd.is_some() || request.ready_cmd.is_some() {
-        return Err((
-            0,
-            "start and ready commands are not supported by the kubernetes runtime".into(),
-        ));
-    }
     let mut env = BTreeMap::new();
     let (mut workdir, mut user) = (None, None);
     for (index, step) in request.steps.iter().enumerate() {
@@ -736,6 +801,8 @@ fn apply_build(
     template.env = env;
     template.workdir = workdir;
     template.user = user;
+    template.start_cmd = request.start_cmd.clone();
+    template.ready_cmd = request.ready_cmd.clone();
     Ok(())
 }
 
@@ -816,12 +883,12 @@ async fn start_build(
             };
         }
         Err((step, message)) => {
-            let line = entry("error", message.clone(), (step > 0).then_some(step));
+            let line = entry("error", message.clone(), Some(step));
             build.status = BuildStatus::Error;
             build.logs.push(line.clone());
             build.reason = Some(BuildStatusReason {
                 message,
-                step: (step > 0).then(|| step.to_string()),
+                step: Some(step.to_string()),
                 log_entries: vec![line],
             });
         }
