@@ -18,7 +18,7 @@ cd "$root"
 # ten times the size.
 RUSTFLAGS="-C target-feature=+crt-static -C strip=debuginfo" CARGO_PROFILE_DEV_DEBUG=0 cargo build --locked --quiet "${flags[@]}" \
   --target "$host" -p sandcastle-sandboxd --bin sandcastle-envd >&2
-binary="$root/target/$host/$profile/sandcastle-envd"
+binary="${CARGO_TARGET_DIR:-$root/target}/$host/$profile/sandcastle-envd"
 if readelf -d "$binary" | grep -q '(NEEDED)'; then
   echo "build-envd.sh: $binary is not statically linked" >&2
   exit 1

@@ -39,10 +39,14 @@ pub fn scratch_dir() -> PathBuf {
 /// `scripts/test` runs before the tests).
 pub fn envd_binary() -> Result<PathBuf, String> {
     let host = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
-    let path = repo()
-        .join("target")
-        .join(host)
-        .join("debug/sandcastle-envd");
+    // The target directory is the one this test executable was built into
+    // (`<target>/<profile>/deps/<test>`), wherever CARGO_TARGET_DIR put it.
+    let exe = std::env::current_exe().map_err(|err| format!("the test's own path: {err}"))?;
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .ok_or_else(|| format!("{} is not under <target>/<profile>/deps", exe.display()))?;
+    let path = target.join(host).join("debug/sandcastle-envd");
     if path.is_file() {
         Ok(path)
     } else {
