@@ -19,7 +19,7 @@ use serde_json::json;
 use super::objects::{self, Build, Liveness, PodPlan, SandboxView, Template};
 use super::{KubeState, delete_pod};
 use crate::api::{
-    Body400, DEFAULT_TIMEOUT_V1, DEFAULT_TIMEOUT_V2, ListQuery, Listed, constant_time_eq, deadline,
+    Body400, DEFAULT_TIMEOUT_V1, DEFAULT_TIMEOUT_V2, ListQuery, Listed, authenticated, deadline,
     error, list_page, metadata_filter, not_found, timeout_within,
 };
 use crate::templates::{BASE_TEMPLATE, TemplateError, checked_build_request, validate_step};
@@ -62,20 +62,7 @@ pub fn router(state: Shared) -> Router {
 }
 
 async fn authenticate(Extract(state): Extract<Shared>, request: Request, next: Next) -> Response {
-    let key = request
-        .headers()
-        .get("x-api-key")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default();
-    let accepted = match &state.config.api_key {
-        Some(expected) => constant_time_eq(key.as_bytes(), expected.as_bytes()),
-        None => !key.is_empty(),
-    };
-    if accepted {
-        next.run(request).await
-    } else {
-        error(StatusCode::UNAUTHORIZED, "Invalid API key")
-    }
+    authenticated(state.config.api_key.as_deref(), request, next).await
 }
 
 fn kube_failure(what: &str, failure: kube::Error) -> Response {

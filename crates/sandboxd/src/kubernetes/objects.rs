@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, ContainerStatus, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -380,23 +380,28 @@ pub fn sandbox_of(pod: &Pod) -> Option<SandboxView> {
     })
 }
 
+/// The statuses of the pod's init containers, then of its containers.
+fn containers(pod: &Pod) -> impl Iterator<Item = &ContainerStatus> {
+    pod.status.iter().flat_map(|status| {
+        status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten())
+    })
+}
+
 /// How the first container that ended did, as the kubelet tells it.
 fn container_ending(pod: &Pod) -> Option<String> {
-    let status = pod.status.as_ref()?;
-    status
-        .init_container_statuses
-        .iter()
-        .flatten()
-        .chain(status.container_statuses.iter().flatten())
-        .find_map(|container| {
-            let ended = container.state.as_ref()?.terminated.as_ref()?;
-            Some(format!(
-                "container {} ended: {} (exit code {})",
-                container.name,
-                ended.reason.as_deref().unwrap_or("terminated"),
-                ended.exit_code
-            ))
-        })
+    containers(pod).find_map(|container| {
+        let ended = container.state.as_ref()?.terminated.as_ref()?;
+        Some(format!(
+            "container {} ended: {} (exit code {})",
+            container.name,
+            ended.reason.as_deref().unwrap_or("terminated"),
+            ended.exit_code
+        ))
+    })
 }
 
 /// Why a pending pod will never run on its own: its image cannot be pulled, or its
@@ -411,23 +416,17 @@ fn start_failure(pod: &Pod) -> Option<String> {
         "CreateContainerError",
         "RunContainerError",
     ];
-    let status = pod.status.as_ref()?;
-    status
-        .init_container_statuses
-        .iter()
-        .flatten()
-        .chain(status.container_statuses.iter().flatten())
-        .find_map(|container| {
-            let waiting = container.state.as_ref()?.waiting.as_ref()?;
-            let reason = waiting.reason.as_deref()?;
-            HOPELESS.contains(&reason).then(|| {
-                format!(
-                    "container {}: {reason}: {}",
-                    container.name,
-                    waiting.message.as_deref().unwrap_or_default()
-                )
-            })
+    containers(pod).find_map(|container| {
+        let waiting = container.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.as_deref()?;
+        HOPELESS.contains(&reason).then(|| {
+            format!(
+                "container {}: {reason}: {}",
+                container.name,
+                waiting.message.as_deref().unwrap_or_default()
+            )
         })
+    })
 }
 
 #[cfg(test)]
