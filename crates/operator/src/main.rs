@@ -96,6 +96,32 @@ struct KubeSandboxdArgs {
     /// The share of a template's CPUs its sandboxes request (their limit is all of them).
     #[arg(long, env = "SANDCASTLE_CPU_REQUEST_FRACTION", default_value_t = 1.0)]
     cpu_request_fraction: f64,
+    /// kaniko's executor image: templates with RUN or COPY steps are built with it, in
+    /// Jobs. Without it such builds fail at their first RUN or COPY step.
+    #[arg(
+        long,
+        env = "SANDCASTLE_BUILDER_IMAGE",
+        requires = "builder_repository"
+    )]
+    builder_image: Option<String>,
+    /// Where built template images are pushed (HOST[:PORT]/PATH); nodes pull them from
+    /// there by digest.
+    #[arg(
+        long,
+        env = "SANDCASTLE_BUILDER_REPOSITORY",
+        requires = "builder_image"
+    )]
+    builder_repository: Option<String>,
+    /// The registry of --builder-repository (and of template base images) speaks plain HTTP.
+    #[arg(long, env = "SANDCASTLE_BUILDER_INSECURE")]
+    builder_insecure: bool,
+    /// The build Jobs' namespace (it must admit the baseline Pod Security profile);
+    /// defaults to --namespace.
+    #[arg(long, env = "SANDCASTLE_BUILDER_NAMESPACE")]
+    builder_namespace: Option<String>,
+    /// Seconds a build may take.
+    #[arg(long, env = "SANDCASTLE_BUILD_TIMEOUT", default_value_t = 1800)]
+    build_timeout: u64,
     #[arg(long, env = "SANDCASTLE_LOG", default_value = "info")]
     log: String,
 }
@@ -179,6 +205,17 @@ async fn sandboxd_kubernetes(args: KubeSandboxdArgs) -> Result<(), BoxError> {
     }
     config.max_sandboxes = args.max_sandboxes;
     config.cpu_request_fraction = args.cpu_request_fraction;
+    if let (Some(image), Some(repository)) = (args.builder_image, args.builder_repository) {
+        config.builder = Some(sandcastle_sandboxd::BuilderConfig {
+            image,
+            repository,
+            insecure: args.builder_insecure,
+            namespace: args
+                .builder_namespace
+                .unwrap_or_else(|| config.namespace.clone()),
+            timeout: std::time::Duration::from_secs(args.build_timeout),
+        });
+    }
     let client = kube::Client::try_default().await?;
     let server = sandcastle_sandboxd::KubeSandboxd::start(config, client).await?;
     println!("E2B_API_URL={}", server.api_url());

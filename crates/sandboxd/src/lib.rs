@@ -77,7 +77,7 @@ mod watchers;
 #[cfg(feature = "faults")]
 pub use faults::{Fault, FaultPlan, Faults, Injected, RandomFaults};
 #[cfg(feature = "kubernetes")]
-pub use kubernetes::{KubeConfig, KubeSandboxd};
+pub use kubernetes::{BuilderConfig, KubeConfig, KubeSandboxd};
 pub use pod::{PodEnvdConfig, serve_pod_envd};
 
 use std::collections::{BTreeMap, HashMap};

@@ -27,6 +27,7 @@ pub struct Node {
     dir: PathBuf,
     kubeconfig: PathBuf,
     registry: String,
+    registry_pod: String,
     ip: IpAddr,
     name: String,
     running: bool,
@@ -244,6 +245,7 @@ impl Node {
         let node = Node {
             kubeconfig: PathBuf::from(env("KUBECONFIG")?),
             registry: env("REGISTRY")?,
+            registry_pod: env("REGISTRY_POD")?,
             name: env("NODE_NAME")?,
             ip,
             dir,
@@ -278,6 +280,12 @@ impl Node {
         &self.registry
     }
 
+    /// The same registry at the node's address: what pods (a builder Job) reach it by,
+    /// and what the node pulls from as well.
+    pub fn registry_pod(&self) -> &str {
+        &self.registry_pod
+    }
+
     /// The host's (and node's) non-loopback address: pods reach servers on the host here.
     pub fn ip(&self) -> IpAddr {
         self.ip
@@ -305,6 +313,23 @@ impl Node {
             .find(|line| line.contains("@sha256:"))
             .map(str::to_owned)
             .ok_or_else(|| format!("build-operator-image.sh printed no reference:\n{out}"))
+    }
+
+    /// Builds the template builder image (kaniko's executor,
+    /// `tools/images/build-builder-image.sh`) and pushes it to the node's registry;
+    /// returns the reference pods pull it by.
+    pub fn push_builder_image(&self) -> Result<String, String> {
+        let out = run(
+            Command::new(script("tools/images/build-builder-image.sh"))
+                .env("REGISTRY", &self.registry),
+            "tools/images/build-builder-image.sh",
+        )?;
+        let pushed = out
+            .lines()
+            .rev()
+            .find(|line| line.contains("@sha256:"))
+            .ok_or_else(|| format!("build-builder-image.sh printed no reference:\n{out}"))?;
+        Ok(pushed.replacen(&self.registry, &self.registry_pod, 1))
     }
 
     /// Builds the sandbox images (`tools/images/build-sandbox-images.sh`: sandbox-minimal

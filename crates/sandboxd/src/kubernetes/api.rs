@@ -9,26 +9,24 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State as Extract};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::objects::{self, Build, Liveness, PodPlan, SandboxView, Template};
+use super::objects::{self, Liveness, PodPlan, SandboxView, Template};
+use super::templates::{self, find_template};
 use super::{KubeState, delete_pod};
 use crate::api::{
     Body400, DEFAULT_TIMEOUT_V1, DEFAULT_TIMEOUT_V2, ListQuery, Listed, authenticated, deadline,
     error, list_page, metadata_filter, not_found, timeout_within,
 };
-use crate::templates::{BASE_TEMPLATE, TemplateError, checked_build_request, validate_step};
-use crate::{random_id, random_token, random_uuid};
+use crate::{random_id, random_token};
 use sandcastle_e2b::envd::{ENVD_PORT, ENVD_VERSION, InitRequest};
 use sandcastle_e2b::models::{
-    BuildLogEntry, BuildStatus, BuildStatusReason, CLIENT_ID, ConnectRequest, NewSandbox, Sandbox,
-    SandboxDetail, SandboxState, TemplateAlias, TemplateBuildInfo, TemplateBuildRequest,
-    TemplateBuildRequested, TemplateBuildStart, TimeoutRequest,
+    CLIENT_ID, ConnectRequest, NewSandbox, Sandbox, SandboxDetail, SandboxState, TimeoutRequest,
 };
 
 type Shared = Arc<KubeState>;
@@ -45,16 +43,28 @@ pub fn router(state: Shared) -> Router {
         .route("/sandboxes/{id}/refreshes", post(refresh))
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
-        .route("/v3/templates", post(request_build))
-        .route("/templates", get(list_templates))
-        .route("/v2/templates", get(list_templates))
-        .route("/templates/{id}", get(get_template).delete(delete_template))
-        .route("/templates/aliases/{alias}", get(get_alias))
-        .route("/v2/templates/{id}/builds/{build}", post(start_build))
-        .route("/templates/{id}/builds/{build}/status", get(build_status))
+        .route("/v3/templates", post(templates::request_build))
+        .route("/templates", get(templates::list_templates))
+        .route("/v2/templates", get(templates::list_templates))
+        .route(
+            "/templates/{id}",
+            get(templates::get_template).delete(templates::delete_template),
+        )
+        .route("/templates/aliases/{alias}", get(templates::get_alias))
+        .route(
+            "/v2/templates/{id}/builds/{build}",
+            post(templates::start_build),
+        )
+        .route(
+            "/templates/{id}/builds/{build}/status",
+            get(templates::build_status),
+        )
+        .route("/templates/{id}/files/{hash}", get(templates::upload_link))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(authenticated)
+        // Upload links stand in for a bucket's presigned URLs: their token is the check.
+        .route("/uploads/{id}/{hash}", put(templates::upload))
         .route("/health", get(|| async { "Health check successful" }))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not found") })
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
@@ -65,7 +75,7 @@ async fn authenticate(Extract(state): Extract<Shared>, request: Request, next: N
     authenticated(state.config.api_key.as_deref(), request, next).await
 }
 
-fn kube_failure(what: &str, failure: kube::Error) -> Response {
+pub(super) fn kube_failure(what: &str, failure: kube::Error) -> Response {
     tracing::warn!(%failure, "{what}");
     error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -360,7 +370,7 @@ async fn start_template_command(
 }
 
 /// Every running sandbox, newest first.
-async fn sandboxes(state: &KubeState) -> Result<Vec<SandboxView>, Response> {
+pub(super) async fn sandboxes(state: &KubeState) -> Result<Vec<SandboxView>, Response> {
     let pods = state
         .pods
         .list(&ListParams::default().labels(&objects::sandbox_selector()))
@@ -579,514 +589,4 @@ async fn matching(state: &KubeState, query: &ListQuery) -> Result<Vec<SandboxVie
                 .all(|(key, value)| sandbox.metadata.get(key) == Some(value))
         })
         .collect())
-}
-
-// ---------------------------------------------------------------------------------------
-// Templates
-
-fn now() -> String {
-    jiff::Timestamp::now().to_string()
-}
-
-/// Records the `base` template, or points it at the configured image.
-pub(crate) async fn ensure_base_template(state: &KubeState) -> Result<(), kube::Error> {
-    let existing = state
-        .config_maps
-        .get_opt(&objects::template_object_name(BASE_TEMPLATE))
-        .await?;
-    let mut template = existing
-        .as_ref()
-        .and_then(objects::template_of)
-        .unwrap_or_else(|| Template {
-            id: BASE_TEMPLATE.into(),
-            aliases: vec![BASE_TEMPLATE.into()],
-            cpu_count: 2,
-            memory_mb: 1024,
-            created_at: now(),
-            ..Template::default()
-        });
-    if template.image.as_deref() == Some(state.config.base_image.as_str()) {
-        return Ok(());
-    }
-    template.image = Some(state.config.base_image.clone());
-    template.updated_at = now();
-    template.builds = vec![Build {
-        id: random_uuid(),
-        status: BuildStatus::Ready,
-        reason: None,
-        logs: Vec::new(),
-        created_at: now(),
-        updated_at: now(),
-    }];
-    save_template(state, existing.as_ref(), &template).await
-}
-
-async fn templates(state: &KubeState) -> Result<Vec<(ConfigMap, Template)>, Response> {
-    let listed = state
-        .config_maps
-        .list(&ListParams::default().labels(&objects::template_selector()))
-        .await
-        .map_err(|failure| kube_failure("cannot list templates", failure))?;
-    Ok(listed
-        .items
-        .into_iter()
-        .filter_map(|config_map| {
-            let template = objects::template_of(&config_map)?;
-            Some((config_map, template))
-        })
-        .collect())
-}
-
-/// A template by id or alias, with the ConfigMap it lives in.
-async fn find_template_object(
-    state: &KubeState,
-    reference: &str,
-) -> Result<Option<(ConfigMap, Template)>, Response> {
-    let bare = reference.split(':').next().unwrap_or(reference);
-    Ok(templates(state)
-        .await?
-        .into_iter()
-        .find(|(_, template)| template.id == bare || template.aliases.iter().any(|a| a == bare)))
-}
-
-async fn find_template(state: &KubeState, reference: &str) -> Result<Option<Template>, Response> {
-    Ok(find_template_object(state, reference)
-        .await?
-        .map(|(_, template)| template))
-}
-
-/// Writes a template, replacing the ConfigMap it was read from only if nobody changed it
-/// since (the apiserver checks the resourceVersion).
-async fn save_template(
-    state: &KubeState,
-    existing: Option<&ConfigMap>,
-    template: &Template,
-) -> Result<(), kube::Error> {
-    let mut config_map = objects::template_config_map(&state.config, template);
-    match existing {
-        Some(existing) => {
-            config_map.metadata.resource_version = existing.metadata.resource_version.clone();
-            state
-                .config_maps
-                .replace(
-                    &objects::template_object_name(&template.id),
-                    &PostParams::default(),
-                    &config_map,
-                )
-                .await
-                .map(|_| ())
-        }
-        None => state
-            .config_maps
-            .create(&PostParams::default(), &config_map)
-            .await
-            .map(|_| ()),
-    }
-}
-
-fn template_error(failure: TemplateError) -> Response {
-    failure.into_response()
-}
-
-/// `POST /v3/templates`: a known name reuses its template and only adds a build.
-async fn request_build(
-    Extract(state): Extract<Shared>,
-    Body400(body): Body400<TemplateBuildRequest>,
-) -> Response {
-    let (bare, cpu_count, memory_mb) = match checked_build_request(&body) {
-        Ok(checked) => checked,
-        Err(failure) => return template_error(failure),
-    };
-    // Two requests for one new name may race; the apiserver lets one write win and the
-    // other reads it back on its next try.
-    for _ in 0..5 {
-        let found = match find_template_object(&state, bare).await {
-            Ok(found) => found,
-            Err(response) => return response,
-        };
-        let (existing, mut template) = match found {
-            Some((config_map, template)) => (Some(config_map), template),
-            None => (
-                None,
-                Template {
-                    id: random_id(20),
-                    aliases: vec![bare.to_string()],
-                    created_at: now(),
-                    ..Template::default()
-                },
-            ),
-        };
-        let build_id = random_uuid();
-        template.cpu_count = cpu_count;
-        template.memory_mb = memory_mb;
-        template.updated_at = now();
-        template.builds.push(Build {
-            id: build_id.clone(),
-            status: BuildStatus::Waiting,
-            reason: None,
-            logs: Vec::new(),
-            created_at: now(),
-            updated_at: now(),
-        });
-        match save_template(&state, existing.as_ref(), &template).await {
-            Ok(()) => {
-                return (
-                    StatusCode::ACCEPTED,
-                    Json(TemplateBuildRequested {
-                        template_id: template.id.clone(),
-                        build_id,
-                        public: false,
-                        names: template.aliases.clone(),
-                        tags: vec!["default".into()],
-                        aliases: template.aliases,
-                    }),
-                )
-                    .into_response();
-            }
-            Err(kube::Error::Api(status)) if status.is_conflict() || status.code == 409 => {}
-            Err(failure) => return kube_failure("cannot record the template", failure),
-        }
-    }
-    error(
-        StatusCode::CONFLICT,
-        "the template was changed concurrently; try again",
-    )
-}
-
-/// What a build makes of its template, or the step it fails at. Images are used as they
-/// are: ENV, ARG, WORKDIR and USER steps change how sandboxes start, while steps that
-/// would change the image (RUN, COPY) need an image builder this runtime does not have.
-fn apply_build(
-    template: &mut Template,
-    parent_image: String,
-    request: &TemplateBuildStart,
-) -> Result<(), (u32, String)> {
-    let mut env = BTreeMap::new();
-    let (mut workdir, mut user) = (None, None);
-    for (index, step) in request.steps.iter().enumerate() {
-        let number = index as u32 + 1;
-        match step.kind.to_ascii_uppercase().as_str() {
-            "ENV" => {
-                for pair in step.args.chunks(2) {
-                    env.insert(pair[0].clone(), pair[1].clone());
-                }
-            }
-            "ARG" => {}
-            "WORKDIR" => workdir = step.args.first().cloned(),
-            "USER" => user = step.args.first().cloned(),
-            other => {
-                return Err((
-                    number,
-                    format!(
-                        "{other} steps change the image, and the kubernetes runtime has no image builder: build the image elsewhere and use fromImage"
-                    ),
-                ));
-            }
-        }
-    }
-    template.image = Some(parent_image);
-    template.env = env;
-    template.workdir = workdir;
-    template.user = user;
-    template.start_cmd = request.start_cmd.clone();
-    template.ready_cmd = request.ready_cmd.clone();
-    Ok(())
-}
-
-async fn start_build(
-    Extract(state): Extract<Shared>,
-    Path((id, build_id)): Path<(String, String)>,
-    Body400(body): Body400<TemplateBuildStart>,
-) -> Response {
-    if body.from_template.is_some() == body.from_image.is_some() {
-        return template_error(TemplateError::Invalid(
-            "exactly one of fromImage or fromTemplate is required".into(),
-        ));
-    }
-    for (index, step) in body.steps.iter().enumerate() {
-        if let Err(failure) = validate_step(index + 1, step) {
-            return template_error(failure);
-        }
-    }
-    let parent_image = match (&body.from_image, &body.from_template) {
-        (Some(image), _) => image.clone(),
-        (None, Some(parent)) => match find_template(&state, parent).await {
-            Ok(Some(Template {
-                image: Some(image), ..
-            })) => image,
-            Ok(_) => {
-                return template_error(TemplateError::Invalid(format!(
-                    "template '{parent}' to build from was not found"
-                )));
-            }
-            Err(response) => return response,
-        },
-        (None, None) => unreachable!("checked above"),
-    };
-    let (existing, mut template) = match find_template_object(&state, &id).await {
-        Ok(Some(found)) => found,
-        Ok(None) => return template_error(TemplateError::NotFound(id)),
-        Err(response) => return response,
-    };
-    let mut candidate = template.clone();
-    let outcome = apply_build(&mut candidate, parent_image, &body);
-    let Some(build) = template
-        .builds
-        .iter_mut()
-        .find(|build| build.id == build_id)
-    else {
-        return template_error(TemplateError::BuildNotFound(build_id));
-    };
-    if build.status != BuildStatus::Waiting {
-        return template_error(TemplateError::Invalid(
-            "build is not in waiting state".into(),
-        ));
-    }
-    let entry = |level: &str, message: String, step: Option<u32>| BuildLogEntry {
-        timestamp: now(),
-        level: level.into(),
-        message,
-        step: step.map(|step| step.to_string()),
-    };
-    build.updated_at = now();
-    match outcome {
-        Ok(()) => {
-            build.status = BuildStatus::Ready;
-            build.logs.push(entry(
-                "info",
-                format!(
-                    "Using image {}",
-                    candidate.image.clone().unwrap_or_default()
-                ),
-                None,
-            ));
-            build
-                .logs
-                .push(entry("info", "Build finished".into(), None));
-            let builds = std::mem::take(&mut template.builds);
-            template = Template {
-                builds,
-                ..candidate
-            };
-        }
-        Err((step, message)) => {
-            let line = entry("error", message.clone(), Some(step));
-            build.status = BuildStatus::Error;
-            build.logs.push(line.clone());
-            build.reason = Some(BuildStatusReason {
-                message,
-                step: Some(step.to_string()),
-                log_entries: vec![line],
-            });
-        }
-    }
-    template.updated_at = now();
-    match save_template(&state, Some(&existing), &template).await {
-        Ok(()) => StatusCode::ACCEPTED.into_response(),
-        Err(failure) => kube_failure("cannot record the build", failure),
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct StatusQuery {
-    #[serde(default)]
-    logs_offset: usize,
-    limit: Option<usize>,
-}
-
-async fn build_status(
-    Extract(state): Extract<Shared>,
-    Path((id, build_id)): Path<(String, String)>,
-    Query(query): Query<StatusQuery>,
-) -> Response {
-    let template = match find_template(&state, &id).await {
-        Ok(Some(template)) => template,
-        Ok(None) => return template_error(TemplateError::NotFound(id)),
-        Err(response) => return response,
-    };
-    let Some(build) = template.builds.iter().find(|build| build.id == build_id) else {
-        return template_error(TemplateError::BuildNotFound(build_id));
-    };
-    Json(TemplateBuildInfo {
-        template_id: template.id.clone(),
-        build_id: build.id.clone(),
-        status: build.status,
-        logs: Vec::new(),
-        log_entries: build
-            .logs
-            .iter()
-            .skip(query.logs_offset)
-            .take(query.limit.unwrap_or(100).clamp(1, 100))
-            .cloned()
-            .collect(),
-        reason: build.reason.clone(),
-    })
-    .into_response()
-}
-
-fn view(template: &Template) -> sandcastle_e2b::models::Template {
-    let last_ready = template
-        .builds
-        .iter()
-        .rev()
-        .find(|build| build.status == BuildStatus::Ready);
-    sandcastle_e2b::models::Template {
-        template_id: template.id.clone(),
-        build_id: last_ready.map(|build| build.id.clone()).unwrap_or_default(),
-        cpu_count: template.cpu_count,
-        memory_mb: template.memory_mb,
-        disk_size_mb: 0,
-        public: template.id == BASE_TEMPLATE,
-        aliases: template.aliases.clone(),
-        names: template.aliases.clone(),
-        created_at: template.created_at.clone(),
-        updated_at: template.updated_at.clone(),
-        created_by: None,
-        last_spawned_at: None,
-        spawn_count: 0,
-        build_count: template.builds.len() as u64,
-        envd_version: ENVD_VERSION.into(),
-        build_status: template
-            .builds
-            .last()
-            .map_or(BuildStatus::Waiting, |build| build.status),
-    }
-}
-
-async fn list_templates(Extract(state): Extract<Shared>) -> Response {
-    match templates(&state).await {
-        Ok(all) => Json(
-            all.iter()
-                .filter(|(_, template)| template.id != BASE_TEMPLATE)
-                .map(|(_, template)| view(template))
-                .collect::<Vec<_>>(),
-        )
-        .into_response(),
-        Err(response) => response,
-    }
-}
-
-async fn get_template(Extract(state): Extract<Shared>, Path(id): Path<String>) -> Response {
-    match find_template(&state, &id).await {
-        Ok(Some(template)) => {
-            let mut shown = serde_json::to_value(view(&template)).expect("template serializes");
-            shown["builds"] = template
-                .builds
-                .iter()
-                .map(|build| {
-                    json!({
-                        "buildID": build.id,
-                        "status": build.status,
-                        "createdAt": build.created_at,
-                        "updatedAt": build.updated_at,
-                        "cpuCount": template.cpu_count,
-                        "memoryMB": template.memory_mb,
-                        "envdVersion": ENVD_VERSION,
-                    })
-                })
-                .collect();
-            Json(shown).into_response()
-        }
-        Ok(None) => template_error(TemplateError::NotFound(id)),
-        Err(response) => response,
-    }
-}
-
-async fn get_alias(Extract(state): Extract<Shared>, Path(alias): Path<String>) -> Response {
-    match find_template(&state, &alias).await {
-        Ok(Some(template)) => Json(TemplateAlias {
-            public: template.id == BASE_TEMPLATE,
-            template_id: template.id,
-        })
-        .into_response(),
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            format!("template alias '{alias}' not found"),
-        ),
-        Err(response) => response,
-    }
-}
-
-/// 400 while any sandbox still runs from the template, like the real service.
-async fn delete_template(Extract(state): Extract<Shared>, Path(id): Path<String>) -> Response {
-    let template = match find_template(&state, &id).await {
-        Ok(Some(template)) => template,
-        Ok(None) => return template_error(TemplateError::NotFound(id)),
-        Err(response) => return response,
-    };
-    if template.id == BASE_TEMPLATE {
-        return template_error(TemplateError::Public(template.id));
-    }
-    let in_use = match sandboxes(&state).await {
-        Ok(running) => running
-            .iter()
-            .filter(|sandbox| sandbox.template_id == template.id)
-            .count(),
-        Err(response) => return response,
-    };
-    if in_use > 0 {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "cannot delete template '{}' because there are {in_use} running or paused sandboxes using it",
-                template.id
-            ),
-        );
-    }
-    match state
-        .config_maps
-        .delete(
-            &objects::template_object_name(&template.id),
-            &Default::default(),
-        )
-        .await
-    {
-        Ok(_) => StatusCode::NO_CONTENT.into_response(),
-        Err(kube::Error::Api(status)) if status.is_not_found() => {
-            template_error(TemplateError::NotFound(id))
-        }
-        Err(failure) => kube_failure("cannot delete the template", failure),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use sandcastle_e2b::models::TemplateStep;
-
-    fn step(kind: &str, args: &[&str]) -> TemplateStep {
-        TemplateStep {
-            kind: kind.into(),
-            args: args.iter().map(|arg| arg.to_string()).collect(),
-            files_hash: None,
-            force: false,
-        }
-    }
-
-    #[test]
-    fn settings_steps_apply_and_image_steps_fail_at_their_number() {
-        let mut template = Template::default();
-        let request = TemplateBuildStart {
-            from_image: Some("registry.local/base:1".into()),
-            steps: vec![
-                step("ENV", &["MODE", "strict", "LEVEL", "2"]),
-                step("WORKDIR", &["/work"]),
-                step("USER", &["root"]),
-            ],
-            ..TemplateBuildStart::default()
-        };
-        apply_build(&mut template, "registry.local/base:1".into(), &request).unwrap();
-        assert_eq!(template.image.as_deref(), Some("registry.local/base:1"));
-        assert_eq!(template.env["LEVEL"], "2");
-        assert_eq!(template.workdir.as_deref(), Some("/work"));
-        assert_eq!(template.user.as_deref(), Some("root"));
-
-        let mut request = request;
-        request.steps.push(step("RUN", &["make"]));
-        let (at, message) =
-            apply_build(&mut Template::default(), "x".into(), &request).unwrap_err();
-        assert_eq!(at, 4);
-        assert!(message.contains("RUN"), "{message}");
-    }
 }

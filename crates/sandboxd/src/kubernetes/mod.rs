@@ -9,14 +9,19 @@
 #![allow(clippy::result_large_err)]
 
 mod api;
+mod build;
 mod objects;
 mod proxy;
+mod templates;
+
+pub use build::BuilderConfig;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::Api;
@@ -61,6 +66,9 @@ pub struct KubeConfig {
     pub max_body_bytes: usize,
     /// How long a create waits for its pod to run and envd to answer.
     pub start_timeout: Duration,
+    /// Builds with RUN or COPY steps; without a builder they fail at their first such
+    /// step.
+    pub builder: Option<BuilderConfig>,
 }
 
 impl KubeConfig {
@@ -93,6 +101,7 @@ impl KubeConfig {
             max_sandboxes: 100,
             max_body_bytes: 512 << 20,
             start_timeout: Duration::from_secs(120),
+            builder: None,
         }
     }
 }
@@ -106,6 +115,15 @@ pub(crate) struct KubeState {
     /// Talks to envd in the pods: plain HTTP on the pod network.
     envd: reqwest::Client,
     routes: proxy::Routes,
+    builder: Option<BuilderApis>,
+}
+
+/// The builder's settings and the objects of its namespace.
+pub(crate) struct BuilderApis {
+    config: BuilderConfig,
+    jobs: Api<Job>,
+    pods: Api<Pod>,
+    config_maps: Api<ConfigMap>,
 }
 
 /// A running server of the kubernetes runtime.
@@ -126,7 +144,14 @@ impl KubeSandboxd {
             .http1_only()
             .build()
             .map_err(|error| Error::Kubernetes(format!("cannot build an HTTP client: {error}")))?;
+        let builder = config.builder.clone().map(|builder| BuilderApis {
+            jobs: Api::namespaced(client.clone(), &builder.namespace),
+            pods: Api::namespaced(client.clone(), &builder.namespace),
+            config_maps: Api::namespaced(client.clone(), &builder.namespace),
+            config: builder,
+        });
         let state = Arc::new(KubeState {
+            builder,
             pods: Api::namespaced(client.clone(), &namespace),
             secrets: Api::namespaced(client.clone(), &namespace),
             policies: Api::namespaced(client.clone(), &namespace),
@@ -135,9 +160,11 @@ impl KubeSandboxd {
             routes: proxy::Routes::default(),
             config,
         });
-        api::ensure_base_template(&state).await.map_err(|error| {
-            Error::Kubernetes(format!("cannot record the base template: {error}"))
-        })?;
+        templates::ensure_base_template(&state)
+            .await
+            .map_err(|error| {
+                Error::Kubernetes(format!("cannot record the base template: {error}"))
+            })?;
         let api_listener = super::bind(state.config.listen, state.config.api_port).await?;
         let envd_listener = super::bind(state.config.listen, state.config.envd_port).await?;
         let local = |listener: &tokio::net::TcpListener, port| {
@@ -181,13 +208,19 @@ impl KubeSandboxd {
 }
 
 /// Every replica deletes what has expired; a delete conditioned on the pod's uid makes a
-/// second replica's attempt harmless.
+/// second replica's attempt harmless. Every few seconds it also moves running template
+/// builds on, so that they end, and their Jobs go, when no client asks.
 async fn reap_expired(state: Arc<KubeState>, mut stopped: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        ticks += 1;
+        if state.builder.is_some() && ticks.is_multiple_of(5) {
+            templates::advance_builds(&state).await;
         }
         let Ok(pods) = state
             .pods

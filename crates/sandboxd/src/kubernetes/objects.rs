@@ -76,6 +76,21 @@ pub struct Build {
     pub logs: Vec<BuildLogEntry>,
     pub created_at: String,
     pub updated_at: String,
+    /// While the image is being built: what the build makes of the template once pushed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingBuild>,
+}
+
+/// A build whose image a builder Job is making.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingBuild {
+    /// The Dockerfile's lines after FROM, each with its step: kaniko's output is
+    /// attributed to steps by them.
+    pub lines: Vec<(String, Option<u32>)>,
+    pub settings: super::build::Settings,
+    pub start_cmd: Option<String>,
+    pub ready_cmd: Option<String>,
 }
 
 pub fn template_config_map(config: &KubeConfig, template: &Template) -> ConfigMap {
