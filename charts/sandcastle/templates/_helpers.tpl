@@ -95,3 +95,40 @@ helm.sh/chart: {{ include "sandcastle.chart" . }}
   name: {{ include "sandcastle.serviceAccountName" . }}
   namespace: {{ .Release.Namespace }}
 {{- end -}}
+
+{{/* The sandbox server (sandboxd.enabled): its own name and selector, so that neither
+     Deployment's selector matches the other's pods. */}}
+{{- define "sandcastle.sandboxd.fullname" -}}
+{{- printf "%s-sandboxd" (include "sandcastle.fullname" . | trunc 54 | trimSuffix "-") -}}
+{{- end -}}
+
+{{- define "sandcastle.sandboxd.selectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-sandboxd" (include "sandcastle.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "sandcastle.sandboxd.labels" -}}
+{{ include "sandcastle.sandboxd.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: sandcastle
+app.kubernetes.io/component: sandbox-server
+helm.sh/chart: {{ include "sandcastle.chart" . }}
+{{- end -}}
+
+{{- define "sandcastle.sandboxd.namespace" -}}
+{{- default .Release.Namespace .Values.sandboxd.namespace -}}
+{{- end -}}
+
+{{- define "sandcastle.sandboxd.buildNamespace" -}}
+{{- default (include "sandcastle.sandboxd.namespace" .) .Values.sandboxd.builder.namespace -}}
+{{- end -}}
+
+{{- define "sandcastle.sandboxd.keySecret" -}}
+{{- default (include "sandcastle.sandboxd.fullname" .) .Values.sandboxd.apiKeySecretRef.name -}}
+{{- end -}}
+
+{{/* In-cluster URLs of the sandbox server, for the operator and the NOTES. */}}
+{{- define "sandcastle.sandboxd.host" -}}
+{{- printf "%s.%s.svc" (include "sandcastle.sandboxd.fullname" .) .Release.Namespace -}}
+{{- end -}}
