@@ -1057,3 +1057,280 @@ fn the_image_and_the_chart_agree_on_user_and_command() {
         "the image's entrypoint runs"
     );
 }
+
+fn sandboxd_args(all: &[Value]) -> Vec<String> {
+    let pod = &object(all, "Deployment", "sc-sandcastle-sandboxd")["spec"]["template"]["spec"];
+    let containers = seq(&pod["containers"]);
+    assert_eq!(containers.len(), 1, "the sandbox server has one container");
+    seq(&containers[0]["args"])
+        .iter()
+        .map(|arg| str_of(arg).to_owned())
+        .collect()
+}
+
+fn assert_binds_sandboxd(binding: &Value, role: &str) {
+    assert_eq!(binding["roleRef"]["kind"], "Role");
+    assert_eq!(binding["roleRef"]["name"], role);
+    let subjects = seq(&binding["subjects"]);
+    assert_eq!(subjects.len(), 1, "{binding:?}");
+    assert_eq!(subjects[0]["kind"], "ServiceAccount");
+    assert_eq!(subjects[0]["name"], "sc-sandcastle-sandboxd");
+    assert_eq!(subjects[0]["namespace"], "ops");
+}
+
+#[test]
+fn the_sandbox_server_gets_exactly_its_grants_in_its_namespaces_and_the_operator_uses_it() {
+    let all = render(&["-f", &ci("sandboxd-values.yaml")]);
+
+    let role = object(&all, "Role", "sc-sandcastle-sandboxd");
+    assert_eq!(role["metadata"]["namespace"], "sandboxes");
+    assert_eq!(
+        grants(&role["rules"]),
+        expected(&[
+            (
+                "",
+                &["pods"],
+                &["get", "list", "watch", "create", "patch", "delete"],
+                &[]
+            ),
+            ("", &["secrets"], &["get", "create"], &[]),
+            ("networking.k8s.io", &["networkpolicies"], &["create"], &[]),
+            (
+                "",
+                &["configmaps"],
+                &[
+                    "get",
+                    "list",
+                    "create",
+                    "update",
+                    "patch",
+                    "delete",
+                    "deletecollection"
+                ],
+                &[]
+            ),
+        ])
+    );
+    let binding = object(&all, "RoleBinding", "sc-sandcastle-sandboxd");
+    assert_eq!(binding["metadata"]["namespace"], "sandboxes");
+    assert_binds_sandboxd(binding, "sc-sandcastle-sandboxd");
+
+    let builds = object(&all, "Role", "sc-sandcastle-sandboxd-builds");
+    assert_eq!(builds["metadata"]["namespace"], "sandbox-builds");
+    assert_eq!(
+        grants(&builds["rules"]),
+        expected(&[
+            (
+                "batch",
+                &["jobs"],
+                &["get", "create", "delete", "deletecollection"],
+                &[]
+            ),
+            ("", &["pods"], &["list"], &[]),
+            ("", &["pods/log"], &["get"], &[]),
+            ("", &["configmaps"], &["create"], &[]),
+        ])
+    );
+    let binding = object(&all, "RoleBinding", "sc-sandcastle-sandboxd-builds");
+    assert_eq!(binding["metadata"]["namespace"], "sandbox-builds");
+    assert_binds_sandboxd(binding, "sc-sandcastle-sandboxd-builds");
+    for binding in objects(&all, "ClusterRoleBinding") {
+        assert!(
+            seq(&binding["subjects"])
+                .iter()
+                .all(|subject| subject["name"] != "sc-sandcastle-sandboxd"),
+            "the sandbox server has no cluster-wide rights: {binding:?}"
+        );
+    }
+
+    let server = sandboxd_args(&all);
+    for expected in [
+        "sandboxd-kubernetes",
+        "--namespace=sandboxes",
+        "--base-image=registry.example.com/sandbox-full:latest",
+        "--envd-image=registry.example.com/sandcastle:0.1.0",
+        "--server-label=app.kubernetes.io/instance=sc",
+        "--server-label=app.kubernetes.io/name=sandcastle-sandboxd",
+        "--server-namespace=ops",
+        "--runtime-class-name=gvisor",
+        "--node-selector=sandcastle.dev/sandboxes=true",
+        "--cpu-request-fraction=0.25",
+        "--builder-image=registry.example.com/sandcastle-builder:v1.24.0",
+        "--builder-repository=registry.internal:5000/templates",
+        "--builder-namespace=sandbox-builds",
+        "--build-timeout=1800",
+        "--builder-insecure",
+    ] {
+        assert!(
+            server.contains(&expected.to_owned()),
+            "{expected} missing from {server:?}"
+        );
+    }
+    let tolerations = server
+        .iter()
+        .find_map(|arg| arg.strip_prefix("--tolerations="))
+        .expect("--tolerations");
+    let tolerations: serde_json::Value = serde_json::from_str(tolerations).expect("JSON");
+    assert_eq!(tolerations[0]["key"], "sandcastle.dev/sandboxes");
+
+    let operator = args(&all);
+    for expected in [
+        "--provider=e2b",
+        "--e2b-api-url=http://sc-sandcastle-sandboxd.ops.svc:3000",
+        "--e2b-sandbox-url=http://sc-sandcastle-sandboxd.ops.svc:49983",
+    ] {
+        assert!(
+            operator.contains(&expected.to_owned()),
+            "{expected} missing from {operator:?}"
+        );
+    }
+    assert!(!operator.iter().any(|arg| arg.starts_with("--e2b-domain")));
+    let key = &env(&all, "E2B_API_KEY").expect("E2B_API_KEY")["valueFrom"]["secretKeyRef"];
+    assert_eq!(key["name"], "sc-sandcastle-sandboxd");
+    assert_eq!(key["key"], "api-key");
+    let secret = object(&all, "Secret", "sc-sandcastle-sandboxd");
+    assert_eq!(
+        str_of(&secret["data"]["api-key"]).len(),
+        56,
+        "40 random characters, base64"
+    );
+
+    // Each Deployment's selector matches only its own pods, so neither adopts the other's.
+    let operator_pods = &deployment(&all)["spec"];
+    let server_pods = &object(&all, "Deployment", "sc-sandcastle-sandboxd")["spec"];
+    let matches = |selector: &Value, labels: &Value| {
+        selector["matchLabels"]
+            .as_mapping()
+            .expect("matchLabels")
+            .iter()
+            .all(|(key, value)| labels.get(key) == Some(value))
+    };
+    assert!(matches(
+        &operator_pods["selector"],
+        &operator_pods["template"]["metadata"]["labels"]
+    ));
+    assert!(matches(
+        &server_pods["selector"],
+        &server_pods["template"]["metadata"]["labels"]
+    ));
+    assert!(!matches(
+        &operator_pods["selector"],
+        &server_pods["template"]["metadata"]["labels"]
+    ));
+    assert!(!matches(
+        &server_pods["selector"],
+        &operator_pods["template"]["metadata"]["labels"]
+    ));
+    let pdb = object(&all, "PodDisruptionBudget", "sc-sandcastle");
+    assert!(!matches(
+        &pdb["spec"]["selector"],
+        &server_pods["template"]["metadata"]["labels"]
+    ));
+
+    let policy = object(&all, "NetworkPolicy", "sc-sandcastle");
+    let to_server = seq(&policy["spec"]["egress"])
+        .iter()
+        .find(|rule| {
+            rule["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+                == "sandcastle-sandboxd"
+        })
+        .expect("egress to the sandbox server");
+    let ports: BTreeSet<u64> = seq(&to_server["ports"])
+        .iter()
+        .map(|port| port["port"].as_u64().expect("a port number"))
+        .collect();
+    assert_eq!(ports, BTreeSet::from([3000, 49983]));
+
+    let notes = notes(&["-f", &ci("sandboxd-values.yaml")]);
+    for expected in [
+        "E2B_API_URL=http://sc-sandcastle-sandboxd.ops.svc:3000",
+        "E2B_SANDBOX_URL=http://sc-sandcastle-sandboxd.ops.svc:49983",
+        "Secret sc-sandcastle-sandboxd, key api-key",
+        "under RuntimeClass gvisor",
+        "kaniko Jobs in sandbox-builds",
+    ] {
+        assert!(
+            notes.contains(expected),
+            "{expected:?} missing from:\n{notes}"
+        );
+    }
+    assert!(!notes.contains("spec.provider.e2b"), "{notes}");
+}
+
+#[test]
+fn the_sandbox_server_without_a_builder_has_no_build_rights_and_bad_combinations_fail() {
+    let base = [
+        "--set",
+        "sandboxd.enabled=true",
+        "--set",
+        "sandboxd.baseImage=base:1",
+    ];
+    let all = render(&base);
+    assert!(
+        !names(&all, "Role").contains("sc-sandcastle-sandboxd-builds"),
+        "no builder, no build Role"
+    );
+    assert_eq!(
+        object(&all, "Role", "sc-sandcastle-sandboxd")["metadata"]["namespace"],
+        "ops",
+        "sandboxes default to the release namespace"
+    );
+    let server = sandboxd_args(&all);
+    assert!(
+        !server.iter().any(|arg| arg.starts_with("--builder")),
+        "{server:?}"
+    );
+    assert!(
+        !server
+            .iter()
+            .any(|arg| arg.starts_with("--server-namespace")),
+        "{server:?}"
+    );
+    assert!(
+        server.contains(&format!(
+            "--envd-image={}",
+            str_of(&container(&all)["image"])
+        )),
+        "envd comes from the operator's image by default: {server:?}"
+    );
+    assert!(notes(&base).contains("templates with RUN or COPY steps fail"));
+
+    let own_key = render(&[
+        "--set",
+        "sandboxd.enabled=true",
+        "--set",
+        "sandboxd.baseImage=base:1",
+        "--set",
+        "sandboxd.apiKeySecretRef.name=mine",
+    ]);
+    assert!(!names(&own_key, "Secret").contains("sc-sandcastle-sandboxd"));
+    let key = &env(&own_key, "E2B_API_KEY").expect("E2B_API_KEY")["valueFrom"]["secretKeyRef"];
+    assert_eq!(key["name"], "mine");
+
+    for (extra, complaint) in [
+        (vec![], "sandboxd.baseImage is required"),
+        (
+            vec![
+                "--set",
+                "sandboxd.baseImage=base:1",
+                "--set",
+                "provider.embedded.enabled=true",
+            ],
+            "exclude each other",
+        ),
+        (
+            vec![
+                "--set",
+                "sandboxd.baseImage=base:1",
+                "--set",
+                "sandboxd.builder.image=kaniko:1",
+            ],
+            "sandboxd.builder.repository is required",
+        ),
+    ] {
+        let mut args = vec!["--set", "sandboxd.enabled=true"];
+        args.extend(extra);
+        let err = template(&args).expect_err(&format!("{args:?} must be refused"));
+        assert!(err.contains(complaint), "{args:?}: {err}");
+    }
+}
