@@ -1277,6 +1277,16 @@ fn the_sandbox_server_without_a_builder_has_no_build_rights_and_bad_combinations
     );
     let server = sandboxd_args(&all);
     assert!(
+        server.contains(&"--cpu-request-fraction=1".to_owned()),
+        "{server:?}"
+    );
+    let mut five = base.to_vec();
+    five.extend(["--set", "sandboxd.cpuRequestPercent=5"]);
+    assert!(
+        sandboxd_args(&render(&five)).contains(&"--cpu-request-fraction=0.05".to_owned()),
+        "a percent set on the command line is a fraction for the server"
+    );
+    assert!(
         !server.iter().any(|arg| arg.starts_with("--builder")),
         "{server:?}"
     );

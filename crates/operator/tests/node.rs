@@ -8,8 +8,6 @@
 //!
 //! Needs root and `scripts/setup`; fails (never skips) where a node cannot start.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -18,7 +16,6 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use sandcastle_api::{AgentTask, SandboxTemplate, TaskPhase, TemplatePhase};
 use sandcastle_sandboxd::{Config, Sandboxd};
-use sandcastle_testkit::localcluster::tools_bin_dir;
 use sandcastle_testkit::node::Node;
 use serde_json::json;
 
@@ -31,26 +28,13 @@ const API_KEY: &str = "node-key";
 struct Env {
     node: Node,
     client: Client,
-    helm_home: PathBuf,
 }
 
 impl Env {
     fn command(&self, tool: &str, args: &[&str]) -> String {
-        let out = Command::new(tools_bin_dir().join(tool))
-            .args(args)
-            .env("KUBECONFIG", self.node.kubeconfig_path())
-            .env("HELM_CACHE_HOME", self.helm_home.join("cache"))
-            .env("HELM_CONFIG_HOME", self.helm_home.join("config"))
-            .env("HELM_DATA_HOME", self.helm_home.join("data"))
-            .output()
-            .unwrap_or_else(|err| panic!("{tool} runs: {err}"));
-        assert!(
-            out.status.success(),
-            "{tool} {args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.node
+            .tool(tool, args)
+            .unwrap_or_else(|err| panic!("{err}"))
     }
 
     fn helm(&self, args: &[&str]) -> String {
@@ -269,20 +253,16 @@ impl Env {
     }
 
     fn logs(&self, ns: &str, selector: &str) -> String {
-        let out = Command::new(tools_bin_dir().join("kubectl"))
-            .args([
-                "logs",
-                "-n",
-                ns,
-                "-l",
-                selector,
-                "--tail=40",
-                "--all-containers",
-            ])
-            .env("KUBECONFIG", self.node.kubeconfig_path())
-            .output()
-            .expect("kubectl runs");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let args = [
+            "logs",
+            "-n",
+            ns,
+            "-l",
+            selector,
+            "--tail=40",
+            "--all-containers",
+        ];
+        self.node.tool("kubectl", &args).unwrap_or_else(|err| err)
     }
 }
 
@@ -368,7 +348,6 @@ async fn steps() {
     let node = Node::start("node").unwrap_or_else(|err| panic!("cannot start a node: {err}"));
     println!("node up in {}", secs(node.up_time));
     let client = node.client().await.expect("a client");
-    let helm_home = node.dir().join("helm");
     let t = Instant::now();
     let reference = node
         .push_operator_image(&sandcastle_testkit::operator_binary(), "dev")
@@ -388,11 +367,7 @@ async fn steps() {
     config.listen = node.ip();
     config.api_key = Some(API_KEY.into());
     let provider = Sandboxd::start(config).await.expect("the sandbox server");
-    let env = Env {
-        node,
-        client,
-        helm_home,
-    };
+    let env = Env { node, client };
 
     // --- install into a restricted namespace ------------------------------------------
     env.namespace(NS, true).await;

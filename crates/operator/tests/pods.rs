@@ -13,9 +13,11 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams};
+use sandcastle_api::{AgentTask, SandboxTemplate, TaskPhase, TemplatePhase};
 use sandcastle_e2b::client::{E2bClient, SandboxSpec};
 use sandcastle_e2b::config::ClientConfig;
 use sandcastle_e2b::envd_client::EnvdClient;
@@ -45,7 +47,8 @@ async fn steps() {
     let mut node = Node::start("pods").unwrap_or_else(|err| panic!("cannot start a node: {err}"));
     let client = node.client().await.expect("a client");
     let t = Instant::now();
-    node.push_operator_image(&sandcastle_testkit::operator_binary(), "pods")
+    let operator_image = node
+        .push_operator_image(&sandcastle_testkit::operator_binary(), "pods")
         .unwrap_or_else(|err| panic!("{err}"));
     node.push_sandbox_images()
         .unwrap_or_else(|err| panic!("{err}"));
@@ -71,7 +74,7 @@ async fn steps() {
     // The builder pulls the base image too, so by the address pods reach the registry at.
     config.base_image = format!("{}/sandbox-full:latest", node.registry_pod());
     config.builder = Some(BuilderConfig {
-        image: builder_image,
+        image: builder_image.clone(),
         repository: format!("{}/templates", node.registry_pod()),
         insecure: true,
         namespace: BUILDS.into(),
@@ -379,8 +382,406 @@ async fn steps() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     server.stop().await;
+
+    chart_on_pods(&node, &client, &operator_image, &builder_image).await;
+
     drop(client);
     node.stop().unwrap_or_else(|err| panic!("{err}"));
     let report = node.check_clean();
     assert!(report.is_ok(), "the node left things behind: {report:?}");
+}
+
+/// Where the chart's sandbox server makes sandboxes.
+const AGENTS: &str = "agents";
+const RELEASE_NS: &str = "sandcastle-system";
+
+async fn namespace(client: &kube::Client, name: &str, profile: &str) {
+    let namespace: Namespace = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": profile}},
+    }))
+    .unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("a namespace");
+}
+
+/// What a failed wait prints: every pod, and the release's logs.
+fn diagnose(node: &Node) -> String {
+    let mut out = String::new();
+    for args in [
+        &["get", "pods", "-A", "-o", "wide"][..],
+        &["get", "events", "-A", "--sort-by=.lastTimestamp"][..],
+        &[
+            "logs",
+            "-n",
+            RELEASE_NS,
+            "-l",
+            "app.kubernetes.io/instance=sc",
+            "--tail=60",
+            "--all-containers",
+            "--prefix",
+        ][..],
+    ] {
+        out.push_str(&format!("--- kubectl {}\n", args.join(" ")));
+        out.push_str(&node.tool("kubectl", args).unwrap_or_else(|err| err));
+    }
+    out
+}
+
+async fn template_ready(
+    node: &Node,
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    within: Duration,
+) {
+    let templates: Api<SandboxTemplate> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + within;
+    loop {
+        let template = templates.get(name).await.expect("reading a template");
+        let status = template.status.as_ref();
+        if status.and_then(|s| s.phase) == Some(TemplatePhase::Ready) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "template {ns}/{name} not Ready within {within:?}: {status:?}\n{}",
+            diagnose(node)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn task_succeeds(
+    node: &Node,
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    text: &str,
+) -> AgentTask {
+    let tasks: Api<AgentTask> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let task = tasks.get(name).await.expect("reading a task");
+        let status = task.status.clone().unwrap_or_default();
+        match status.phase {
+            Some(TaskPhase::Succeeded) => {
+                let result = status.result.expect("a result");
+                assert!(
+                    result.text.contains(text),
+                    "{ns}/{name}: result {:?} lacks {text:?}",
+                    result.text
+                );
+                return task;
+            }
+            Some(TaskPhase::Failed) => panic!("{ns}/{name} failed: {status:?}\n{}", diagnose(node)),
+            _ => assert!(
+                Instant::now() < deadline,
+                "{ns}/{name} did not end: {status:?}\n{}",
+                diagnose(node)
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Waits until `list` comes back empty, or fails naming what is left.
+async fn until_gone<F, Fut>(what: &str, mut list: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Vec<String>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let left = list().await;
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} left behind: {left:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn names<K: kube::Resource>(items: Vec<K>) -> Vec<String> {
+    items
+        .into_iter()
+        .map(|item| item.meta().name.clone().unwrap_or_default())
+        .collect()
+}
+
+/// The chart with `sandboxd.enabled`: the sandbox server as a Deployment of two replicas
+/// with its own ServiceAccount and Roles, the operator's E2B provider pointed at its
+/// Service, the operator's NetworkPolicy on. The examples run through it: `python` is
+/// built by kaniko, `hello-command` succeeds in a sandbox pod, a task's Secret reaches
+/// its process and nothing else. Uninstalling after the tasks and templates are deleted
+/// leaves nothing.
+async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str, builder: &str) {
+    let helm = |args: &[&str]| {
+        node.tool("helm", args)
+            .unwrap_or_else(|err| panic!("{err}"))
+    };
+    let kubectl = |args: &[&str]| {
+        node.tool("kubectl", args)
+            .unwrap_or_else(|err| panic!("{err}"))
+    };
+    namespace(client, RELEASE_NS, "restricted").await;
+    namespace(client, AGENTS, "restricted").await;
+    let digest = operator_image
+        .split_once('@')
+        .map(|(_, digest)| digest)
+        .expect("a digest");
+    let chart = sandcastle_testkit::repo().join("charts/sandcastle");
+    let sets = [
+        format!("image.repository={}/sandcastle", node.registry()),
+        format!("image.digest={digest}"),
+        "operator.logFormat=text".into(),
+        "networkPolicy.enabled=true".into(),
+        "sandboxd.enabled=true".into(),
+        format!("sandboxd.namespace={AGENTS}"),
+        format!(
+            "sandboxd.baseImage={}/sandbox-full:latest",
+            node.registry_pod()
+        ),
+        format!("sandboxd.denyCidrs={{{}/32}}", node.ip()),
+        "sandboxd.cpuRequestPercent=5".into(),
+        format!("sandboxd.builder.image={builder}"),
+        format!(
+            "sandboxd.builder.repository={}/templates",
+            node.registry_pod()
+        ),
+        "sandboxd.builder.insecure=true".into(),
+        format!("sandboxd.builder.namespace={BUILDS}"),
+    ];
+    let mut args = vec![
+        "install".to_owned(),
+        "sc".into(),
+        chart.display().to_string(),
+        "--namespace".into(),
+        RELEASE_NS.into(),
+        "--wait".into(),
+        "--timeout".into(),
+        "180s".into(),
+    ];
+    for set in &sets {
+        args.extend(["--set".to_owned(), set.clone()]);
+    }
+    // This node's DNS is CoreDNS on the host, not a kube-dns pod (as with NodeLocal
+    // DNSCache): the chart's `extra` egress rules are how such clusters allow it.
+    let dns = node.dir().join("dns-egress.yaml");
+    std::fs::write(
+        &dns,
+        format!(
+            "networkPolicy:\n  egress:\n    extra:\n      - to: [{{ipBlock: {{cidr: {}/32}}}}]\n        ports: [{{port: 53, protocol: UDP}}, {{port: 53, protocol: TCP}}]\n",
+            node.ip()
+        ),
+    )
+    .expect("a values file");
+    args.extend(["-f".to_owned(), dns.display().to_string()]);
+    let t = Instant::now();
+    helm(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    println!(
+        "chart with the sandbox server installed and Ready in {}",
+        secs(t.elapsed())
+    );
+    let servers = Api::<Pod>::namespaced(client.clone(), RELEASE_NS)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=sandcastle-sandboxd"))
+        .await
+        .expect("the server's pods");
+    assert_eq!(servers.items.len(), 2, "two sandbox server replicas");
+
+    // --- the examples, through the operator and the server ------------------------------
+    namespace(client, "examples", "baseline").await;
+    let examples = sandcastle_testkit::repo().join("examples");
+    kubectl(&[
+        "apply",
+        "-n",
+        "examples",
+        "-f",
+        &examples.display().to_string(),
+    ]);
+    let t = Instant::now();
+    template_ready(node, client, "examples", "base", Duration::from_secs(60)).await;
+    task_succeeds(node, client, "examples", "hello-command", "# Notes").await;
+    println!(
+        "hello-command succeeded on a sandbox pod in {}",
+        secs(t.elapsed())
+    );
+    template_ready(node, client, "examples", "python", Duration::from_secs(300)).await;
+    println!(
+        "python template built by kaniko, Ready after {}",
+        secs(t.elapsed())
+    );
+
+    let token = format!("pod-secret-{}", std::process::id());
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "creds"}, "stringData": {"token": token},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), "examples")
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("the task's Secret");
+    let task: AgentTask = serde_json::from_value(json!({
+        "apiVersion": "sandcastle.dev/v1alpha1", "kind": "AgentTask",
+        "metadata": {"name": "with-secret"},
+        "spec": {
+            "templateRef": {"name": "python"},
+            "agent": {"command": {"command": ["sh", "-c",
+                "test \"$TOKEN\" = \"pod-secret-$EXPECTED_PID\" && echo token-arrived; python3 /home/user/tools/greet.py"]}},
+            "env": [
+                {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+                {"name": "EXPECTED_PID", "value": std::process::id().to_string()},
+            ],
+            "activeDeadlineSeconds": 300,
+        },
+    }))
+    .unwrap();
+    Api::<AgentTask>::namespaced(client.clone(), "examples")
+        .create(&PostParams::default(), &task)
+        .await
+        .expect("a task with a Secret");
+    let done = task_succeeds(node, client, "examples", "with-secret", "token-arrived").await;
+    let result = done.status.and_then(|s| s.result).expect("a result").text;
+    assert!(
+        result.contains("hello from the template"),
+        "the COPY step's file is in the built image: {result:?}"
+    );
+
+    // The Secret's value reached the agent's process only: no Pod, Event, template,
+    // server or operator log, nor the node's own logs hold it.
+    let mut places = Vec::new();
+    for pod in Api::<Pod>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+    {
+        places.push((
+            format!("pod {}", pod.name_any()),
+            serde_json::to_string(&pod).unwrap(),
+        ));
+    }
+    for event in Api::<Event>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+    {
+        places.push((
+            format!("event {}", event.name_any()),
+            serde_json::to_string(&event).unwrap(),
+        ));
+    }
+    for config_map in Api::<ConfigMap>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+    {
+        places.push((
+            format!("configmap {}", config_map.name_any()),
+            serde_json::to_string(&config_map).unwrap(),
+        ));
+    }
+    for selector in [
+        "app.kubernetes.io/name=sandcastle-sandboxd",
+        "app.kubernetes.io/name=sandcastle",
+    ] {
+        let logs = kubectl(&[
+            "logs",
+            "-n",
+            RELEASE_NS,
+            "-l",
+            selector,
+            "--tail=-1",
+            "--all-containers",
+            "--prefix",
+        ]);
+        assert!(!logs.is_empty(), "{selector} logged something");
+        places.push((format!("logs of {selector}"), logs));
+    }
+    for entry in std::fs::read_dir(node.dir().join("logs")).expect("the node's logs") {
+        let path = entry.unwrap().path();
+        places.push((
+            path.display().to_string(),
+            String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned(),
+        ));
+    }
+    let leaks: Vec<&String> = places
+        .iter()
+        .filter(|(_, text)| text.contains(&token))
+        .map(|(place, _)| place)
+        .collect();
+    assert!(leaks.is_empty(), "the task's Secret value is in {leaks:?}");
+    println!("Secret value in none of {} places scanned", places.len());
+
+    // --- down: tasks and templates first, while the operator can finish them ------------
+    kubectl(&[
+        "delete",
+        "-n",
+        "examples",
+        "agenttasks,sandboxtemplates",
+        "--all",
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+    helm(&[
+        "uninstall",
+        "sc",
+        "--namespace",
+        RELEASE_NS,
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    let managed = ListParams::default().labels(MANAGED);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), AGENTS);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), AGENTS);
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), AGENTS);
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), AGENTS);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), BUILDS);
+    let build_maps: Api<ConfigMap> = Api::namespaced(client.clone(), BUILDS);
+    until_gone("sandbox pods, secrets, policies, template maps", || async {
+        let mut left = names(pods.list(&managed).await.unwrap().items);
+        left.extend(names(secrets.list(&managed).await.unwrap().items));
+        left.extend(names(policies.list(&managed).await.unwrap().items));
+        left.extend(
+            names(
+                config_maps
+                    .list(&ListParams::default())
+                    .await
+                    .unwrap()
+                    .items,
+            )
+            .into_iter()
+            .filter(|name| name != "kube-root-ca.crt"),
+        );
+        left.extend(names(
+            jobs.list(&ListParams::default()).await.unwrap().items,
+        ));
+        left.extend(
+            names(build_maps.list(&ListParams::default()).await.unwrap().items)
+                .into_iter()
+                .filter(|name| name != "kube-root-ca.crt"),
+        );
+        left
+    })
+    .await;
+    let release = kubectl(&[
+        "get",
+        "-n",
+        RELEASE_NS,
+        "all,serviceaccounts,secrets,roles,rolebindings,networkpolicies,leases",
+        "-l",
+        "app.kubernetes.io/instance=sc",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(
+        release.trim(),
+        "",
+        "helm uninstall left the release's objects"
+    );
+    for ns in [AGENTS, BUILDS] {
+        let rbac = kubectl(&["get", "-n", ns, "roles,rolebindings", "-o", "name"]);
+        assert_eq!(rbac.trim(), "", "helm uninstall left RBAC in {ns}");
+    }
 }

@@ -275,6 +275,29 @@ impl Node {
         Client::try_from(config).map_err(|err| err.to_string())
     }
 
+    /// Runs `helm` or `kubectl` from the tools dir against this node, with helm's state
+    /// under the node's directory; returns stdout, or an error with both outputs.
+    pub fn tool(&self, tool: &str, args: &[&str]) -> Result<String, String> {
+        let helm = self.dir.join("helm");
+        let out = Command::new(tools_bin_dir().join(tool))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HELM_CACHE_HOME", helm.join("cache"))
+            .env("HELM_CONFIG_HOME", helm.join("config"))
+            .env("HELM_DATA_HOME", helm.join("data"))
+            .output()
+            .map_err(|err| format!("{tool} runs: {err}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{tool} {args:?} failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
     /// The local registry's `host:port` (plain HTTP, on loopback); the node pulls from it.
     pub fn registry(&self) -> &str {
         &self.registry

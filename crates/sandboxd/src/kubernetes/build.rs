@@ -67,9 +67,28 @@ pub struct Settings {
 pub struct Plan {
     pub from: String,
     pub lines: Vec<(String, Option<u32>)>,
-    /// The uploads COPY steps take files from, by files hash.
-    pub uploads: Vec<String>,
+    /// The uploads COPY steps take files from, each once per mode it is copied with.
+    pub uploads: Vec<Upload>,
     pub settings: Settings,
+}
+
+/// An upload as a COPY step places it. A COPY's mode is given to the upload's files in
+/// the context rather than by `COPY --chmod`, which would give it to directories too
+/// (making a `0644` directory untraversable); the local runtime sets it on files only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upload {
+    pub hash: String,
+    pub mode: Option<u32>,
+}
+
+impl Upload {
+    /// Its folder in the context.
+    fn folder(&self) -> String {
+        match self.mode {
+            Some(mode) => format!("{}-{mode:o}", self.hash),
+            None => self.hash.clone(),
+        }
+    }
 }
 
 impl Plan {
@@ -132,15 +151,15 @@ fn env_name(name: &str) -> Result<&str, String> {
     }
 }
 
-/// The context path of a COPY source: relative, inside the upload's files.
-fn copy_source(hash: &str, src: &str) -> Result<String, String> {
+/// The context path of a COPY source: relative, inside the upload's folder.
+fn copy_source(folder: &str, src: &str) -> Result<String, String> {
     let trimmed = src.trim_start_matches("./");
     if src.starts_with('/') || src.split('/').any(|part| part == "..") {
         return Err(format!("COPY source {src:?} must stay inside the context"));
     }
     Ok(match trimmed {
-        "" | "." => format!("files/{hash}/"),
-        path => format!("files/{hash}/{path}"),
+        "" | "." => format!("files/{folder}/"),
+        path => format!("files/{folder}/{path}"),
     })
 }
 
@@ -195,18 +214,24 @@ pub fn plan(
                 if let Some(user) = args.get(2).filter(|user| !user.is_empty()) {
                     flags.push_str(&format!("--chown={} ", bare(user).map_err(at)?));
                 }
-                if let Some(mode) = args.get(3).filter(|mode| !mode.is_empty()) {
-                    u32::from_str_radix(mode, 8)
-                        .map_err(|_| at(format!("invalid mode {mode:?}")))?;
-                    flags.push_str(&format!("--chmod={mode} "));
-                }
-                let pair = [copy_source(&hash, &args[0]).map_err(at)?, args[1].clone()];
+                let mode = match args.get(3).filter(|mode| !mode.is_empty()) {
+                    Some(mode) => Some(
+                        u32::from_str_radix(mode, 8)
+                            .map_err(|_| at(format!("invalid mode {mode:?}")))?,
+                    ),
+                    None => None,
+                };
+                let upload = Upload { hash, mode };
+                let pair = [
+                    copy_source(&upload.folder(), &args[0]).map_err(at)?,
+                    args[1].clone(),
+                ];
                 push(format!(
                     "COPY {flags}{}",
                     serde_json::to_string(&pair).expect("strings")
                 ));
-                if !uploads.contains(&hash) {
-                    uploads.push(hash);
+                if !uploads.contains(&upload) {
+                    uploads.push(upload);
                 }
             }
             "ENV" | "ARG" => {
@@ -243,7 +268,8 @@ pub fn plan(
     })
 }
 
-/// The build context: the Dockerfile, and each upload's files under `files/<hash>/`.
+/// The build context: the Dockerfile, and each upload's files under `files/<folder>/`,
+/// with the mode of the COPY that takes them.
 /// Entries are copied one by one so that none can land outside its folder.
 pub fn context_archive(
     plan: &Plan,
@@ -258,7 +284,8 @@ pub fn context_archive(
     archive
         .append_data(&mut header, DOCKERFILE_KEY, dockerfile.as_bytes())
         .map_err(|error| error.to_string())?;
-    for hash in &plan.uploads {
+    for placed in &plan.uploads {
+        let hash = &placed.hash;
         let bytes = uploads
             .get(hash)
             .ok_or_else(|| format!("files with hash {hash} were not uploaded"))?;
@@ -284,9 +311,17 @@ pub fn context_archive(
                     path.display()
                 ));
             }
-            let target = std::path::Path::new("files").join(hash).join(&path);
+            let target = std::path::Path::new("files")
+                .join(placed.folder())
+                .join(&path);
             let mut header = entry.header().clone();
-            match header.entry_type() {
+            let kind = header.entry_type();
+            if let (Some(mode), tar::EntryType::Regular | tar::EntryType::Continuous) =
+                (placed.mode, kind)
+            {
+                header.set_mode(mode);
+            }
+            match kind {
                 tar::EntryType::Regular
                 | tar::EntryType::Directory
                 | tar::EntryType::Continuous => {
@@ -630,7 +665,7 @@ mod tests {
         assert_eq!(
             plan.dockerfile(),
             format!(
-                "FROM reg/base@sha256:1\nWORKDIR /opt/x\nCOPY --chown=user --chmod=0755 [\"files/{hash}/greeting.txt\",\"/opt/x/\"]\nENV FLAVOUR=\"va\\$nil\\\"la\"\nENV B=\"c\"\nUSER user\nRUN [\"/bin/bash\",\"-c\",\"echo \\\"$FLAVOUR\\\" > f\\nls\"]\n"
+                "FROM reg/base@sha256:1\nWORKDIR /opt/x\nCOPY --chown=user [\"files/{hash}-755/greeting.txt\",\"/opt/x/\"]\nENV FLAVOUR=\"va\\$nil\\\"la\"\nENV B=\"c\"\nUSER user\nRUN [\"/bin/bash\",\"-c\",\"echo \\\"$FLAVOUR\\\" > f\\nls\"]\n"
             )
         );
         let steps_of: Vec<_> = plan.lines.iter().map(|(_, step)| *step).collect();
@@ -638,7 +673,13 @@ mod tests {
             steps_of,
             [Some(1), Some(2), Some(3), Some(3), Some(4), Some(4)]
         );
-        assert_eq!(plan.uploads, [hash]);
+        assert_eq!(
+            plan.uploads,
+            [Upload {
+                hash,
+                mode: Some(0o755)
+            }]
+        );
         assert_eq!(plan.settings.workdir.as_deref(), Some("/opt/x"));
         assert_eq!(plan.settings.user.as_deref(), Some("user"));
         assert_eq!(plan.settings.env["B"], "c");
@@ -748,6 +789,50 @@ mod tests {
         assert_eq!(
             entries[1],
             (format!("files/{hash}/a.txt"), b"hello".to_vec(), 0o600)
+        );
+
+        // The same files copied twice, once with a mode: a folder each, the mode on the
+        // files only, so the directory stays traversable.
+        let mut dir = tar::Header::new_gnu();
+        dir.set_entry_type(tar::EntryType::Directory);
+        dir.set_mode(0o755);
+        dir.set_size(0);
+        let mut file = tar::Header::new_gnu();
+        file.set_mode(0o600);
+        file.set_size(2);
+        let mut tree = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        tree.append_data(&mut dir, "tools/", &b""[..]).expect("dir");
+        tree.append_data(&mut file, "tools/x.py", &b"hi"[..])
+            .expect("file");
+        let tree = tree.into_inner().expect("tar").finish().expect("gzip");
+        let mut plain = step("COPY", &["tools", "/opt/tools"]);
+        plain.files_hash = Some(hash.clone());
+        let mut moded = step("COPY", &["tools", "/home/user/tools", "", "0644"]);
+        moded.files_hash = Some(hash.clone());
+        let twice = super::plan("img", &Settings::default(), &[plain, moded]).expect("a plan");
+        assert!(
+            twice.dockerfile().contains(&format!(
+                "COPY [\"files/{hash}-644/tools\",\"/home/user/tools\"]"
+            )),
+            "{}",
+            twice.dockerfile()
+        );
+        let archive = context_archive(&twice, &[(hash.clone(), tree)].into()).expect("a context");
+        let modes: Vec<(String, u32)> = listing(&archive)[1..]
+            .iter()
+            .map(|(path, _, mode)| (path.clone(), *mode))
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                (format!("files/{hash}/tools/"), 0o755),
+                (format!("files/{hash}/tools/x.py"), 0o600),
+                (format!("files/{hash}-644/tools/"), 0o755),
+                (format!("files/{hash}-644/tools/x.py"), 0o644),
+            ]
         );
 
         let escaping = [(hash.clone(), gzipped_tar(&[("../../etc/x", b"no")]))].into();

@@ -434,7 +434,10 @@ async fn launch_build(
     plan: &Plan,
 ) -> Result<(), (Option<u32>, String)> {
     let mut uploads = BTreeMap::new();
-    for hash in &plan.uploads {
+    for hash in plan.uploads.iter().map(|upload| &upload.hash) {
+        if uploads.contains_key(hash) {
+            continue;
+        }
         let step = plan
             .lines
             .iter()
