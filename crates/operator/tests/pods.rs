@@ -752,7 +752,10 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
                     .items,
             )
             .into_iter()
-            .filter(|name| name != "kube-root-ca.crt"),
+            // The server's record of the `base` template outlives it, as a
+            // StatefulSet's volumes do, so that a reinstall finds it; built templates
+            // went with their SandboxTemplates.
+            .filter(|name| name != "kube-root-ca.crt" && name != "template-base"),
         );
         left.extend(names(
             jobs.list(&ListParams::default()).await.unwrap().items,
