@@ -125,6 +125,35 @@ pub struct AgentTaskSpec {
     /// Which generated files are listed in status.
     #[serde(default)]
     pub outputs: Outputs,
+
+    /// Where the agent's sandbox may connect to. Enforced where the provider can: the
+    /// kubernetes runtime by the sandbox's NetworkPolicy, E2B by its firewall; the local
+    /// runtime does not restrict egress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<TaskNetwork>,
+}
+
+/// The egress a task's sandbox is allowed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskNetwork {
+    /// Whether the sandbox reaches the internet: addresses outside the provider's denied
+    /// ranges (the kubernetes runtime denies private and link-local ones). Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_internet_access: Option<bool>,
+
+    /// Addresses the sandbox may reach whatever else is denied, such as a model endpoint or
+    /// a git host inside the cluster: IPv4 or IPv6 addresses or CIDRs. Host names are
+    /// refused, since a NetworkPolicy cannot name them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 32),
+        inner(
+            length(min = 1, max = 64),
+            regex(pattern = r"^[0-9A-Fa-f:.]+(/[0-9]{1,3})?$")
+        )
+    )]
+    pub allow_out: Vec<String>,
 }
 
 fn default_active_deadline_seconds() -> i64 {

@@ -85,6 +85,8 @@ pub struct SandboxSpec {
     /// Whether envd requires the access token the service then issues.
     pub secure: bool,
     pub allow_internet_access: Option<bool>,
+    /// Addresses reachable whatever else is denied (E2B's `network.allowOut`).
+    pub allow_out: Vec<String>,
     pub auto_pause: Option<bool>,
 }
 
@@ -97,6 +99,7 @@ impl SandboxSpec {
             env_vars: BTreeMap::new(),
             secure: true,
             allow_internet_access: None,
+            allow_out: Vec::new(),
             auto_pause: None,
         }
     }
@@ -111,6 +114,10 @@ impl SandboxSpec {
             allow_internet_access: self.allow_internet_access,
             metadata: non_empty(&self.metadata),
             env_vars: non_empty(&self.env_vars),
+            network: (!self.allow_out.is_empty()).then(|| crate::models::SandboxNetwork {
+                allow_out: self.allow_out.clone(),
+                deny_out: Vec::new(),
+            }),
         }
     }
 }

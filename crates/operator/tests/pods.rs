@@ -23,6 +23,7 @@ use sandcastle_e2b::config::ClientConfig;
 use sandcastle_e2b::envd_client::EnvdClient;
 use sandcastle_e2b::models::{BuildStatus, TemplateBuildRequest, TemplateBuildStart, TemplateStep};
 use sandcastle_sandboxd::{BuilderConfig, KubeConfig, KubeSandboxd};
+use sandcastle_testkit::model::{HELLO_PY, Script, ScriptedModel};
 use sandcastle_testkit::node::Node;
 use serde_json::json;
 
@@ -32,6 +33,32 @@ const API_KEY: &str = "pods-key";
 /// namespace refuses.
 const BUILDS: &str = "sandbox-builds";
 const MANAGED: &str = "app.kubernetes.io/managed-by=sandcastle-sandboxd";
+
+/// The Claude Code CLI for the sandbox image: only its native executable (the CLI needs
+/// no Node), hard-linked so the image's cached layer stays valid between runs.
+fn claude_native() -> std::path::PathBuf {
+    let installed = sandcastle_testkit::repo().join(".tools/bin/claude");
+    let executable = installed
+        .canonicalize()
+        .unwrap_or_else(|err| panic!("{}: {err}: run scripts/setup", installed.display()));
+    let dir = sandcastle_testkit::scratch_dir().join("claude-native");
+    let target = dir.join("bin/claude");
+    let same = |a: &std::path::Path, b: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            _ => false,
+        }
+    };
+    if !same(&executable, &target) {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bin")).expect("a directory");
+        std::fs::hard_link(&executable, &target)
+            .or_else(|_| std::fs::copy(&executable, &target).map(drop))
+            .expect("the CLI in place");
+    }
+    dir
+}
 
 fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
@@ -50,7 +77,7 @@ async fn steps() {
     let operator_image = node
         .push_operator_image(&sandcastle_testkit::operator_binary(), "pods")
         .unwrap_or_else(|err| panic!("{err}"));
-    node.push_sandbox_images()
+    node.push_sandbox_images(Some(&claude_native()))
         .unwrap_or_else(|err| panic!("{err}"));
     let builder_image = node
         .push_builder_image()
@@ -648,6 +675,95 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
         "the COPY step's file is in the built image: {result:?}"
     );
 
+    // --- egress: what a task's network allows, and Claude Code through it -------------
+    let model = ScriptedModel::start_on(Script::WriteAndRun, node.ip()).await;
+    let model_addr = model.base_url().trim_start_matches("http://").to_owned();
+    let (host, port) = model_addr.rsplit_once(':').expect("host:port");
+    let probe = format!(
+        "timeout 3 bash -c '</dev/tcp/{host}/{port}' 2>/dev/null && echo model-open || echo model-closed; \
+         timeout 3 bash -c '</dev/tcp/169.254.169.254/80' 2>/dev/null && echo metadata-open || echo metadata-closed"
+    );
+    for (name, network, expected) in [
+        ("fenced", json!(null), "model-closed"),
+        (
+            "allowed",
+            json!({"allowInternetAccess": false, "allowOut": [format!("{host}/32")]}),
+            "model-open",
+        ),
+    ] {
+        let mut spec = json!({
+            "templateRef": {"name": "base"},
+            "agent": {"command": {"command": ["bash", "-c", &probe]}},
+            "activeDeadlineSeconds": 120,
+        });
+        if !network.is_null() {
+            spec["network"] = network;
+        }
+        let task: AgentTask = serde_json::from_value(json!({
+            "apiVersion": "sandcastle.dev/v1alpha1", "kind": "AgentTask",
+            "metadata": {"name": name}, "spec": spec,
+        }))
+        .unwrap();
+        Api::<AgentTask>::namespaced(client.clone(), "examples")
+            .create(&PostParams::default(), &task)
+            .await
+            .expect("a probing task");
+        let done = task_succeeds(node, client, "examples", name, expected).await;
+        let text = done.status.and_then(|s| s.result).expect("a result").text;
+        assert!(text.contains("metadata-closed"), "{name}: {text}");
+        println!("{name}: {}", text.replace('\n', " "));
+    }
+
+    let key = format!("sk-ant-pods-{}", std::process::id());
+    let anthropic: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "anthropic"}, "stringData": {"ANTHROPIC_API_KEY": key},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), "examples")
+        .create(&PostParams::default(), &anthropic)
+        .await
+        .expect("the model key");
+    let claude: AgentTask = serde_json::from_value(json!({
+        "apiVersion": "sandcastle.dev/v1alpha1", "kind": "AgentTask",
+        "metadata": {"name": "claude-on-a-pod"},
+        "spec": {
+            "templateRef": {"name": "base"},
+            "prompt": "Create hello.py and run it",
+            "env": [
+                {"name": "ANTHROPIC_BASE_URL", "value": model.base_url()},
+                {"name": "CLAUDE_CODE_MAX_RETRIES", "value": "0"},
+            ],
+            "envFrom": [{"secretRef": {"name": "anthropic"}}],
+            "network": {"allowInternetAccess": false, "allowOut": [format!("{host}/32")]},
+            "activeDeadlineSeconds": 300,
+        },
+    }))
+    .unwrap();
+    let t = Instant::now();
+    Api::<AgentTask>::namespaced(client.clone(), "examples")
+        .create(&PostParams::default(), &claude)
+        .await
+        .expect("a Claude Code task");
+    let done = task_succeeds(node, client, "examples", "claude-on-a-pod", "done").await;
+    let status = done.status.expect("a status");
+    let result = status.result.expect("a result");
+    assert_eq!(
+        (result.num_turns, result.is_error),
+        (Some(3), false),
+        "{result:?}"
+    );
+    let files: Vec<(&str, i64)> = status
+        .files
+        .iter()
+        .map(|file| (file.path.as_str(), file.size))
+        .collect();
+    assert_eq!(files, [("hello.py", HELLO_PY.len() as i64)]);
+    println!(
+        "Claude Code on a pod, model reached through allowOut only: {} turns in {}",
+        result.num_turns.unwrap_or_default(),
+        secs(t.elapsed())
+    );
+
     // The Secret's value reached the agent's process only: no Pod, Event, template,
     // server or operator log, nor the node's own logs hold it.
     let mut places = Vec::new();
@@ -707,11 +823,11 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
     }
     let leaks: Vec<&String> = places
         .iter()
-        .filter(|(_, text)| text.contains(&token))
+        .filter(|(_, text)| text.contains(&token) || text.contains(&key))
         .map(|(place, _)| place)
         .collect();
     assert!(leaks.is_empty(), "the task's Secret value is in {leaks:?}");
-    println!("Secret value in none of {} places scanned", places.len());
+    println!("Secret values in none of {} places scanned", places.len());
 
     // --- down: tasks and templates first, while the operator can finish them ------------
     kubectl(&[

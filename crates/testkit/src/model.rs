@@ -88,13 +88,18 @@ pub struct ScriptedModel {
 impl ScriptedModel {
     /// Serves on 127.0.0.1 on a free port until dropped.
     pub async fn start(script: Script) -> ScriptedModel {
+        ScriptedModel::start_on(script, std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// Serves on `ip` (one pods reach, for a sandbox on a node) on a free port.
+    pub async fn start_on(script: Script, ip: std::net::IpAddr) -> ScriptedModel {
         let shared = Arc::new(Shared {
             script,
             mode: Mutex::new(Mode::Ok),
             requests: Mutex::new(Vec::new()),
             ids: AtomicU64::new(0),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind((ip, 0))
             .await
             .expect("bind scripted model");
         let addr = listener.local_addr().expect("scripted model address");

@@ -356,11 +356,13 @@ impl Node {
     }
 
     /// Builds the sandbox images (`tools/images/build-sandbox-images.sh`: sandbox-minimal
-    /// and sandbox-full, cached by their package lists) and pushes them to the node's
-    /// registry; returns the pushed references with their digests.
-    pub fn push_sandbox_images(&self) -> Result<Vec<String>, String> {
+    /// and sandbox-full, cached by their package lists; sandbox-full with the Claude Code
+    /// CLI in `claude` when given) and pushes them to the node's registry; returns the
+    /// pushed references with their digests.
+    pub fn push_sandbox_images(&self, claude: Option<&Path>) -> Result<Vec<String>, String> {
         let out = run(
             Command::new(script("tools/images/build-sandbox-images.sh"))
+                .args(claude)
                 .env("REGISTRY", &self.registry),
             "tools/images/build-sandbox-images.sh",
         )?;

@@ -128,6 +128,8 @@ async fn create_sandbox(
             format!("invalid environment variable name {name:?}"),
         ));
     }
+    let egress = objects::Egress::of(body.allow_internet_access, body.network.as_ref())
+        .map_err(|message| error(StatusCode::BAD_REQUEST, message))?;
     let template = find_template(state, &body.template_id)
         .await?
         .ok_or_else(|| {
@@ -177,7 +179,7 @@ async fn create_sandbox(
             ),
             other => kube_failure("cannot create the sandbox pod", other),
         })?;
-    let started = start(state, &created, &template, token.clone(), env_vars, &body).await;
+    let started = start(state, &created, &template, token.clone(), env_vars, &egress).await;
     if let Err(response) = started {
         delete_pod(state, &created).await;
         return Err(response);
@@ -203,7 +205,7 @@ async fn start(
     template: &Template,
     token: Option<String>,
     mut env_vars: BTreeMap<String, String>,
-    body: &NewSandbox,
+    egress: &objects::Egress,
 ) -> Result<(), Response> {
     let refused = |what: &'static str| move |failure| kube_failure(what, failure);
     if let Some(token) = &token {
@@ -213,12 +215,11 @@ async fn start(
             .await
             .map_err(refused("cannot store the access token"))?;
     }
-    let internet = body.allow_internet_access.unwrap_or(true);
     state
         .policies
         .create(
             &PostParams::default(),
-            &objects::network_policy(&state.config, pod, internet, &[]),
+            &objects::network_policy(&state.config, pod, egress),
         )
         .await
         .map_err(refused("cannot create the sandbox's NetworkPolicy"))?;

@@ -273,12 +273,51 @@ pub fn token_secret(pod: &Pod, token: &str) -> Secret {
 /// sandbox may reach the internet, to every address outside the denied ranges (the
 /// cluster's own networks and the cloud metadata address by default), plus whatever
 /// `allowed` names.
-pub fn network_policy(
-    config: &KubeConfig,
-    pod: &Pod,
-    internet: bool,
-    allowed: &[String],
-) -> NetworkPolicy {
+/// What a sandbox may reach besides DNS, from a create's `allow_internet_access` and
+/// `network`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Egress {
+    /// Everything outside the server's denied ranges and `denied`.
+    pub internet: bool,
+    /// Reachable whatever else says: `allowOut`.
+    pub allowed: Vec<String>,
+    /// Denied besides the server's ranges: `denyOut`.
+    pub denied: Vec<String>,
+}
+
+impl Egress {
+    /// Checks a create's egress wishes. Every entry must be an address or a CIDR: a
+    /// NetworkPolicy cannot name hosts, and this runtime has no egress proxy that could.
+    pub fn of(
+        internet: Option<bool>,
+        network: Option<&sandcastle_e2b::models::SandboxNetwork>,
+    ) -> Result<Egress, String> {
+        let cidrs = |field: &str, entries: &[String]| -> Result<Vec<String>, String> {
+            entries
+                .iter()
+                .map(|entry| {
+                    entry
+                        .parse::<ipnet::IpNet>()
+                        .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .map(|net| net.trunc().to_string())
+                        .map_err(|_| {
+                            format!(
+                                "network.{field} entry {entry:?} is not an IP address or CIDR: sandboxes on pods are fenced by NetworkPolicy, which cannot name hosts"
+                            )
+                        })
+                })
+                .collect()
+        };
+        let network = network.cloned().unwrap_or_default();
+        Ok(Egress {
+            internet: internet.unwrap_or(true),
+            allowed: cidrs("allowOut", &network.allow_out)?,
+            denied: cidrs("denyOut", &network.deny_out)?,
+        })
+    }
+}
+
+pub fn network_policy(config: &KubeConfig, pod: &Pod, egress_of: &Egress) -> NetworkPolicy {
     let sandbox_id = pod
         .metadata
         .labels
@@ -294,13 +333,17 @@ pub fn network_policy(
     let mut egress = vec![json!({
         "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
     })];
-    if internet {
-        egress.push(
-            json!({"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": config.denied_cidrs}}]}),
-        );
+    if egress_of.internet {
+        let except: Vec<&String> = config
+            .denied_cidrs
+            .iter()
+            .chain(egress_of.denied.iter().filter(|cidr| !cidr.contains(':')))
+            .collect();
+        egress.push(json!({"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": except}}]}));
     }
-    if !allowed.is_empty() {
-        let to: Vec<_> = allowed
+    if !egress_of.allowed.is_empty() {
+        let to: Vec<_> = egress_of
+            .allowed
             .iter()
             .map(|cidr| json!({"ipBlock": {"cidr": cidr}}))
             .collect();
@@ -606,7 +649,23 @@ mod tests {
     fn the_policy_admits_only_the_server_and_denies_the_cluster() {
         let mut pod = pod_of(&template(None));
         pod.metadata.uid = Some("uid-1".into());
-        let policy = network_policy(&config(), &pod, true, &["192.0.2.2/32".to_string()]);
+        let egress = Egress::of(
+            None,
+            Some(&sandcastle_e2b::models::SandboxNetwork {
+                allow_out: vec!["192.0.2.2".into()],
+                deny_out: vec!["203.0.113.9/24".into()],
+            }),
+        )
+        .expect("addresses");
+        assert_eq!(
+            egress,
+            Egress {
+                internet: true,
+                allowed: vec!["192.0.2.2/32".into()],
+                denied: vec!["203.0.113.0/24".into()],
+            }
+        );
+        let policy = network_policy(&config(), &pod, &egress);
         let text = serde_json::to_value(&policy).unwrap();
         assert_eq!(text["metadata"]["ownerReferences"][0]["uid"], "uid-1");
         assert_eq!(
@@ -627,12 +686,33 @@ mod tests {
                 .unwrap()
                 .contains(&json!("169.254.0.0/16"))
         );
+        assert!(
+            internet["except"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("203.0.113.0/24"))
+        );
         assert_eq!(
             text["spec"]["egress"][2]["to"][0]["ipBlock"]["cidr"],
             "192.0.2.2/32"
         );
-        let closed = serde_json::to_value(network_policy(&config(), &pod, false, &[])).unwrap();
+        let off = Egress::of(Some(false), None).expect("no wishes");
+        let closed = serde_json::to_value(network_policy(&config(), &pod, &off)).unwrap();
         assert_eq!(closed["spec"]["egress"].as_array().unwrap().len(), 1);
+        for (allow, deny) in [
+            (vec!["api.anthropic.com".to_string()], vec![]),
+            (vec![], vec!["10.0.0.0/33".to_string()]),
+        ] {
+            let message = Egress::of(
+                None,
+                Some(&sandcastle_e2b::models::SandboxNetwork {
+                    allow_out: allow,
+                    deny_out: deny,
+                }),
+            )
+            .expect_err("refused");
+            assert!(message.contains("not an IP address or CIDR"), "{message}");
+        }
     }
 
     #[test]

@@ -284,6 +284,10 @@ pub(crate) fn sandbox_spec(
         (TASK_NAME.to_string(), task.name_any()),
         (OPERATOR.to_string(), instance.to_string()),
     ]);
+    if let Some(network) = &task.spec.network {
+        spec.allow_internet_access = network.allow_internet_access;
+        spec.allow_out = network.allow_out.clone();
+    }
     spec
 }
 
@@ -327,5 +331,22 @@ mod tests {
             sandbox_spec(&task, &template, "sandcastle", late).timeout,
             Duration::from_secs(1) + SANDBOX_GRACE
         );
+        assert_eq!(spec.allow_internet_access, None);
+        assert!(spec.allow_out.is_empty());
+    }
+
+    #[test]
+    fn a_task_network_reaches_the_sandbox_request() {
+        let task: AgentTask = serde_json::from_value(serde_json::json!({
+            "apiVersion": "sandcastle.dev/v1alpha1", "kind": "AgentTask",
+            "metadata": {"name": "t", "namespace": "team"},
+            "spec": {"templateRef": {"name": "base"}, "agent": {"command": {"command": ["true"]}},
+                     "network": {"allowInternetAccess": false, "allowOut": ["10.0.0.7/32"]}},
+        }))
+        .expect("a task");
+        let template = sandcastle_api::SandboxTemplateStatus::default();
+        let spec = sandbox_spec(&task, &template, "sandcastle", jiff::Timestamp::now());
+        assert_eq!(spec.allow_internet_access, Some(false));
+        assert_eq!(spec.allow_out, ["10.0.0.7/32"]);
     }
 }
