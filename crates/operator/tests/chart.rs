@@ -1280,6 +1280,24 @@ fn the_sandbox_server_without_a_builder_has_no_build_rights_and_bad_combinations
         server.contains(&"--cpu-request-fraction=1".to_owned()),
         "{server:?}"
     );
+    let denied: Vec<&String> = server
+        .iter()
+        .filter(|arg| arg.starts_with("--deny-cidr="))
+        .collect();
+    assert_eq!(
+        denied.len(),
+        5,
+        "the private and metadata ranges: {server:?}"
+    );
+    assert!(server.contains(&"--deny-cidr=169.254.0.0/16".to_owned()));
+    let mut extra = base.to_vec();
+    extra.extend(["--set", "sandboxd.extraDenyCidrs={203.0.113.7/32}"]);
+    let with_extra = sandboxd_args(&render(&extra));
+    assert!(
+        with_extra.contains(&"--deny-cidr=203.0.113.7/32".to_owned())
+            && with_extra.contains(&"--deny-cidr=10.0.0.0/8".to_owned()),
+        "extraDenyCidrs adds to the defaults: {with_extra:?}"
+    );
     let mut five = base.to_vec();
     five.extend(["--set", "sandboxd.cpuRequestPercent=5"]);
     assert!(

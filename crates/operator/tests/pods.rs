@@ -205,7 +205,7 @@ async fn steps() {
     let b_ip = run(&b, "hostname -i").await.stdout.trim().to_string();
     let probe = format!(
         "probe() {{ timeout 3 bash -c \"</dev/tcp/$1/$2\" 2>/dev/null && echo \"$3 open\" || echo \"$3 closed\"; }}; \
-         sleep 1; probe {b_ip} 8000 sandbox; probe {} 6443 apiserver; probe 10.96.0.1 443 kubernetes; \
+         sleep 1; probe {b_ip} 8000 sandbox; probe {} 6443 apiserver; probe 10.96.0.1 443 kubernetes; probe 169.254.169.254 80 metadata; \
          getent hosts kubernetes.default.svc.cluster.local >/dev/null && echo 'dns works' || echo 'dns fails'",
         node.ip()
     );
@@ -213,7 +213,12 @@ async fn steps() {
     println!("from inside a sandbox (NetworkPolicy enforced: {enforced}):\n{probed}");
     assert!(probed.contains("dns works"), "{probed}");
     if enforced {
-        for closed in ["sandbox closed", "apiserver closed", "kubernetes closed"] {
+        for closed in [
+            "sandbox closed",
+            "apiserver closed",
+            "kubernetes closed",
+            "metadata closed",
+        ] {
             assert!(probed.contains(closed), "{closed}: {probed}");
         }
     } else {
@@ -570,7 +575,7 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
             "sandboxd.baseImage={}/sandbox-full:latest",
             node.registry_pod()
         ),
-        format!("sandboxd.denyCidrs={{{}/32}}", node.ip()),
+        format!("sandboxd.extraDenyCidrs={{{}/32}}", node.ip()),
         "sandboxd.cpuRequestPercent=5".into(),
         format!("sandboxd.builder.image={builder}"),
         format!(
