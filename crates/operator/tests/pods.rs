@@ -16,7 +16,10 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use sandcastle_api::names::{
+    SANDBOX_OPERATOR, SANDBOX_TASK_NAME, SANDBOX_TASK_NAMESPACE, SANDBOX_TASK_UID,
+};
 use sandcastle_api::{AgentTask, SandboxTemplate, TaskPhase, TemplatePhase};
 use sandcastle_e2b::client::{E2bClient, SandboxSpec};
 use sandcastle_e2b::config::ClientConfig;
@@ -518,6 +521,78 @@ async fn task_succeeds(
     }
 }
 
+async fn command_task(client: &kube::Client, name: &str, script: &str, deadline: i64) {
+    let task: AgentTask = serde_json::from_value(json!({
+        "apiVersion": "sandcastle.dev/v1alpha1", "kind": "AgentTask",
+        "metadata": {"name": name},
+        "spec": {
+            "templateRef": {"name": "base"},
+            "agent": {"command": {"command": ["bash", "-c", script]}},
+            "activeDeadlineSeconds": deadline,
+        },
+    }))
+    .unwrap();
+    Api::<AgentTask>::namespaced(client.clone(), "examples")
+        .create(&PostParams::default(), &task)
+        .await
+        .expect("a command task");
+}
+
+/// Waits for the task to be Running and returns its sandbox's id.
+async fn running_sandbox(node: &Node, client: &kube::Client, name: &str) -> String {
+    let tasks: Api<AgentTask> = Api::namespaced(client.clone(), "examples");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = tasks
+            .get(name)
+            .await
+            .expect("reading a task")
+            .status
+            .unwrap_or_default();
+        if status.phase == Some(TaskPhase::Running)
+            && let Some(id) = status.sandbox_id
+        {
+            return id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not Running: {status:?}\n{}",
+            diagnose(node)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Kills every replica of the chart's sandbox server at once, without a grace period.
+async fn kill_servers(client: &kube::Client) -> usize {
+    let servers: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NS);
+    let selector = ListParams::default().labels("app.kubernetes.io/name=sandcastle-sandboxd");
+    let pods = servers
+        .list(&selector)
+        .await
+        .expect("the server's pods")
+        .items;
+    for pod in &pods {
+        servers
+            .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
+            .await
+            .expect("killing a server replica");
+    }
+    pods.len()
+}
+
+/// The reasons of the Events about an object.
+async fn event_reasons(client: &kube::Client, ns: &str, name: &str) -> Vec<String> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter_map(|event| event.reason)
+        .collect()
+}
+
 /// Waits until `list` comes back empty, or fails naming what is left.
 async fn until_gone<F, Fut>(what: &str, mut list: F)
 where
@@ -584,6 +659,8 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
         ),
         "sandboxd.builder.insecure=true".into(),
         format!("sandboxd.builder.namespace={BUILDS}"),
+        // The sweep has something to do within the test.
+        "operator.sweepOrphansEvery=10".into(),
     ];
     let mut args = vec![
         "install".to_owned(),
@@ -766,6 +843,165 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
     println!(
         "Claude Code on a pod, model reached through allowOut only: {} turns in {}",
         result.num_turns.unwrap_or_default(),
+        secs(t.elapsed())
+    );
+
+    // --- faults: the operator's tasks on pods survive what a cluster does to them ------
+    let tasks: Api<AgentTask> = Api::namespaced(client.clone(), "examples");
+    let sandbox_pods: Api<Pod> = Api::namespaced(client.clone(), AGENTS);
+    // Every server replica killed while a task's agent runs: the task goes on in the same
+    // sandbox, since nothing of it lived in the server.
+    command_task(client, "servers-killed", "sleep 6; echo survived", 300).await;
+    let before = running_sandbox(node, client, "servers-killed").await;
+    let killed = kill_servers(client).await;
+    let done = task_succeeds(node, client, "examples", "servers-killed", "survived").await;
+    let status = done.status.expect("a status");
+    assert_eq!(
+        (status.attempts, status.sandbox_id.as_deref()),
+        (Some(1), Some(before.as_str())),
+        "the same attempt in the same sandbox"
+    );
+    println!("{killed} server replicas killed mid-run: the task finished in its sandbox");
+
+    // Killed again while the next task's sandbox is being made.
+    let existing = names(
+        sandbox_pods
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items,
+    );
+    command_task(client, "killed-mid-create", "echo created", 300).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mid_create = loop {
+        let now = names(
+            sandbox_pods
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items,
+        );
+        let task = tasks.get("killed-mid-create").await.expect("a task");
+        let recorded = task.status.and_then(|s| s.sandbox_id).is_some();
+        if now.iter().any(|pod| !existing.contains(pod)) || recorded {
+            kill_servers(client).await;
+            break !recorded;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no sandbox pod for killed-mid-create"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    task_succeeds(node, client, "examples", "killed-mid-create", "created").await;
+    println!(
+        "servers killed {} the create: the task succeeded",
+        if mid_create { "during" } else { "just after" }
+    );
+
+    // A sandbox pod deleted behind everyone: the task retries in a new sandbox.
+    command_task(client, "pod-deleted", "sleep 5; echo second", 300).await;
+    let lost = running_sandbox(node, client, "pod-deleted").await;
+    sandbox_pods
+        .delete(
+            &format!("sandbox-{lost}"),
+            &DeleteParams::default().grace_period(0),
+        )
+        .await
+        .expect("deleting a sandbox pod");
+    let done = task_succeeds(node, client, "examples", "pod-deleted", "second").await;
+    let status = done.status.expect("a status");
+    assert_eq!(status.attempts, Some(2), "{status:?}");
+    assert_ne!(status.sandbox_id.as_deref(), Some(lost.as_str()));
+    let reasons = event_reasons(client, "examples", "pod-deleted").await;
+    assert!(reasons.iter().any(|r| r == "SandboxLost"), "{reasons:?}");
+
+    // The deadline ends a task on pods within seconds, and its pod with it.
+    command_task(client, "too-slow", "sleep 600", 8).await;
+    let slow = running_sandbox(node, client, "too-slow").await;
+    let ended = {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let task = tasks.get("too-slow").await.expect("a task");
+            let status = task.status.clone().unwrap_or_default();
+            if status.phase == Some(TaskPhase::Failed) {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "too-slow did not fail: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    assert_eq!(
+        ended.reason.as_deref(),
+        Some("DeadlineExceeded"),
+        "{ended:?}"
+    );
+    // Deleting a running task kills its sandbox before the task goes.
+    command_task(client, "deleted", "sleep 600", 300).await;
+    let deleted = running_sandbox(node, client, "deleted").await;
+    tasks
+        .delete("deleted", &DeleteParams::default())
+        .await
+        .expect("deleting a task");
+    // A sandbox of this operator whose task does not exist (as a task deleted while the
+    // operator was away leaves one): the sweep kills it. Made through the server's E2B
+    // API, reached by the apiserver's service proxy, with the release's key.
+    let key_secret = Api::<Secret>::namespaced(client.clone(), RELEASE_NS)
+        .get("sc-sandcastle-sandboxd")
+        .await
+        .expect("the server's key");
+    let api_key = key_secret
+        .data
+        .and_then(|data| data.get("api-key").cloned())
+        .expect("api-key");
+    let body = json!({
+        "templateID": "base", "timeout": 600,
+        "metadata": {
+            SANDBOX_OPERATOR: "sc-sandcastle",
+            SANDBOX_TASK_NAMESPACE: "examples",
+            SANDBOX_TASK_NAME: "never-was",
+            SANDBOX_TASK_UID: "00000000-0000-0000-0000-000000000000",
+        },
+    });
+    let request = http::Request::post(format!(
+        "/api/v1/namespaces/{RELEASE_NS}/services/http:sc-sandcastle-sandboxd:3000/proxy/sandboxes"
+    ))
+    .header("Content-Type", "application/json")
+    .header("X-API-Key", api_key.0.as_slice())
+    .body(serde_json::to_vec(&body).unwrap())
+    .unwrap();
+    let created: serde_json::Value = serde_json::from_str(
+        &client
+            .request_text(request)
+            .await
+            .expect("a sandbox made through the server's API"),
+    )
+    .expect("JSON");
+    let orphan = created["sandboxID"].as_str().expect("an id").to_owned();
+    let t = Instant::now();
+    until_gone(
+        "sandbox pods of ended, deleted and orphaned tasks",
+        || async {
+            let mut left = Vec::new();
+            for id in [&slow, &deleted, &orphan] {
+                if sandbox_pods
+                    .get_opt(&format!("sandbox-{id}"))
+                    .await
+                    .unwrap()
+                    .is_some_and(|pod| pod.metadata.deletion_timestamp.is_none())
+                {
+                    left.push(id.clone());
+                }
+            }
+            left
+        },
+    )
+    .await;
+    println!(
+        "deadline, deletion and orphan sweep: every sandbox pod gone {} after the orphan was made",
         secs(t.elapsed())
     );
 
