@@ -3,6 +3,7 @@
 //! runs a suite on one shared cluster, the operator as a child process, and the sandbox
 //! server's benchmark figures. Never linked into the operator binary.
 
+pub mod agent_sandbox;
 pub mod base;
 pub mod cases;
 pub mod cluster;
@@ -11,6 +12,7 @@ pub mod localcluster;
 pub mod model;
 pub mod node;
 pub mod operator;
+pub mod sightings;
 
 use std::path::{Path, PathBuf};
 

@@ -38,13 +38,13 @@ use axum::serve::ListenerExt;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
 use sandcastle_api::{AgentTask, TaskPhase};
 use sandcastle_e2b::client::{ClientConfig, E2bClient};
 use sandcastle_sandboxd::{Config, Sandboxd};
 use sandcastle_testkit::base::adopt_base;
 use sandcastle_testkit::figures::{self, RoundTrips, Spread, Streaming, mib_per_second, millis};
 use sandcastle_testkit::localcluster::{LocalCluster, tools_bin_dir};
+use sandcastle_testkit::sightings::Sightings;
 use serde_json::{Value, json};
 
 const API_KEY: &str = "operator-bench";
@@ -842,88 +842,16 @@ async fn namespace(client: &kube::Client, name: &str) {
         .expect("namespace");
 }
 
-/// When each object of a watch was first seen in a state `judge` recognises (with its
-/// verdict), from a watch that runs until dropped.
-struct Sightings {
-    seen: Arc<Mutex<HashMap<String, (Instant, bool)>>>,
-    watch: tokio::task::JoinHandle<()>,
-}
-
-impl Sightings {
-    /// Starts the watch and returns once its initial list is in.
-    async fn watch<K>(api: Api<K>, judge: impl Fn(&K) -> Option<bool> + Send + 'static) -> Sightings
-    where
-        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-    {
-        let seen: Arc<Mutex<HashMap<String, (Instant, bool)>>> = Arc::default();
-        let (listed, ready) = tokio::sync::oneshot::channel();
-        let noted = seen.clone();
-        let watch = tokio::spawn(async move {
-            let mut listed = Some(listed);
-            let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
-            while let Some(event) = events.next().await {
-                let object = match event {
-                    Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => object,
-                    Ok(watcher::Event::InitDone) => {
-                        if let Some(listed) = listed.take() {
-                            let _ = listed.send(());
-                        }
-                        continue;
-                    }
-                    _ => continue,
-                };
-                if let Some(verdict) = judge(&object) {
-                    let name = object.meta().name.clone().unwrap_or_default();
-                    noted
-                        .lock()
-                        .expect("sightings")
-                        .entry(name)
-                        .or_insert((Instant::now(), verdict));
-                }
-            }
-        });
-        ready.await.expect("the watch lists the objects");
-        Sightings { seen, watch }
-    }
-
-    /// Tasks, once Succeeded (true) or Failed (false).
-    async fn finished_tasks(api: Api<AgentTask>) -> Sightings {
-        Sightings::watch(api, |task: &AgentTask| {
-            match task.status.as_ref().and_then(|status| status.phase) {
-                Some(TaskPhase::Succeeded) => Some(true),
-                Some(TaskPhase::Failed) => Some(false),
-                _ => None,
-            }
-        })
-        .await
-    }
-
-    async fn wait_for(
-        &self,
-        count: usize,
-        limit: Duration,
-    ) -> Result<HashMap<String, (Instant, bool)>, String> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let seen = self.seen.lock().expect("sightings").clone();
-            if seen.len() >= count {
-                return Ok(seen);
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "only {} of {count} seen within {limit:?}",
-                    seen.len()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+/// Tasks, once Succeeded (true) or Failed (false).
+async fn finished_tasks(api: Api<AgentTask>) -> Sightings {
+    Sightings::watch(api, |task: &AgentTask| {
+        match task.status.as_ref().and_then(|status| status.phase) {
+            Some(TaskPhase::Succeeded) => Some(true),
+            Some(TaskPhase::Failed) => Some(false),
+            _ => None,
         }
-    }
-}
-
-impl Drop for Sightings {
-    fn drop(&mut self) {
-        self.watch.abort();
-    }
+    })
+    .await
 }
 
 impl Bench {
@@ -965,7 +893,7 @@ impl Bench {
         let operator = Operator::start(self, &ns, tasks).await;
         adopt_base(&self.client, &ns).await;
         let api: Api<AgentTask> = Api::namespaced(self.client.clone(), &ns);
-        let finishes = Sightings::finished_tasks(api.clone()).await;
+        let finishes = finished_tasks(api.clone()).await;
         // The floor of (d): when a watch that does nothing else hears of each task.
         let arrivals = Sightings::watch(api.clone(), |_: &AgentTask| Some(true)).await;
         create_burst(&api, task_burst("warm-up", WARM_UP, &[]), |_| {}).await;
@@ -1006,7 +934,7 @@ impl Bench {
         let mut create_call = Vec::with_capacity(tasks);
         let mut to_watch = Vec::with_capacity(tasks);
         let mut beyond_watch = Vec::with_capacity(tasks);
-        let heard = arrivals.seen.lock().expect("sightings").clone();
+        let heard = arrivals.so_far();
         for task in &created {
             create_call.push(task.answered - task.sent);
             to_watch.push(heard[&task.name].0.saturating_duration_since(task.answered));

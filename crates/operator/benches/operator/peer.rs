@@ -8,19 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
-use kube::runtime::wait::{await_condition, conditions};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use sandcastle_testkit::agent_sandbox;
 use sandcastle_testkit::localcluster::LocalCluster;
+use sandcastle_testkit::sightings::Sightings;
 use serde_json::{Value, json};
 
 use super::{
-    Burst, Memory, Sightings, Spread, cpu_time, create_burst, die_with_parent, mib, millis, ms,
-    namespace,
+    Burst, Memory, Spread, cpu_time, create_burst, die_with_parent, mib, millis, ms, namespace,
 };
-
-const VERSION: &str = "v0.5.6";
-const GROUP: &str = "extensions.agents.x-k8s.io";
 
 pub enum Outcome {
     Skipped(String),
@@ -41,7 +37,7 @@ pub struct Figures {
 }
 
 pub async fn run(cluster: &LocalCluster, client: &kube::Client, claims: usize) -> Outcome {
-    let dir = match build() {
+    let dir = match agent_sandbox::build() {
         Ok(dir) => dir,
         Err(reason) => return Outcome::Failed(reason),
     };
@@ -51,73 +47,18 @@ pub async fn run(cluster: &LocalCluster, client: &kube::Client, claims: usize) -
     }
 }
 
-fn build() -> Result<PathBuf, String> {
-    let script = sandcastle_testkit::repo().join("tools/peers/build.sh");
-    let out = Command::new(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|error| format!("cannot run {}: {error}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "tools/peers/build.sh failed ({}); its output is above",
-            out.status
-        ));
-    }
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
-fn resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, "v1beta1", kind), plural)
-}
-
-fn object(resource: &ApiResource, name: &str, spec: Value) -> DynamicObject {
-    let mut object = DynamicObject::new(name, resource);
-    object.data = json!({"spec": spec});
-    object
-}
-
-/// The peer's CRDs as its release ships them, without the conversion webhook: every
-/// request here uses the storage version, and no webhook server runs.
-async fn install_crds(client: &kube::Client, dir: &Path) -> Result<(), String> {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let files = std::fs::read_dir(dir).map_err(|error| format!("{}: {error}", dir.display()))?;
-    for file in files.filter_map(Result::ok) {
-        if file.path().extension().is_none_or(|ext| ext != "yaml") {
-            continue;
-        }
-        let text = std::fs::read_to_string(file.path()).map_err(|error| error.to_string())?;
-        let mut crd: CustomResourceDefinition = serde_yaml::from_str(&text)
-            .map_err(|error| format!("{}: {error}", file.path().display()))?;
-        crd.spec.conversion = None;
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        api.patch(
-            &name,
-            &PatchParams::apply("sandcastle-bench").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .map_err(|error| format!("installing CRD {name}: {error}"))?;
-        let established = await_condition(api.clone(), &name, conditions::is_crd_established());
-        tokio::time::timeout(Duration::from_secs(30), established)
-            .await
-            .map_err(|_| format!("CRD {name} was not established"))?
-            .map_err(|error| error.to_string())?;
-    }
-    Ok(())
-}
-
 async fn measure(
     cluster: &LocalCluster,
     client: &kube::Client,
     dir: &Path,
     claims: usize,
 ) -> Result<Figures, String> {
-    install_crds(client, dir).await?;
+    agent_sandbox::install_crds(client, dir).await?;
     let ns = "peer";
     namespace(client, ns).await;
-    let templates = resource("SandboxTemplate", "sandboxtemplates");
-    let pools = resource("SandboxWarmPool", "sandboxwarmpools");
-    let claim_resource = resource("SandboxClaim", "sandboxclaims");
+    let templates = agent_sandbox::resource("SandboxTemplate", "sandboxtemplates");
+    let pools = agent_sandbox::resource("SandboxWarmPool", "sandboxwarmpools");
+    let claim_resource = agent_sandbox::resource("SandboxClaim", "sandboxclaims");
     let sandboxes = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("agents.x-k8s.io", "v1beta1", "Sandbox"),
         "sandboxes",
@@ -138,12 +79,12 @@ async fn measure(
     let pod = json!({"spec": {"containers": [{"name": "sandbox", "image": "busybox"}]}});
     create(
         &templates,
-        object(&templates, "bench", json!({"podTemplate": pod})),
+        agent_sandbox::object(&templates, "bench", json!({"podTemplate": pod})),
     )
     .await?;
     // An empty pool: every claim is a cold start from the pool's template, as a task is.
     let pool = json!({"replicas": 0, "sandboxTemplateRef": {"name": "bench"}});
-    create(&pools, object(&pools, "bench", pool)).await?;
+    create(&pools, agent_sandbox::object(&pools, "bench", pool)).await?;
 
     let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("agent-sandbox-controller.log");
     let log_file = std::fs::File::create(&log).map_err(|error| error.to_string())?;
@@ -191,7 +132,7 @@ async fn burst(
         Api::namespaced_with(client.clone(), ns, sandbox_resource);
     let seen = Sightings::watch(sandbox_api, |_: &DynamicObject| Some(true)).await;
     let claim = |name: &str| {
-        object(
+        agent_sandbox::object(
             claim_resource,
             name,
             json!({"warmPoolRef": {"name": "bench"}}),
@@ -244,7 +185,10 @@ async fn burst(
 impl Outcome {
     /// The report's row: the peer's figures beside Sandcastle's from `ours`.
     pub fn row(&self, ours: &Burst) -> (String, String, String) {
-        let what = format!("(g) peer: agent-sandbox {VERSION} SandboxClaim controller");
+        let what = format!(
+            "(g) peer: agent-sandbox {} SandboxClaim controller",
+            agent_sandbox::VERSION
+        );
         let sandcastle = format!(
             "Sandcastle, {} tasks: created → sandbox create p50 {}, p99 {}; RSS {:.1} MiB (idle {:.1}), {:.2} CPU-s",
             ours.tasks,
@@ -279,7 +223,7 @@ impl Outcome {
             Outcome::Failed(why) => json!({"ran": false, "failed": why}),
             Outcome::Ran(peer) => json!({
                 "ran": true,
-                "controller": format!("sigs.k8s.io/agent-sandbox {VERSION}, --extensions"),
+                "controller": format!("sigs.k8s.io/agent-sandbox {}, --extensions", agent_sandbox::VERSION),
                 "claims": peer.claims,
                 "createdToFirstDownstream": {
                     "p50Ms": millis(peer.to_sandbox.p50),
