@@ -37,32 +37,6 @@ const API_KEY: &str = "pods-key";
 const BUILDS: &str = "sandbox-builds";
 const MANAGED: &str = "app.kubernetes.io/managed-by=sandcastle-sandboxd";
 
-/// The Claude Code CLI for the sandbox image: only its native executable (the CLI needs
-/// no Node), hard-linked so the image's cached layer stays valid between runs.
-fn claude_native() -> std::path::PathBuf {
-    let installed = sandcastle_testkit::repo().join(".tools/bin/claude");
-    let executable = installed
-        .canonicalize()
-        .unwrap_or_else(|err| panic!("{}: {err}: run scripts/setup", installed.display()));
-    let dir = sandcastle_testkit::scratch_dir().join("claude-native");
-    let target = dir.join("bin/claude");
-    let same = |a: &std::path::Path, b: &std::path::Path| {
-        use std::os::unix::fs::MetadataExt;
-        match (std::fs::metadata(a), std::fs::metadata(b)) {
-            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
-            _ => false,
-        }
-    };
-    if !same(&executable, &target) {
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("bin")).expect("a directory");
-        std::fs::hard_link(&executable, &target)
-            .or_else(|_| std::fs::copy(&executable, &target).map(drop))
-            .expect("the CLI in place");
-    }
-    dir
-}
-
 fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
@@ -80,7 +54,7 @@ async fn steps() {
     let operator_image = node
         .push_operator_image(&sandcastle_testkit::operator_binary(), "pods")
         .unwrap_or_else(|err| panic!("{err}"));
-    node.push_sandbox_images(Some(&claude_native()))
+    node.push_sandbox_images(Some(&sandcastle_testkit::claude_native()))
         .unwrap_or_else(|err| panic!("{err}"));
     let builder_image = node
         .push_builder_image()

@@ -69,3 +69,29 @@ pub fn operator_binary() -> PathBuf {
         .expect("a test executable under target/<profile>/deps")
         .join("sandcastle")
 }
+
+/// The Claude Code CLI for the sandbox image: only its native executable (the CLI needs
+/// no Node), hard-linked so the image's cached layer stays valid between runs.
+pub fn claude_native() -> std::path::PathBuf {
+    let installed = repo().join(".tools/bin/claude");
+    let executable = installed
+        .canonicalize()
+        .unwrap_or_else(|err| panic!("{}: {err}: run scripts/setup", installed.display()));
+    let dir = scratch_dir().join("claude-native");
+    let target = dir.join("bin/claude");
+    let same = |a: &std::path::Path, b: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            _ => false,
+        }
+    };
+    if !same(&executable, &target) {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bin")).expect("a directory");
+        std::fs::hard_link(&executable, &target)
+            .or_else(|_| std::fs::copy(&executable, &target).map(drop))
+            .expect("the CLI in place");
+    }
+    dir
+}
