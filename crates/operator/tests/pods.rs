@@ -2,11 +2,14 @@
 //! process, making Pods of the sandbox-full image whose envd is the project's own static
 //! binary, placed by an init container from the operator image. The official E2B Python
 //! SDK's conformance suite runs against it (template builds with RUN and COPY steps made
-//! by kaniko in Jobs), then the pod's shape is checked from inside:
+//! by kaniko in Jobs) and this project's client through the same shared scenarios, then
+//! the pod's shape is checked from inside:
 //! no ServiceAccount token, a non-root user, and (where the node enforces NetworkPolicy)
 //! neither the apiserver nor another sandbox reachable while DNS still is. Every sandbox's
 //! Pod, Secret and NetworkPolicy must be gone at the end. A restart of the server loses no
-//! sandbox, and a Pod deleted behind it is a sandbox gone.
+//! sandbox, and a Pod deleted behind it is a sandbox gone. Then the chart installs the
+//! server as a Deployment beside the operator, and the operator's work runs through it
+//! (`chart_on_pods`).
 //!
 //! Needs root and `scripts/setup`; fails (never skips) where a node cannot start.
 
@@ -28,6 +31,7 @@ use sandcastle_e2b::models::{BuildStatus, TemplateBuildRequest, TemplateBuildSta
 use sandcastle_sandboxd::{BuilderConfig, KubeConfig, KubeSandboxd};
 use sandcastle_testkit::model::{HELLO_PY, Script, ScriptedModel};
 use sandcastle_testkit::node::Node;
+use sandcastle_testkit::scenarios;
 use serde_json::json;
 
 const NS: &str = "sandboxes";
@@ -127,6 +131,23 @@ async fn steps() {
         "every scenario ran and passed"
     );
     println!("SDK suite on pods in {}", secs(t.elapsed()));
+
+    // --- this project's client, through the same shared scenarios ----------------------
+    let target = scenarios::Target::new(ClientConfig::with_urls(
+        server.api_url(),
+        server.sandbox_url(),
+        API_KEY,
+    ));
+    let t = Instant::now();
+    for name in scenarios::SHARED {
+        scenarios::run(name, &target).await;
+        target.kill_made().await;
+    }
+    println!(
+        "the Rust client's {} shared scenarios on pods in {}",
+        scenarios::SHARED.len(),
+        secs(t.elapsed())
+    );
 
     // --- the pod's shape, from inside --------------------------------------------------
     let e2b = E2bClient::new(ClientConfig::with_urls(

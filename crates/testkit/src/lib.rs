@@ -12,6 +12,7 @@ pub mod localcluster;
 pub mod model;
 pub mod node;
 pub mod operator;
+pub mod scenarios;
 pub mod sightings;
 
 use std::path::{Path, PathBuf};
