@@ -1000,6 +1000,61 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
         secs(t.elapsed())
     );
 
+    // The kubelet restarted while an agent runs: its pod runs on under containerd, and
+    // the task finishes in it.
+    command_task(
+        client,
+        "kubelet-restarted",
+        "sleep 8; echo kubelet-back",
+        300,
+    )
+    .await;
+    let before = running_sandbox(node, client, "kubelet-restarted").await;
+    node.restart("kubelet", Duration::ZERO)
+        .unwrap_or_else(|err| panic!("{err}"));
+    let done = task_succeeds(
+        node,
+        client,
+        "examples",
+        "kubelet-restarted",
+        "kubelet-back",
+    )
+    .await;
+    let status = done.status.expect("a status");
+    assert_eq!(
+        (status.attempts, status.sandbox_id.as_deref()),
+        (Some(1), Some(before.as_str())),
+        "the same attempt in the same sandbox across a kubelet restart"
+    );
+    // The apiserver gone for 10 s while an agent runs: nothing is lost.
+    command_task(
+        client,
+        "apiserver-down",
+        "sleep 20; echo apiserver-back",
+        300,
+    )
+    .await;
+    let before = running_sandbox(node, client, "apiserver-down").await;
+    let t = Instant::now();
+    node.restart("kube-apiserver", Duration::from_secs(10))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while client.apiserver_version().await.is_err() {
+        assert!(Instant::now() < deadline, "the apiserver did not come back");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!("apiserver back {} after it was stopped", secs(t.elapsed()));
+    let done = task_succeeds(node, client, "examples", "apiserver-down", "apiserver-back").await;
+    let status = done.status.expect("a status");
+    assert_eq!(
+        (status.attempts, status.sandbox_id.as_deref()),
+        (Some(1), Some(before.as_str())),
+        "the same attempt in the same sandbox across 10 s without an apiserver"
+    );
+    println!(
+        "kubelet restarted and apiserver down 10 s mid-run: both tasks finished in their sandboxes"
+    );
+
     // The Secret's value reached the agent's process only: no Pod, Event, template,
     // server or operator log, nor the node's own logs hold it.
     let mut places = Vec::new();

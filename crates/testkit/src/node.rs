@@ -373,6 +373,19 @@ impl Node {
             .collect())
     }
 
+    /// Stops one of the node's processes (`kubelet`, `kube-apiserver`, …) and, after
+    /// `down`, starts it again as it was started (`tools/node/restart.sh`).
+    pub fn restart(&self, component: &str, down: Duration) -> Result<(), String> {
+        run(
+            Command::new(script("tools/node/restart.sh"))
+                .arg(&self.dir)
+                .arg(component)
+                .arg(format!("{:.1}", down.as_secs_f64())),
+            "tools/node/restart.sh",
+        )
+        .map(drop)
+    }
+
     /// Stops the node (`down.sh`, which removes all it left on the machine and ends with
     /// `check-clean.sh`). The logs stay in `DIR/logs`. Idempotent.
     pub fn stop(&mut self) -> Result<(), String> {
