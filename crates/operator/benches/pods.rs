@@ -379,6 +379,9 @@ async fn main() {
         .spawn()
         .expect("the peer controller");
 
+    sandcastle_api::install(&client)
+        .await
+        .expect("Sandcastle's CRDs");
     let mut operator = Operator::start_args(
         node.kubeconfig_path(),
         TASKS,
