@@ -1175,21 +1175,23 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
         left
     })
     .await;
-    let release = kubectl(&[
-        "get",
-        "-n",
-        RELEASE_NS,
-        "all,serviceaccounts,secrets,roles,rolebindings,networkpolicies,leases",
-        "-l",
-        "app.kubernetes.io/instance=sc",
-        "-o",
-        "name",
-    ]);
-    assert_eq!(
-        release.trim(),
-        "",
-        "helm uninstall left the release's objects"
-    );
+    // Pods of the release may still be terminating when `helm uninstall --wait` returns.
+    until_gone("the release's objects", || async {
+        kubectl(&[
+            "get",
+            "-n",
+            RELEASE_NS,
+            "all,serviceaccounts,secrets,roles,rolebindings,networkpolicies,leases",
+            "-l",
+            "app.kubernetes.io/instance=sc",
+            "-o",
+            "name",
+        ])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+    })
+    .await;
     for ns in [AGENTS, BUILDS] {
         let rbac = kubectl(&["get", "-n", ns, "roles,rolebindings", "-o", "name"]);
         assert_eq!(rbac.trim(), "", "helm uninstall left RBAC in {ns}");
