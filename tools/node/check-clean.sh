@@ -3,7 +3,8 @@
 # machine:
 #   tools/node/check-clean.sh [DIR]
 # Checks: node processes (kubelet, containerd and its shims, kube-proxy, kube-scheduler,
-# kube-router, docker-registry, coredns, runc; and any process whose command line names
+# kube-router, docker-registry, coredns, runc, runsc and gVisor's sandbox and gofer;
+# and any process whose command line names
 # DIR), listeners on the node's fixed ports, /run/netns/cni-* and nsfs mounts, CNI
 # veths, the cni0 bridge, KUBE-*/CNI-* chains (iptables and ip6tables; filter, nat,
 # mangle, raw; kube-router's among them), kube-router's ipsets (KUBE-SRC-*, KUBE-DST-*,
@@ -22,11 +23,13 @@ for p in /proc/[0-9]*; do
   # A zombie has exited already; its parent has just not reaped it yet.
   [ "$(awk '/^State:/ {print $2}' "$p/status" 2>/dev/null)" = Z ] && continue
   case "$comm" in
-    kubelet | containerd | containerd-shim* | kube-proxy | kube-scheduler | kube-router | docker-registry | coredns | runc)
+    kubelet | containerd | containerd-shim* | kube-proxy | kube-scheduler | kube-router | docker-registry | coredns | runc | runsc)
       add "process $pid: $( { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null)" ;;
     *)
+      cmd=$( { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null)
+      # gVisor's sandbox and gofer re-execute runsc, so their comm is "exe".
+      case "$cmd" in runsc-sandbox* | runsc-gofer*) add "process $pid: $cmd" ;; esac
       if [ -n "$dir" ]; then
-        cmd=$( { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null)
         case "$cmd" in *"$dir"/*) add "process $pid: $cmd" ;; esac
       fi ;;
   esac

@@ -31,7 +31,11 @@
 # NODE_NETPOL (unset: kube-router's firewall enforces NetworkPolicy when NODE_BIN has
 # kube-router and ipset is installed, and a note says so when not; 1: it must; 0: no
 # enforcement; DIR/env's NETWORK_POLICY says which: kube-router or none),
-# NODE_BIN / CONTROLPLANE_BIN (the build directories; built when unset), KUBECTL.
+# NODE_BIN / CONTROLPLANE_BIN (the build directories; built when unset), KUBECTL,
+# NODE_GVISOR_BIN (unset: Debian's containerd 1.6 and runc only; a directory as
+# tools/node/build-gvisor.sh prints it: containerd 2 from that directory instead, with
+# gVisor's runsc as a second runtime and a RuntimeClass `gvisor` for it; DIR/env's
+# RUNTIME_CLASSES says which).
 # One node per machine: the kubelet's ports, the cni0 bridge and the kubepods cgroups
 # are machine-wide. Needs root and tools/node/install-packages.sh.
 set -Eeuo pipefail
@@ -108,6 +112,14 @@ node_bin=${NODE_BIN:-$("$here/build.sh")}
 kubectl=${KUBECTL:-}
 if [ -z "$kubectl" ]; then
   if [ -x "$root/.tools/bin/kubectl" ]; then kubectl=$root/.tools/bin/kubectl; else kubectl=$(command -v kubectl); fi
+fi
+gvisor_bin=${NODE_GVISOR_BIN:-}
+if [ -n "$gvisor_bin" ]; then
+  for b in containerd containerd-shim-runc-v2 ctr runsc containerd-shim-runsc-v1; do
+    [ -x "$gvisor_bin/$b" ] || die "missing $gvisor_bin/$b (tools/node/build-gvisor.sh)"
+  done
+  # containerd finds its shims and runsc on its PATH: these before Debian's.
+  export PATH="$gvisor_bin:$PATH"
 fi
 pause_version=$(cat "$node_bin/pause.version")
 pause_image=registry.k8s.io/pause:$pause_version
@@ -328,6 +340,17 @@ disabled_plugins = [
         Root = "$dir/run/runc"
         SystemdCgroup = false
 
+$(if [ -n "$gvisor_bin" ]; then cat <<RUNSC
+    # gVisor: the shim runs runsc with the options in runsc.toml.
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runsc]
+      runtime_type = "io.containerd.runsc.v1"
+
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runsc.options]
+        TypeUrl = "io.containerd.runsc.v1.options"
+        ConfigPath = "$dir/containerd/runsc.toml"
+RUNSC
+fi)
+
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$dir/cni/net.d"
@@ -336,6 +359,17 @@ disabled_plugins = [
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "$dir/containerd/certs.d"
 EOF
+if [ -n "$gvisor_bin" ]; then
+  mkdir -p "$dir/logs/runsc" "$dir/run/runsc"
+  cat >"$dir/containerd/runsc.toml" <<EOF
+log_path = "$dir/logs/runsc/%ID%.shim.log"
+log_level = "info"
+binary_name = "$gvisor_bin/runsc"
+root = "$dir/run/runsc"
+[runsc_config]
+  debug-log = "$dir/logs/runsc/%ID%.%COMMAND%.log"
+EOF
+fi
 start containerd containerd --config "$dir/containerd/config.toml"
 ctr=(ctr --address "$ctd_sock")
 wait_for containerd 30 "${ctr[@]}" version
@@ -526,6 +560,15 @@ fi
 
 wait_for kube-controller-manager 60 k get serviceaccount default -n default
 log "default ServiceAccount exists"
+if [ -n "$gvisor_bin" ]; then
+  k apply -f - >/dev/null <<EOF
+apiVersion: node.k8s.io/v1
+kind: RuntimeClass
+metadata: {name: gvisor}
+handler: runsc
+EOF
+  log "RuntimeClass gvisor (runsc) registered"
+fi
 
 # --- cluster DNS ----------------------------------------------------------------------
 k apply -f - >/dev/null <<EOF
@@ -632,6 +675,7 @@ NODE_NAME=$node_name
 NODE_IP=$node_ip
 CLUSTER_DNS=$dns_ip
 NETWORK_POLICY=$([ "$netpol" = 1 ] && echo kube-router || echo none)
+RUNTIME_CLASSES=$([ -n "$gvisor_bin" ] && echo gvisor || echo none)
 EOF
 cat "$dir/env"
 log "node up"

@@ -217,6 +217,26 @@ impl Node {
     /// Starts a node with its state in a fresh directory `name` under the scratch dir and
     /// returns once it is Ready, the `default` ServiceAccount exists and DNS answers.
     pub fn start(name: &str) -> Result<Node, String> {
+        Node::start_with(name, None)
+    }
+
+    /// Like [`Node::start`], on containerd 2 with gVisor's runsc as a second runtime and
+    /// the RuntimeClass `gvisor` for it (`tools/node/build-gvisor.sh`, linked by
+    /// `scripts/setup` as `.tools/gvisor`, or `$SANDCASTLE_GVISOR_BIN`).
+    pub fn start_with_gvisor(name: &str) -> Result<Node, String> {
+        let bin = std::env::var_os("SANDCASTLE_GVISOR_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join(".tools/gvisor"));
+        if !bin.join("runsc").is_file() {
+            return Err(format!(
+                "{} has no runsc: run scripts/setup (as root)",
+                bin.display()
+            ));
+        }
+        Node::start_with(name, Some(&bin))
+    }
+
+    fn start_with(name: &str, gvisor: Option<&Path>) -> Result<Node, String> {
         let ip = host_ip()?;
         reclaim(name);
         preflight(ip)?;
@@ -232,7 +252,8 @@ impl Node {
                 .env("NODE_IP", ip.to_string())
                 .env("CONTROLPLANE_BIN", tools_bin_dir())
                 .env("NODE_BIN", node_bin_dir())
-                .env("KUBECTL", tools_bin_dir().join("kubectl")),
+                .env("KUBECTL", tools_bin_dir().join("kubectl"))
+                .envs(gvisor.map(|bin| ("NODE_GVISOR_BIN", bin))),
             "tools/node/up.sh",
         )?;
         let up_time = started.elapsed();
