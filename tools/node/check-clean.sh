@@ -24,7 +24,10 @@ for p in /proc/[0-9]*; do
   [ "$(awk '/^State:/ {print $2}' "$p/status" 2>/dev/null)" = Z ] && continue
   case "$comm" in
     kubelet | containerd | containerd-shim* | kube-proxy | kube-scheduler | kube-router | docker-registry | coredns | runc | runsc)
-      add "process $pid: $( { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null)" ;;
+      cmd=$( { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null)
+      # An empty command line is a process in the middle of exiting (its memory, and
+      # with it its arguments, already released): it is on its way out, not left.
+      [ -n "$cmd" ] && add "process $pid: $cmd" ;;
     *)
       cmd=$( { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null)
       # gVisor's sandbox and gofer re-execute runsc, so their comm is "exe".
