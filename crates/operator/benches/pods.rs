@@ -390,6 +390,9 @@ async fn main() {
             .map(String::from)
             .collect(),
         &[
+            // Every task of a burst holds a sandbox at once: the figure is the start,
+            // not the queue behind the default 20.
+            ("SANDCASTLE_MAX_RUNNING_TASKS", "500"),
             ("SANDCASTLE_PROVIDER", "e2b"),
             ("E2B_API_URL", &server.api_url()),
             ("E2B_SANDBOX_URL", &server.sandbox_url()),
