@@ -365,15 +365,7 @@ async fn main() {
     .await;
     let log =
         std::fs::File::create(node.dir().join("agent-sandbox-controller.log")).expect("a log file");
-    let mut peer = std::process::Command::new(peer_dir.join("agent-sandbox-controller"))
-        .args([
-            "--extensions",
-            "--leader-elect=false",
-            "--enable-webhook=false",
-        ])
-        .args(["--manage-webhook-certs=false", "--metrics-bind-address=0"])
-        .args(["--health-probe-bind-address=0", "--kubeconfig"])
-        .arg(node.kubeconfig_path())
+    let mut peer = agent_sandbox::controller(&peer_dir, node.kubeconfig_path())
         .stdout(log.try_clone().expect("the log"))
         .stderr(log)
         .spawn()

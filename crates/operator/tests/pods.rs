@@ -588,6 +588,29 @@ async fn event_reasons(client: &kube::Client, ns: &str, name: &str) -> Vec<Strin
         .collect()
 }
 
+/// Every object of a kind in the cluster, as (what, its JSON), for the Secret scan.
+async fn every<K>(client: &kube::Client, kind: &str) -> Vec<(String, String)>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    Api::<K>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap_or_else(|err| panic!("listing every {kind}: {err}"))
+        .into_iter()
+        .map(|object| {
+            (
+                format!("{kind} {}", object.name_any()),
+                serde_json::to_string(&object).unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// Waits until `list` comes back empty, or fails naming what is left.
 async fn until_gone<F, Fut>(what: &str, mut list: F)
 where
@@ -1057,37 +1080,9 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
 
     // The Secret's value reached the agent's process only: no Pod, Event, template,
     // server or operator log, nor the node's own logs hold it.
-    let mut places = Vec::new();
-    for pod in Api::<Pod>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-    {
-        places.push((
-            format!("pod {}", pod.name_any()),
-            serde_json::to_string(&pod).unwrap(),
-        ));
-    }
-    for event in Api::<Event>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-    {
-        places.push((
-            format!("event {}", event.name_any()),
-            serde_json::to_string(&event).unwrap(),
-        ));
-    }
-    for config_map in Api::<ConfigMap>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-    {
-        places.push((
-            format!("configmap {}", config_map.name_any()),
-            serde_json::to_string(&config_map).unwrap(),
-        ));
-    }
+    let mut places = every::<Pod>(client, "pod").await;
+    places.extend(every::<Event>(client, "event").await);
+    places.extend(every::<ConfigMap>(client, "configmap").await);
     for selector in [
         "app.kubernetes.io/name=sandcastle-sandboxd",
         "app.kubernetes.io/name=sandcastle",

@@ -72,3 +72,20 @@ pub async fn install_crds(client: &kube::Client, dir: &Path) -> Result<(), Strin
     }
     Ok(())
 }
+
+/// The controller with its extensions (SandboxClaim, SandboxWarmPool) against the cluster
+/// of `kubeconfig`: no leader election, no webhook, no metrics or health listeners.
+pub fn controller(dir: &Path, kubeconfig: &Path) -> Command {
+    let mut command = Command::new(dir.join("agent-sandbox-controller"));
+    command
+        .args([
+            "--extensions",
+            "--leader-elect=false",
+            "--enable-webhook=false",
+        ])
+        .args(["--manage-webhook-certs=false", "--metrics-bind-address=0"])
+        .args(["--health-probe-bind-address=0", "--kubeconfig"])
+        .arg(kubeconfig)
+        .stdin(Stdio::null());
+    command
+}

@@ -5,7 +5,6 @@
 //! claim); a task's is the sandbox create at the provider.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
@@ -88,17 +87,8 @@ async fn measure(
 
     let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("agent-sandbox-controller.log");
     let log_file = std::fs::File::create(&log).map_err(|error| error.to_string())?;
-    let mut command = Command::new(dir.join("agent-sandbox-controller"));
+    let mut command = agent_sandbox::controller(dir, cluster.kubeconfig_path());
     command
-        .args([
-            "--extensions",
-            "--leader-elect=false",
-            "--enable-webhook=false",
-        ])
-        .args(["--manage-webhook-certs=false", "--metrics-bind-address=0"])
-        .args(["--health-probe-bind-address=0", "--kubeconfig"])
-        .arg(cluster.kubeconfig_path())
-        .stdin(Stdio::null())
         .stdout(log_file.try_clone().map_err(|error| error.to_string())?)
         .stderr(log_file);
     die_with_parent(&mut command);
