@@ -443,12 +443,21 @@ fn diagnose(node: &Node) -> String {
         &["get", "pods", "-A", "-o", "wide"][..],
         &["get", "events", "-A", "--sort-by=.lastTimestamp"][..],
         &[
+            "get",
+            "agenttasks,sandboxtemplates",
+            "-n",
+            "examples",
+            "-o",
+            "yaml",
+        ][..],
+        &["get", "leases", "-n", RELEASE_NS, "-o", "yaml"][..],
+        &[
             "logs",
             "-n",
             RELEASE_NS,
             "-l",
             "app.kubernetes.io/instance=sc",
-            "--tail=60",
+            "--tail=200",
             "--all-containers",
             "--prefix",
         ][..],
@@ -516,21 +525,38 @@ async fn task_succeeds(
     }
 }
 
-async fn command_task(client: &kube::Client, name: &str, script: &str, deadline: i64) {
+/// Creates the AgentTask `name` with `spec` in the examples namespace.
+async fn create_task(client: &kube::Client, name: &str, spec: serde_json::Value) {
     let task: AgentTask = serde_json::from_value(json!({
         "apiVersion": "sandcastle.dev/v1alpha1", "kind": "AgentTask",
-        "metadata": {"name": name},
-        "spec": {
-            "templateRef": {"name": "base"},
-            "agent": {"command": {"command": ["bash", "-c", script]}},
-            "activeDeadlineSeconds": deadline,
-        },
+        "metadata": {"name": name}, "spec": spec,
     }))
-    .unwrap();
+    .unwrap_or_else(|err| panic!("task {name}: {err}"));
     Api::<AgentTask>::namespaced(client.clone(), "examples")
         .create(&PostParams::default(), &task)
         .await
-        .expect("a command task");
+        .unwrap_or_else(|err| panic!("creating task {name}: {err}"));
+}
+
+/// Creates the Secret `name` holding `data` in the examples namespace.
+async fn put_secret(client: &kube::Client, name: &str, data: serde_json::Value) {
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name}, "stringData": data,
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), "examples")
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap_or_else(|err| panic!("creating Secret {name}: {err}"));
+}
+
+async fn command_task(client: &kube::Client, name: &str, script: &str, deadline: i64) {
+    let spec = json!({
+        "templateRef": {"name": "base"},
+        "agent": {"command": {"command": ["bash", "-c", script]}},
+        "activeDeadlineSeconds": deadline,
+    });
+    create_task(client, name, spec).await;
 }
 
 /// Waits for the task to be Running and returns its sandbox's id.
@@ -741,33 +767,18 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
     );
 
     let token = format!("pod-secret-{}", std::process::id());
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "creds"}, "stringData": {"token": token},
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(client.clone(), "examples")
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("the task's Secret");
-    let task: AgentTask = serde_json::from_value(json!({
-        "apiVersion": "sandcastle.dev/v1alpha1", "kind": "AgentTask",
-        "metadata": {"name": "with-secret"},
-        "spec": {
-            "templateRef": {"name": "python"},
-            "agent": {"command": {"command": ["sh", "-c",
-                "test \"$TOKEN\" = \"pod-secret-$EXPECTED_PID\" && echo token-arrived; python3 /home/user/tools/greet.py"]}},
-            "env": [
-                {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
-                {"name": "EXPECTED_PID", "value": std::process::id().to_string()},
-            ],
-            "activeDeadlineSeconds": 300,
-        },
-    }))
-    .unwrap();
-    Api::<AgentTask>::namespaced(client.clone(), "examples")
-        .create(&PostParams::default(), &task)
-        .await
-        .expect("a task with a Secret");
+    put_secret(client, "creds", json!({"token": token})).await;
+    let with_secret = json!({
+        "templateRef": {"name": "python"},
+        "agent": {"command": {"command": ["sh", "-c",
+            "test \"$TOKEN\" = \"pod-secret-$EXPECTED_PID\" && echo token-arrived; python3 /home/user/tools/greet.py"]}},
+        "env": [
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+            {"name": "EXPECTED_PID", "value": std::process::id().to_string()},
+        ],
+        "activeDeadlineSeconds": 300,
+    });
+    create_task(client, "with-secret", with_secret).await;
     let done = task_succeeds(node, client, "examples", "with-secret", "token-arrived").await;
     let result = done.status.and_then(|s| s.result).expect("a result").text;
     assert!(
@@ -799,15 +810,7 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
         if !network.is_null() {
             spec["network"] = network;
         }
-        let task: AgentTask = serde_json::from_value(json!({
-            "apiVersion": "sandcastle.dev/v1alpha1", "kind": "AgentTask",
-            "metadata": {"name": name}, "spec": spec,
-        }))
-        .unwrap();
-        Api::<AgentTask>::namespaced(client.clone(), "examples")
-            .create(&PostParams::default(), &task)
-            .await
-            .expect("a probing task");
+        create_task(client, name, spec).await;
         let done = task_succeeds(node, client, "examples", name, expected).await;
         let text = done.status.and_then(|s| s.result).expect("a result").text;
         assert!(text.contains("metadata-closed"), "{name}: {text}");
@@ -815,35 +818,20 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
     }
 
     let key = format!("sk-ant-pods-{}", std::process::id());
-    let anthropic: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "anthropic"}, "stringData": {"ANTHROPIC_API_KEY": key},
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(client.clone(), "examples")
-        .create(&PostParams::default(), &anthropic)
-        .await
-        .expect("the model key");
-    let claude: AgentTask = serde_json::from_value(json!({
-        "apiVersion": "sandcastle.dev/v1alpha1", "kind": "AgentTask",
-        "metadata": {"name": "claude-on-a-pod"},
-        "spec": {
-            "templateRef": {"name": "base"},
-            "prompt": "Create hello.py and run it",
-            "env": [
-                {"name": "ANTHROPIC_BASE_URL", "value": model.base_url()},
-                {"name": "CLAUDE_CODE_MAX_RETRIES", "value": "0"},
-            ],
-            "envFrom": [{"secretRef": {"name": "anthropic"}}],
-            "network": {"allowInternetAccess": false, "allowOut": [format!("{host}/32")]},
-            "activeDeadlineSeconds": 300,
-        },
-    }))
-    .unwrap();
+    put_secret(client, "anthropic", json!({"ANTHROPIC_API_KEY": key})).await;
+    let claude = json!({
+        "templateRef": {"name": "base"},
+        "prompt": "Create hello.py and run it",
+        "env": [
+            {"name": "ANTHROPIC_BASE_URL", "value": model.base_url()},
+            {"name": "CLAUDE_CODE_MAX_RETRIES", "value": "0"},
+        ],
+        "envFrom": [{"secretRef": {"name": "anthropic"}}],
+        "network": {"allowInternetAccess": false, "allowOut": [format!("{host}/32")]},
+        "activeDeadlineSeconds": 300,
+    });
     let t = Instant::now();
-    Api::<AgentTask>::namespaced(client.clone(), "examples")
-        .create(&PostParams::default(), &claude)
-        .await
-        .expect("a Claude Code task");
+    create_task(client, "claude-on-a-pod", claude).await;
     let done = task_succeeds(node, client, "examples", "claude-on-a-pod", "done").await;
     let status = done.status.expect("a status");
     let result = status.result.expect("a result");
@@ -1116,15 +1104,20 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
     println!("Secret values in none of {} places scanned", places.len());
 
     // --- down: tasks and templates first, while the operator can finish them ------------
-    kubectl(&[
-        "delete",
-        "-n",
-        "examples",
-        "agenttasks,sandboxtemplates",
-        "--all",
-        "--wait=true",
-        "--timeout=120s",
-    ]);
+    if let Err(err) = node.tool(
+        "kubectl",
+        &[
+            "delete",
+            "-n",
+            "examples",
+            "agenttasks,sandboxtemplates",
+            "--all",
+            "--wait=true",
+            "--timeout=120s",
+        ],
+    ) {
+        panic!("{err}\n{}", diagnose(node));
+    }
     helm(&[
         "uninstall",
         "sc",
