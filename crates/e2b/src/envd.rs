@@ -299,11 +299,50 @@ pub struct ProcessConfig {
 pub struct StartRequest {
     pub process: ProcessConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pty: Option<serde_json::Value>,
+    pub pty: Option<Pty>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<bool>,
+}
+
+/// A terminal for the process: its output then comes as `pty` data, its input goes in as
+/// `pty` input, and `Update` resizes it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pty {
+    #[serde(default)]
+    pub size: PtySize,
+}
+
+/// Zero values are left out on the wire, as proto3 JSON does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    #[serde(default)]
+    pub cols: u32,
+    #[serde(default)]
+    pub rows: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpdateRequest {
+    pub process: ProcessSelector,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<Pty>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CloseStdinRequest {
+    pub process: ProcessSelector,
+}
+
+/// One message of the client stream of `StreamInput`: the process first, then its input.
+/// The oneof sits in the request itself, so its member is the top-level key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamInputMessage {
+    Start { process: ProcessSelector },
+    Data { input: DataInput },
+    Keepalive {},
 }
 
 /// Selects a process by pid or by the tag given at start.

@@ -340,6 +340,7 @@ async fn start_template_command(
             cmd: "/bin/bash",
             args: &args,
             stdin: false,
+            terminal: false,
         };
         let config = sandcastle_e2b::envd::ProcessConfig {
             cmd: "/bin/bash".into(),
@@ -349,6 +350,7 @@ async fn start_template_command(
         };
         sandbox.processes.spawn(
             state.launcher.command(&launch),
+            None,
             config,
             tag.map(str::to_string),
         )

@@ -28,11 +28,12 @@ use tokio::sync::mpsc;
 use super::runtime::{self, Launch, PathError, User};
 use super::{SandboxRecord, State};
 use sandcastle_e2b::envd::{
-    CONTENT_TYPE_STREAM, Code, ConnectError, ConnectRequest, DataEvent, DataInput, Empty,
-    EntryInfo, EntryResponse, EnvelopeDecoder, FileType, KeepaliveEvent, ListDirRequest,
-    ListDirResponse, ListResponse, MoveRequest, PathRequest, ProcessEvent, ProcessEventMessage,
-    SendInputRequest, SendSignalRequest, Signal, StartEvent, StartRequest, WatchRequest,
-    WatcherEvents, WatcherId, WrittenFile, end_stream_envelope, message_envelope,
+    CONTENT_TYPE_STREAM, CloseStdinRequest, Code, ConnectError, ConnectRequest, DataEvent,
+    DataInput, Empty, EntryInfo, EntryResponse, EnvelopeDecoder, FileType, KeepaliveEvent,
+    ListDirRequest, ListDirResponse, ListResponse, MoveRequest, PathRequest, ProcessEvent,
+    ProcessEventMessage, PtySize, SendInputRequest, SendSignalRequest, Signal, StartEvent,
+    StartRequest, StreamInputMessage, UpdateRequest, WatchRequest, WatcherEvents, WatcherId,
+    WrittenFile, end_stream_envelope, message_envelope,
 };
 
 type Shared = Arc<State>;
@@ -50,6 +51,9 @@ pub fn router(state: Shared) -> Router {
         .route("/process.Process/List", post(list))
         .route("/process.Process/SendSignal", post(send_signal))
         .route("/process.Process/SendInput", post(send_input))
+        .route("/process.Process/StreamInput", post(stream_input))
+        .route("/process.Process/Update", post(update))
+        .route("/process.Process/CloseStdin", post(close_stdin))
         .route("/filesystem.Filesystem/Stat", post(stat))
         .route("/filesystem.Filesystem/ListDir", post(list_dir))
         .route("/filesystem.Filesystem/MakeDir", post(make_dir))
@@ -433,12 +437,6 @@ async fn start(Extract(state): Extract<Shared>, call: Call<StartRequest>) -> Res
         headers,
         cut: call_cut,
     } = call;
-    if request.pty.is_some() {
-        return rpc_error(ConnectError::new(
-            Code::Unimplemented,
-            "pty is not supported by the embedded server",
-        ));
-    }
     if let Some(tag) = &request.tag
         && caller.sandbox.processes.is_tag_running(tag)
     {
@@ -479,11 +477,26 @@ async fn start(Extract(state): Extract<Shared>, call: Call<StartRequest>) -> Res
         cmd: &request.process.cmd,
         args: &request.process.args,
         stdin: request.stdin.unwrap_or(false),
+        terminal: request.pty.is_some(),
+    };
+    let terminal = match &request.pty {
+        Some(pty) => match terminal_size(pty.size).and_then(|(cols, rows)| {
+            runtime::Terminal::open(cols, rows).map_err(|error| {
+                ConnectError::new(Code::Internal, format!("cannot open a terminal: {error}"))
+            })
+        }) {
+            Ok(terminal) => Some(terminal),
+            Err(error) => return rpc_error(error),
+        },
+        None => None,
     };
     let command = state.launcher.command(&launch);
-    let spawned = sandbox
-        .processes
-        .spawn(command, request.process.clone(), request.tag.clone());
+    let spawned = sandbox.processes.spawn(
+        command,
+        terminal,
+        request.process.clone(),
+        request.tag.clone(),
+    );
     let (process, events) = match spawned {
         Ok(started) => started,
         Err(error) => {
@@ -537,30 +550,185 @@ async fn send_signal(call: Call<SendSignalRequest>) -> Response {
     })())
 }
 
+/// The terminal size a client asked for, which must be at least one cell.
+fn terminal_size(size: PtySize) -> Result<(u16, u16), ConnectError> {
+    let cols = u16::try_from(size.cols).ok().filter(|cols| *cols > 0);
+    let rows = u16::try_from(size.rows).ok().filter(|rows| *rows > 0);
+    match (cols, rows) {
+        (Some(cols), Some(rows)) => Ok((cols, rows)),
+        _ => Err(ConnectError::new(
+            Code::InvalidArgument,
+            format!(
+                "invalid pty size {}x{}: columns and rows must be between 1 and 65535",
+                size.cols, size.rows
+            ),
+        )),
+    }
+}
+
 async fn send_input(call: Call<SendInputRequest>) -> Response {
     let process = match call.caller.sandbox.processes.find(&call.request.process) {
         Ok(process) => process,
         Err(error) => return rpc_error(error),
     };
-    let DataInput::Stdin(bytes) = call.request.input else {
-        return rpc_error(ConnectError::new(
-            Code::InvalidArgument,
-            "the process has no pty",
-        ));
+    reply(write_input(&process, call.request.input).await)
+}
+
+/// Writes to the process's stdin or terminal, whichever `input` names and the process has.
+async fn write_input(process: &runtime::Process, input: DataInput) -> Result<Empty, ConnectError> {
+    let mut guard = process.input().await;
+    let written = match (guard.as_mut(), &input) {
+        (Some(runtime::Input::Pipe(stdin)), DataInput::Stdin(bytes)) => {
+            stdin.write_all(bytes).await
+        }
+        (Some(runtime::Input::Terminal(keyboard)), DataInput::Pty(bytes)) => {
+            keyboard.write_all(bytes).await
+        }
+        (Some(runtime::Input::Terminal(_)), DataInput::Stdin(_)) => {
+            return Err(ConnectError::new(
+                Code::FailedPrecondition,
+                "the process runs on a pty: send pty input",
+            ));
+        }
+        (Some(runtime::Input::Pipe(_)), DataInput::Pty(_)) => {
+            return Err(ConnectError::new(
+                Code::FailedPrecondition,
+                "pty not assigned to process",
+            ));
+        }
+        (None, _) => {
+            return Err(ConnectError::new(
+                Code::FailedPrecondition,
+                "stdin is not open for this process",
+            ));
+        }
     };
-    let Some(mut stdin) = process.take_stdin() else {
-        return rpc_error(ConnectError::new(
-            Code::FailedPrecondition,
-            "stdin is not open for this process",
-        ));
+    written
+        .map(|()| Empty {})
+        .map_err(|error| ConnectError::new(Code::Internal, format!("cannot write input: {error}")))
+}
+
+async fn update(call: Call<UpdateRequest>) -> Response {
+    let process = match call.caller.sandbox.processes.find(&call.request.process) {
+        Ok(process) => process,
+        Err(error) => return rpc_error(error),
     };
-    let written = stdin.write_all(&bytes).await;
-    process.return_stdin(stdin);
+    let Some(pty) = call.request.pty else {
+        return reply(Ok(Empty {}));
+    };
     reply(
-        written.map(|()| Empty {}).map_err(|error| {
-            ConnectError::new(Code::Internal, format!("cannot write stdin: {error}"))
-        }),
+        async {
+            let (cols, rows) = terminal_size(pty.size)?;
+            match process.input().await.as_ref() {
+                Some(runtime::Input::Terminal(keyboard)) => keyboard
+                    .resize(pty_process::Size::new(rows, cols))
+                    .map(|()| Empty {})
+                    .map_err(|error| {
+                        ConnectError::new(Code::Internal, format!("cannot resize the pty: {error}"))
+                    }),
+                _ => Err(ConnectError::new(
+                    Code::FailedPrecondition,
+                    "pty not assigned to process",
+                )),
+            }
+        }
+        .await,
     )
+}
+
+async fn close_stdin(call: Call<CloseStdinRequest>) -> Response {
+    let process = match call.caller.sandbox.processes.find(&call.request.process) {
+        Ok(process) => process,
+        Err(error) => return rpc_error(error),
+    };
+    let mut input = process.input().await;
+    reply(match input.as_ref() {
+        Some(runtime::Input::Terminal(_)) => Err(ConnectError::new(
+            Code::FailedPrecondition,
+            "cannot close stdin of a pty: send Ctrl-D (0x04) as pty input",
+        )),
+        // Closing what is already closed is not an error: the outcome is the same.
+        Some(runtime::Input::Pipe(_)) | None => {
+            *input = None;
+            Ok(Empty {})
+        }
+    })
+}
+
+/// `StreamInput`: a client stream of input for one process, read as it arrives, so a long
+/// session's input is written as it is typed.
+async fn stream_input(Extract(state): Extract<Shared>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let caller = match caller(&state, &parts.headers, None) {
+        Ok(caller) => caller,
+        Err(response) => return response,
+    };
+    let mut decoder = EnvelopeDecoder::new(MAX_REQUEST_MESSAGE);
+    let mut body = body.into_data_stream();
+    let mut process = None;
+    let outcome = loop {
+        let envelope = match decoder.next_envelope() {
+            Ok(Some(envelope)) => envelope,
+            Ok(None) => match body.next().await {
+                Some(Ok(chunk)) => {
+                    decoder.push(&chunk);
+                    continue;
+                }
+                Some(Err(error)) => {
+                    break Err(ConnectError::new(Code::Canceled, error.to_string()));
+                }
+                None => break Ok(Empty {}),
+            },
+            Err(error) => break Err(ConnectError::new(Code::InvalidArgument, error.to_string())),
+        };
+        if envelope.is_end_stream() {
+            break Ok(Empty {});
+        }
+        let message: StreamInputMessage = match serde_json::from_slice(&envelope.payload) {
+            Ok(message) => message,
+            Err(error) => {
+                break Err(ConnectError::new(
+                    Code::InvalidArgument,
+                    format!("invalid request: {error}"),
+                ));
+            }
+        };
+        match (message, &process) {
+            (StreamInputMessage::Start { process: selector }, None) => {
+                match caller.sandbox.processes.find(&selector) {
+                    Ok(found) => process = Some(found),
+                    Err(error) => break Err(error),
+                }
+            }
+            (StreamInputMessage::Start { .. }, Some(_)) => {
+                break Err(ConnectError::new(
+                    Code::InvalidArgument,
+                    "the stream already named its process",
+                ));
+            }
+            (StreamInputMessage::Data { .. }, None) => {
+                break Err(ConnectError::new(
+                    Code::InvalidArgument,
+                    "the first message must name the process",
+                ));
+            }
+            (StreamInputMessage::Data { input }, Some(found)) => {
+                if let Err(error) = write_input(found, input).await {
+                    break Err(error);
+                }
+            }
+            (StreamInputMessage::Keepalive {}, _) => {}
+        }
+    };
+    let body = match outcome {
+        Ok(empty) => {
+            let mut frames = message_envelope(&empty).to_vec();
+            frames.extend_from_slice(&end_stream_envelope(None));
+            frames
+        }
+        Err(error) => end_stream_envelope(Some(&error)).to_vec(),
+    };
+    stream_response(Body::from(body))
 }
 
 // ---------------------------------------------------------------------------------------

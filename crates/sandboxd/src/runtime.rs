@@ -169,6 +169,10 @@ pub struct Launch<'a> {
     pub cmd: &'a str,
     pub args: &'a [String],
     pub stdin: bool,
+    /// Whether the process gets a terminal. Under bubblewrap it shows as `/dev/console`
+    /// (bubblewrap binds the caller's terminal there) and the sandbox keeps its own
+    /// `/dev/ptmx`, so `tmux` and `script` work inside.
+    pub terminal: bool,
 }
 
 impl Launcher {
@@ -268,8 +272,12 @@ impl Launcher {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
             .kill_on_drop(true);
+        // A terminal's process leads a session of its own (and so its own group), which
+        // it cannot do once it leads a group.
+        if !launch.terminal {
+            command.process_group(0);
+        }
         command
     }
 }
@@ -335,12 +343,34 @@ pub struct Process {
     pub config: ProcessConfig,
     pub tag: Option<String>,
     state: Mutex<ProcessState>,
+    /// Held across a write, so writes and resizes never interleave.
+    input: tokio::sync::Mutex<Option<Input>>,
 }
 
 struct ProcessState {
     subscribers: Vec<mpsc::Sender<ProcessEvent>>,
     end: Option<EndEvent>,
-    stdin: Option<ChildStdin>,
+}
+
+/// Where a process's input goes.
+pub enum Input {
+    Pipe(ChildStdin),
+    Terminal(pty_process::OwnedWritePty),
+}
+
+/// A terminal to start a process on, sized before the process starts.
+pub struct Terminal {
+    pty: pty_process::Pty,
+    pts: pty_process::Pts,
+}
+
+impl Terminal {
+    pub fn open(cols: u16, rows: u16) -> std::io::Result<Self> {
+        let (pty, pts) = pty_process::open().map_err(std::io::Error::other)?;
+        pty.resize(pty_process::Size::new(rows, cols))
+            .map_err(std::io::Error::other)?;
+        Ok(Terminal { pty, pts })
+    }
 }
 
 impl Process {
@@ -369,12 +399,17 @@ impl Process {
         }
     }
 
-    pub fn take_stdin(&self) -> Option<ChildStdin> {
-        self.state.lock().expect("process state").stdin.take()
+    /// The process's input, for as long as the guard is held; `None` once it was closed
+    /// or the process ended.
+    pub async fn input(&self) -> tokio::sync::MutexGuard<'_, Option<Input>> {
+        self.input.lock().await
     }
 
-    pub fn return_stdin(&self, stdin: ChildStdin) {
-        self.state.lock().expect("process state").stdin = Some(stdin);
+    fn drop_input(&self) {
+        // A writer holding the input ends it when its write fails.
+        if let Ok(mut input) = self.input.try_lock() {
+            *input = None;
+        }
     }
 
     /// Sends to every subscriber, waiting on slow ones; with no subscriber the output is
@@ -403,18 +438,21 @@ impl Process {
     }
 
     fn abandon(&self) {
-        let mut state = self.state.lock().expect("process state");
-        state.subscribers.clear();
-        state.stdin = None;
+        self.state
+            .lock()
+            .expect("process state")
+            .subscribers
+            .clear();
+        self.drop_input();
     }
 
     fn finish(&self, end: EndEvent) {
         let subscribers = {
             let mut state = self.state.lock().expect("process state");
             state.end = Some(end.clone());
-            state.stdin = None;
             std::mem::take(&mut state.subscribers)
         };
+        self.drop_input();
         for subscriber in subscribers {
             let end = ProcessEvent::End(end.clone());
             tokio::spawn(async move {
@@ -481,14 +519,29 @@ impl ProcessTable {
             .any(|process| process.tag.as_deref() == Some(tag) && !process.has_ended())
     }
 
-    /// Starts a process and returns it with a subscription taken before any output exists.
+    /// Starts a process, on `terminal` if given, and returns it with a subscription
+    /// taken before any output exists.
     pub fn spawn(
         self: &Arc<Self>,
         mut command: Command,
+        terminal: Option<Terminal>,
         config: ProcessConfig,
         tag: Option<String>,
     ) -> std::io::Result<(Arc<Process>, mpsc::Receiver<ProcessEvent>)> {
-        let mut child = command.spawn()?;
+        let (mut child, screen, input) = match terminal {
+            Some(Terminal { pty, pts }) => {
+                let child = pty_process::Command::from(command)
+                    .spawn(pts)
+                    .map_err(std::io::Error::other)?;
+                let (screen, keyboard) = pty.into_split();
+                (child, Some(screen), Some(Input::Terminal(keyboard)))
+            }
+            None => {
+                let mut child = command.spawn()?;
+                let input = child.stdin.take().map(Input::Pipe);
+                (child, None, input)
+            }
+        };
         let pid = child
             .id()
             .ok_or_else(|| std::io::Error::other("process exited before it was tracked"))?;
@@ -512,8 +565,8 @@ impl ProcessTable {
             state: Mutex::new(ProcessState {
                 subscribers: Vec::new(),
                 end: None,
-                stdin: child.stdin.take(),
             }),
+            input: tokio::sync::Mutex::new(input),
         });
         let receiver = process.subscribe();
         self.processes
@@ -527,7 +580,10 @@ impl ProcessTable {
                 stdout.map(|pipe| tokio::spawn(pump(pipe, running.clone(), DataEvent::Stdout)));
             let err =
                 stderr.map(|pipe| tokio::spawn(pump(pipe, running.clone(), DataEvent::Stderr)));
-            for reader in [out, err].into_iter().flatten() {
+            // The terminal reads EIO once every holder of its other end has gone.
+            let tty =
+                screen.map(|screen| tokio::spawn(pump(screen, running.clone(), DataEvent::Pty)));
+            for reader in [out, err, tty].into_iter().flatten() {
                 let _ = reader.await;
             }
             let end = match child.wait().await {

@@ -707,6 +707,7 @@ async fn run_step(
                 cmd: "/bin/bash",
                 args: &shell_args,
                 stdin: false,
+                terminal: false,
             };
             let output = state
                 .launcher

@@ -2,7 +2,8 @@
 
 tests/sdk_conformance.rs starts the server and runs this suite with E2B_API_URL,
 E2B_SANDBOX_URL and E2B_API_KEY pointing at it. Every test is one scenario of
-scenarios.txt, which the Rust client suite implements too.
+scenarios.txt, which the Rust client suite implements too, or of sdk_scenarios.txt,
+which only the official SDKs run (this suite and tests/conformance/js).
 """
 
 import asyncio
@@ -18,6 +19,9 @@ from e2b import (
     AuthenticationException,
     CommandExitException,
     FileNotFoundException,
+    InvalidArgumentException,
+    NotFoundException,
+    PtySize,
     FilesystemEventType,
     FileType,
     Sandbox,
@@ -33,7 +37,7 @@ for variable in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY"):
     assert os.environ.get(variable), f"{variable} is unset: run via tests/sdk_conformance.rs"
 assert "E2B_DEBUG" not in os.environ, "E2B_DEBUG makes the SDK skip the API; unset it"
 
-SCENARIOS = Path(__file__).with_name("scenarios.txt")
+SCENARIO_LISTS = [Path(__file__).with_name(name) for name in ("scenarios.txt", "sdk_scenarios.txt")]
 # A well-formed sandbox ID (20 characters of [a-z0-9]) that no server has handed out.
 UNKNOWN_SANDBOX_ID = "0nosuchsandbox000000"
 
@@ -62,7 +66,7 @@ def workdir(sandbox):
 
 
 def test_every_scenario_has_one_test():
-    listed = SCENARIOS.read_text().split()
+    listed = [name for path in SCENARIO_LISTS for name in path.read_text().split()]
     assert len(listed) == len(set(listed)), "scenarios.txt lists a scenario twice"
     tests = {
         name.removeprefix("test_")
@@ -334,3 +338,60 @@ def test_template_build(tmp_path):
         assert sbx.files.read(f"{root}/flavour.txt") == "vanilla\n"
         assert sbx.files.read(f"{root}/built-in.txt") == f"{root}\n"
         assert sbx.commands.run("pwd").stdout == f"{root}\n"
+
+
+def run_in_terminal(sandbox, size, *lines, resize_to=None):
+    """Types `lines` into a login shell on a fresh terminal and returns all it printed."""
+    printed = bytearray()
+    terminal = sandbox.pty.create(size, timeout=30)
+    if resize_to:
+        sandbox.pty.resize(terminal.pid, resize_to)
+    for line in lines:
+        sandbox.pty.send_stdin(terminal.pid, line.encode())
+    result = terminal.wait(on_pty=printed.extend)
+    assert result.exit_code == 0
+    return printed.decode(errors="replace")
+
+
+def test_pty_terminal(sandbox):
+    printed = run_in_terminal(
+        sandbox,
+        PtySize(rows=24, cols=80),
+        "tty && echo TERM=$TERM\n",
+        "stty size | sed 's/^/size: /'\n",
+        "exit\n",
+    )
+    assert "not a tty" not in printed, printed
+    assert "TERM=xterm-256color" in printed, printed
+    assert "size: 24 80" in printed, printed
+
+
+def test_pty_resize_and_stream_input(sandbox):
+    printed = bytearray()
+    terminal = sandbox.pty.create(PtySize(rows=24, cols=80), timeout=30)
+    sandbox.pty.resize(terminal.pid, PtySize(rows=50, cols=132))
+    sandbox.pty.stream_input(terminal.pid, ["stty size | sed 's/^/size: /'", "\n", "exit 3\n"])
+    with pytest.raises(CommandExitException) as failed:
+        terminal.wait(on_pty=printed.extend)
+    assert failed.value.exit_code == 3
+    assert "size: 50 132" in printed.decode(errors="replace"), printed
+
+
+def test_pty_bad_input(sandbox):
+    terminal = sandbox.pty.create(PtySize(rows=24, cols=80), timeout=30)
+    with pytest.raises(InvalidArgumentException):
+        sandbox.pty.resize(terminal.pid, PtySize(rows=0, cols=0))
+    assert sandbox.pty.kill(terminal.pid)
+    with pytest.raises(NotFoundException):
+        sandbox.pty.resize(999_999, PtySize(rows=24, cols=80))
+    with pytest.raises(InvalidArgumentException):
+        sandbox.pty.create(PtySize(rows=0, cols=0), timeout=30)
+
+
+def test_command_stdin(sandbox):
+    handle = sandbox.commands.run("cat", background=True, stdin=True)
+    sandbox.commands.send_stdin(handle.pid, "typed\n")
+    sandbox.commands.stream_input(handle.pid, ["stre", "amed\n"])
+    sandbox.commands.close_stdin(handle.pid)
+    result = handle.wait()
+    assert (result.stdout, result.exit_code) == ("typed\nstreamed\n", 0)
