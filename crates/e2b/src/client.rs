@@ -111,6 +111,8 @@ impl SandboxSpec {
             timeout: Some(timeout_secs(self.timeout)),
             secure: Some(self.secure),
             auto_pause: self.auto_pause,
+            auto_resume: None,
+            auto_pause_memory: None,
             allow_internet_access: self.allow_internet_access,
             metadata: non_empty(&self.metadata),
             env_vars: non_empty(&self.env_vars),

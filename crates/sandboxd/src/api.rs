@@ -22,9 +22,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::runtime::{self, Launch};
+use super::runtime::{self, Launch, OomCounter, ProcessTable};
 use super::templates::{self, TemplateError, TemplateRecord};
-use super::{SandboxRecord, State, random_id, random_token};
+use super::{Lifecycle, SandboxRecord, State, metrics, random_id, random_token};
 use sandcastle_e2b::envd::ENVD_VERSION;
 use sandcastle_e2b::models::{
     ApiError, CLIENT_ID, ConnectRequest, FileUploadLink, NewSandbox, Sandbox, SandboxDetail,
@@ -49,6 +49,10 @@ pub fn router(state: Shared) -> Router {
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/refreshes", post(refresh))
         .route("/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/resume", post(resume))
+        .route("/sandboxes/{id}/metrics", get(sandbox_metrics))
+        .route("/sandboxes/metrics", get(batch_metrics))
         .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/v3/templates", post(request_build))
         .route("/templates", get(list_templates))
@@ -251,6 +255,18 @@ async fn create_sandbox(
         })?;
     let id = random_id(20);
     let dir = state.config.root.join("sandboxes").join(&id);
+    let group = match &state.cgroups {
+        Some(cgroups) => match cgroups.create(&id, ready.cpu_count, ready.memory_mb) {
+            Ok(group) => Some(Arc::new(group)),
+            Err(failure) => {
+                return Err(error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot make the sandbox's cgroup: {failure}"),
+                ));
+            }
+        },
+        None => None,
+    };
     let mut env_vars = ready.runtime.env.clone();
     env_vars.extend(body.env_vars.clone().unwrap_or_default());
     let record = Arc::new(SandboxRecord {
@@ -268,8 +284,21 @@ async fn create_sandbox(
         memory_mb: ready.memory_mb,
         fs: dir.join("fs"),
         dir: Some(dir.clone()),
-        processes: Arc::default(),
+        processes: Arc::new(ProcessTable::counting_oom(
+            group.clone().map(OomCounter::Group),
+        )),
         watchers: Default::default(),
+        group,
+        lifecycle: Lifecycle {
+            pause_on_timeout: body.auto_pause.unwrap_or(false),
+            pause_keeps_memory: body.auto_pause_memory.unwrap_or(true),
+            auto_resume: body
+                .auto_resume
+                .as_ref()
+                .is_some_and(|resume| resume.enabled),
+        },
+        paused: Mutex::new(None),
+        samples: Mutex::default(),
     });
     if let Err(limit) = state.add_sandbox(record.clone()) {
         return Err(error(
@@ -341,6 +370,7 @@ async fn start_template_command(
             args: &args,
             stdin: false,
             terminal: false,
+            group: sandbox.group.as_deref(),
         };
         let config = sandcastle_e2b::envd::ProcessConfig {
             cmd: "/bin/bash".into(),
@@ -349,7 +379,7 @@ async fn start_template_command(
             cwd: Some(cwd.clone()),
         };
         sandbox.processes.spawn(
-            state.launcher.command(&launch),
+            state.launcher.command(&launch)?,
             None,
             config,
             tag.map(str::to_string),
@@ -483,11 +513,104 @@ async fn connect(
     let Some(sandbox) = state.sandbox(&id) else {
         return not_found(&id);
     };
+    let resumed = match sandbox.resume() {
+        Ok(resumed) => resumed,
+        Err(failure) => return error(StatusCode::INTERNAL_SERVER_ERROR, failure),
+    };
     {
         let mut end = sandbox.end_at.lock().expect("end");
-        *end = (*end).max(deadline(timeout));
+        *end = if resumed {
+            deadline(timeout)
+        } else {
+            (*end).max(deadline(timeout))
+        };
     }
-    Json(Sandbox {
+    let status = if resumed {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (
+        status,
+        Json(Sandbox {
+            sandbox_id: sandbox.id.clone(),
+            template_id: sandbox.template_id.clone(),
+            client_id: CLIENT_ID.into(),
+            envd_version: ENVD_VERSION.into(),
+            alias: sandbox.alias.clone(),
+            envd_access_token: sandbox.access_token.clone(),
+            traffic_access_token: None,
+            domain: None,
+        }),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize, Default)]
+struct PauseRequest {
+    memory: Option<bool>,
+}
+
+/// Pauses with the processes frozen (the default, E2B's memory snapshot) or, with
+/// `memory: false`, with only the files kept. 409 when already paused.
+async fn pause(
+    Extract(state): Extract<Shared>,
+    Path(id): Path<String>,
+    body: Option<Json<PauseRequest>>,
+) -> Response {
+    let memory = body.and_then(|Json(body)| body.memory).unwrap_or(true);
+    let Some(sandbox) = state.sandbox(&id) else {
+        return not_found(&id);
+    };
+    match sandbox.pause(memory) {
+        Ok(true) => {
+            tracing::info!(sandbox = %id, memory, "sandbox paused");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => error(
+            StatusCode::CONFLICT,
+            format!("sandbox \"{id}\" is already paused"),
+        ),
+        Err(failure) => error(StatusCode::BAD_REQUEST, failure),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct ResumeRequest {
+    timeout: Option<i64>,
+}
+
+/// The deprecated resume: 409 when the sandbox runs.
+async fn resume(
+    Extract(state): Extract<Shared>,
+    Path(id): Path<String>,
+    body: Option<Json<ResumeRequest>>,
+) -> Response {
+    let timeout = body
+        .and_then(|Json(body)| body.timeout)
+        .unwrap_or(DEFAULT_TIMEOUT_V2);
+    let timeout = match checked_timeout(&state, timeout) {
+        Ok(timeout) => timeout,
+        Err(response) => return response,
+    };
+    let Some(sandbox) = state.sandbox(&id) else {
+        return not_found(&id);
+    };
+    match sandbox.resume() {
+        Ok(true) => {
+            *sandbox.end_at.lock().expect("end") = deadline(timeout);
+            (StatusCode::CREATED, Json(created(&sandbox))).into_response()
+        }
+        Ok(false) => error(
+            StatusCode::CONFLICT,
+            format!("sandbox \"{id}\" is already running"),
+        ),
+        Err(failure) => error(StatusCode::INTERNAL_SERVER_ERROR, failure),
+    }
+}
+
+fn created(sandbox: &SandboxRecord) -> Sandbox {
+    Sandbox {
         sandbox_id: sandbox.id.clone(),
         template_id: sandbox.template_id.clone(),
         client_id: CLIENT_ID.into(),
@@ -496,8 +619,66 @@ async fn connect(
         envd_access_token: sandbox.access_token.clone(),
         traffic_access_token: None,
         domain: None,
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct MetricsQuery {
+    start: Option<i64>,
+    end: Option<i64>,
+}
+
+async fn sandbox_metrics(
+    Extract(state): Extract<Shared>,
+    Path(id): Path<String>,
+    Query(query): Query<MetricsQuery>,
+) -> Response {
+    let Some(sandbox) = state.sandbox(&id) else {
+        return not_found(&id);
+    };
+    let series =
+        tokio::task::spawn_blocking(move || metrics::series(&sandbox, query.start, query.end))
+            .await
+            .unwrap_or_default();
+    Json(series).into_response()
+}
+
+#[derive(Deserialize)]
+struct BatchMetricsQuery {
+    sandbox_ids: String,
+}
+
+/// The latest metric of each named sandbox that exists; unknown ones are left out.
+async fn batch_metrics(
+    Extract(state): Extract<Shared>,
+    Query(query): Query<BatchMetricsQuery>,
+) -> Response {
+    let ids: Vec<String> = query
+        .sandbox_ids
+        .split(',')
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .map(str::to_string)
+        .collect();
+    if ids.is_empty() || ids.len() > 100 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "sandbox_ids must name between 1 and 100 sandboxes",
+        );
+    }
+    let sandboxes: Vec<_> = ids.iter().filter_map(|id| state.sandbox(id)).collect();
+    let latest = tokio::task::spawn_blocking(move || {
+        sandboxes
+            .iter()
+            .filter_map(|sandbox| {
+                let metric = metrics::series(sandbox, None, None).pop()?;
+                Some((sandbox.id.clone(), metric))
+            })
+            .collect::<BTreeMap<_, _>>()
     })
-    .into_response()
+    .await
+    .unwrap_or_default();
+    Json(serde_json::json!({ "sandboxes": latest })).into_response()
 }
 
 #[derive(Deserialize, Default)]

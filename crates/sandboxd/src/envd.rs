@@ -68,6 +68,7 @@ pub fn router(state: Shared) -> Router {
         .route("/filesystem.Filesystem/RemoveWatcher", post(remove_watcher))
         .route("/files", get(download).post(upload))
         .route("/envs", get(envs))
+        .route("/metrics", get(metrics))
         .fallback(|| async { rpc_error(ConnectError::new(Code::Unimplemented, "no such method")) })
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes));
     #[cfg(feature = "faults")]
@@ -87,11 +88,28 @@ pub(crate) enum Cut {
     AfterFirstOutput,
 }
 
+/// envd's own metrics of its sandbox, which the kubernetes runtime's API relays.
+async fn metrics(Extract(state): Extract<Shared>, headers: HeaderMap) -> Response {
+    let caller = match caller(&state, &headers, None) {
+        Ok(caller) => caller,
+        Err(response) => return response,
+    };
+    let sandbox = caller.sandbox;
+    match tokio::task::spawn_blocking(move || super::metrics::envd_metrics(&sandbox)).await {
+        Ok(Ok(metrics)) => Json(metrics).into_response(),
+        Ok(Err(error)) => rpc_error(ConnectError::new(
+            Code::Unavailable,
+            format!("cannot read the sandbox's cgroup: {error}"),
+        )),
+        Err(error) => rpc_error(ConnectError::new(Code::Internal, error.to_string())),
+    }
+}
+
 /// No token needed, but like the real proxy only a live sandbox answers: this is how the
 /// SDK tells a dead sandbox from a network blip.
 async fn health(Extract(state): Extract<Shared>, headers: HeaderMap) -> Response {
     let id = sandbox_id(&headers).unwrap_or_default();
-    match state.sandbox(&id) {
+    match state.live_sandbox(&id) {
         Some(_) => StatusCode::NO_CONTENT.into_response(),
         None => sandbox_not_found(&id),
     }
@@ -138,7 +156,9 @@ fn caller(
     signed: Option<&SignedAccess>,
 ) -> Result<Caller, Response> {
     let id = sandbox_id(headers).unwrap_or_default();
-    let sandbox = state.sandbox(&id).ok_or_else(|| sandbox_not_found(&id))?;
+    let sandbox = state
+        .live_sandbox(&id)
+        .ok_or_else(|| sandbox_not_found(&id))?;
     let user = match basic_user(headers) {
         Some(name) => runtime::user(&name).ok_or_else(|| {
             rpc_error(ConnectError::new(
@@ -478,6 +498,7 @@ async fn start(Extract(state): Extract<Shared>, call: Call<StartRequest>) -> Res
         args: &request.process.args,
         stdin: request.stdin.unwrap_or(false),
         terminal: request.pty.is_some(),
+        group: sandbox.group.as_deref(),
     };
     let terminal = match &request.pty {
         Some(pty) => match terminal_size(pty.size).and_then(|(cols, rows)| {
@@ -490,13 +511,14 @@ async fn start(Extract(state): Extract<Shared>, call: Call<StartRequest>) -> Res
         },
         None => None,
     };
-    let command = state.launcher.command(&launch);
-    let spawned = sandbox.processes.spawn(
-        command,
-        terminal,
-        request.process.clone(),
-        request.tag.clone(),
-    );
+    let spawned = state.launcher.command(&launch).and_then(|command| {
+        sandbox.processes.spawn(
+            command,
+            terminal,
+            request.process.clone(),
+            request.tag.clone(),
+        )
+    });
     let (process, events) = match spawned {
         Ok(started) => started,
         Err(error) => {

@@ -42,6 +42,10 @@ pub struct Config {
     /// Keeps every sandbox's life for [`Sandboxd::history`]. Off by default: the record
     /// grows with every sandbox a long-running server makes.
     pub keep_history: bool,
+    /// The lifetime a sandbox gets when traffic resumes it (E2B's `autoResume`).
+    pub default_resume_timeout: Duration,
+    /// How often each sandbox's usage is sampled for the metrics API.
+    pub metrics_interval: Duration,
 }
 
 impl Config {
@@ -59,16 +63,20 @@ impl Config {
             max_timeout: Duration::from_secs(24 * 3600),
             host_paths: Vec::new(),
             keep_history: false,
+            default_resume_timeout: Duration::from_secs(300),
+            metrics_interval: Duration::from_secs(5),
         }
     }
 }
 
 mod api;
+mod cgroup;
 mod envd;
 #[cfg(feature = "faults")]
 mod faults;
 #[cfg(feature = "kubernetes")]
 mod kubernetes;
+mod metrics;
 mod pod;
 mod runtime;
 mod templates;
@@ -167,8 +175,16 @@ impl Sandboxd {
             addr: SocketAddr::new(config.listen, config.envd_port),
             source,
         })?;
+        let cgroups = match cgroup::Cgroups::prepare() {
+            Ok(cgroups) => Some(cgroups),
+            Err(reason) => {
+                tracing::warn!(%reason, "sandboxes' CPU and memory limits are NOT enforced and pause with memory is refused: no cgroups");
+                None
+            }
+        };
         let (shutdown, stopped) = watch::channel(false);
         let state = Arc::new(State {
+            cgroups,
             stopping: stopped.clone(),
             api_url: format!("http://{api_addr}"),
             config,
@@ -183,7 +199,8 @@ impl Sandboxd {
         let servers = vec![
             serve(api_listener, api::router(state.clone()), stopped.clone()),
             serve(envd_listener, envd::router(state.clone()), stopped.clone()),
-            tokio::spawn(reap_expired(state.clone(), stopped)),
+            tokio::spawn(reap_expired(state.clone(), stopped.clone())),
+            tokio::spawn(metrics::sample_usage(state.clone(), stopped)),
         ];
         state.templates.resume_interrupted(&state);
         tracing::info!(api = %api_addr, envd = %envd_addr, isolated = state.launcher.is_isolated(), "embedded sandbox server listening");
@@ -241,6 +258,9 @@ impl Sandboxd {
         for id in ids {
             self.state.kill_sandbox(&id).await;
         }
+        if let Some(cgroups) = &self.state.cgroups {
+            cgroups.remove();
+        }
     }
 }
 
@@ -256,6 +276,8 @@ pub(crate) struct State {
     sandboxes: Mutex<HashMap<String, Arc<SandboxRecord>>>,
     history: Mutex<Vec<SandboxLife>>,
     templates: templates::Registry,
+    /// Where sandboxes' cgroups go; `None` where the server cannot make them.
+    cgroups: Option<cgroup::Cgroups>,
     /// Signs the upload links handed out for COPY sources, in place of a storage bucket's
     /// presigned URLs.
     upload_secret: String,
@@ -294,6 +316,32 @@ pub(crate) struct SandboxRecord {
     processes: Arc<ProcessTable>,
     /// envd's filesystem watchers, which end with the sandbox.
     watchers: watchers::Watchers,
+    /// Its CPU and memory limits, usage and freezer; `None` where the server has no
+    /// cgroups to give (the limits are then not enforced) and for envd in a pod.
+    group: Option<Arc<cgroup::Group>>,
+    lifecycle: Lifecycle,
+    paused: Mutex<Option<Pause>>,
+    /// Usage samples for the metrics API, oldest first.
+    samples: Mutex<std::collections::VecDeque<metrics::Sample>>,
+}
+
+/// What happens at the sandbox's timeout and to traffic while it is paused, as E2B's
+/// `autoPause` and `autoResume` say.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Lifecycle {
+    pub pause_on_timeout: bool,
+    /// Whether that pause keeps the processes (E2B's `autoPauseMemory`).
+    pub pause_keeps_memory: bool,
+    pub auto_resume: bool,
+}
+
+/// How a paused sandbox was paused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pause {
+    /// Its processes frozen in memory (the cgroup freezer); they go on at resume.
+    Memory,
+    /// Its processes killed and its files kept.
+    Filesystem,
 }
 
 impl SandboxRecord {
@@ -302,7 +350,54 @@ impl SandboxRecord {
     }
 
     fn state(&self) -> SandboxState {
-        SandboxState::Running
+        match *self.paused.lock().expect("paused") {
+            Some(_) => SandboxState::Paused,
+            None => SandboxState::Running,
+        }
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused.lock().expect("paused").is_some()
+    }
+
+    /// Pauses the sandbox: with `memory`, its processes are frozen; without, they are
+    /// killed and only its files are kept. False if it was already paused.
+    fn pause(&self, memory: bool) -> Result<bool, String> {
+        let mut paused = self.paused.lock().expect("paused");
+        if paused.is_some() {
+            return Ok(false);
+        }
+        if memory {
+            let group = self.group.as_ref().ok_or(
+                "pausing with memory needs the cgroup freezer, which this server has not got (see its log at start); pause with memory=false keeps the files only",
+            )?;
+            group
+                .freeze(true)
+                .map_err(|error| format!("cannot freeze the sandbox: {error}"))?;
+            *paused = Some(Pause::Memory);
+        } else {
+            self.processes.kill_all();
+            *paused = Some(Pause::Filesystem);
+        }
+        Ok(true)
+    }
+
+    /// Resumes a paused sandbox. False if it was running.
+    fn resume(&self) -> Result<bool, String> {
+        let mut paused = self.paused.lock().expect("paused");
+        match *paused {
+            None => return Ok(false),
+            Some(Pause::Memory) => {
+                if let Some(group) = &self.group {
+                    group
+                        .freeze(false)
+                        .map_err(|error| format!("cannot thaw the sandbox: {error}"))?;
+                }
+            }
+            Some(Pause::Filesystem) => self.processes.restart(),
+        }
+        *paused = None;
+        Ok(true)
     }
 }
 
@@ -339,6 +434,25 @@ impl State {
         }
     }
 
+    /// The sandbox an envd request is for: a paused one is resumed when its lifecycle
+    /// says traffic resumes it, and is otherwise not there for envd.
+    fn live_sandbox(&self, id: &str) -> Option<Arc<SandboxRecord>> {
+        let sandbox = self.sandbox(id)?;
+        if sandbox.is_paused() {
+            if !sandbox.lifecycle.auto_resume {
+                return None;
+            }
+            if let Err(failure) = sandbox.resume() {
+                tracing::warn!(sandbox = id, %failure, "cannot resume the sandbox on traffic");
+                return None;
+            }
+            let timeout = self.config.default_resume_timeout;
+            *sandbox.end_at.lock().expect("end") = api::deadline(timeout);
+            tracing::info!(sandbox = id, "sandbox resumed by traffic");
+        }
+        Some(sandbox)
+    }
+
     /// Removes the sandbox, kills its processes and deletes its files. False if unknown.
     async fn kill_sandbox(&self, id: &str) -> bool {
         self.end_sandbox(id, || {}).await
@@ -358,6 +472,9 @@ impl State {
             return false;
         };
         sandbox.processes.kill_all();
+        if let Some(group) = &sandbox.group {
+            group.remove().await;
+        }
         if let Some(dir) = sandbox.dir.clone() {
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         }
@@ -401,17 +518,28 @@ async fn reap_expired(state: Arc<State>, mut stopped: watch::Receiver<bool>) {
             _ = stopped.wait_for(|stop| *stop) => return,
         }
         let now = jiff::Timestamp::now();
-        let expired: Vec<String> = state
+        let expired: Vec<Arc<SandboxRecord>> = state
             .sandboxes
             .lock()
             .expect("sandboxes")
             .values()
-            .filter(|sandbox| *sandbox.end_at.lock().expect("end") <= now)
-            .map(|sandbox| sandbox.id.clone())
+            .filter(|sandbox| !sandbox.is_paused() && *sandbox.end_at.lock().expect("end") <= now)
+            .cloned()
             .collect();
-        for id in expired {
-            tracing::info!(sandbox = %id, "sandbox timed out");
-            state.kill_sandbox(&id).await;
+        for sandbox in expired {
+            if sandbox.lifecycle.pause_on_timeout {
+                match sandbox.pause(sandbox.lifecycle.pause_keeps_memory) {
+                    Ok(_) => {
+                        tracing::info!(sandbox = %sandbox.id, "sandbox timed out and was paused");
+                        continue;
+                    }
+                    Err(failure) => {
+                        tracing::warn!(sandbox = %sandbox.id, %failure, "cannot pause a timed-out sandbox; killing it");
+                    }
+                }
+            }
+            tracing::info!(sandbox = %sandbox.id, "sandbox timed out");
+            state.kill_sandbox(&sandbox.id).await;
         }
     }
 }

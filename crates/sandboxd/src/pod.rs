@@ -43,6 +43,7 @@ pub async fn serve_pod_envd(
     server_config.max_body_bytes = config.max_body_bytes;
     server_config.max_sandboxes = 1;
     let state = Arc::new(State {
+        cgroups: None,
         config: server_config,
         stopping: stopping.clone(),
         api_url: String::new(),
@@ -113,8 +114,14 @@ async fn init(
         memory_mb: 0,
         fs: PathBuf::from("/"),
         dir: None,
-        processes: Arc::default(),
+        processes: Arc::new(runtime::ProcessTable::counting_oom(Some(
+            runtime::OomCounter::Container(PathBuf::from("/sys/fs/cgroup")),
+        ))),
         watchers: Default::default(),
+        group: None,
+        lifecycle: Default::default(),
+        paused: Mutex::new(None),
+        samples: Mutex::default(),
     });
     match pod.state.add_sandbox(record) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),

@@ -17,6 +17,8 @@ use sandcastle_e2b::envd::{
     ProcessSelector,
 };
 
+/// The end event's error for a process the kernel killed at the sandbox's memory limit.
+pub const OOM_KILLED: &str = "out of memory: the sandbox reached its memory limit (memoryMB) and the kernel killed the process";
 /// The PATH every sandbox process starts with, as envd gives it.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// envd keeps an exited process's end event this long so a late `Connect` still learns it.
@@ -173,6 +175,8 @@ pub struct Launch<'a> {
     /// (bubblewrap binds the caller's terminal there) and the sandbox keeps its own
     /// `/dev/ptmx`, so `tmux` and `script` work inside.
     pub terminal: bool,
+    /// The sandbox's cgroup, which the process joins before it execs.
+    pub group: Option<&'a crate::cgroup::Group>,
 }
 
 impl Launcher {
@@ -193,7 +197,7 @@ impl Launcher {
         }
     }
 
-    pub fn command(&self, launch: &Launch<'_>) -> Command {
+    pub fn command(&self, launch: &Launch<'_>) -> std::io::Result<Command> {
         let mut command = match self {
             Launcher::Bubblewrap {
                 bwrap,
@@ -278,7 +282,28 @@ impl Launcher {
         if !launch.terminal {
             command.process_group(0);
         }
-        command
+        if let Some(group) = launch.group {
+            join_on_start(&mut command, group.join_files()?);
+        }
+        Ok(command)
+    }
+}
+
+/// Makes the child join the groups whose `cgroup.procs` files are given, between fork and
+/// exec: joined any later, it could fork before it was counted.
+#[allow(unsafe_code)]
+fn join_on_start(command: &mut Command, procs: Vec<std::fs::File>) {
+    use std::io::Write;
+    // SAFETY: the closure runs in the forked child before exec. It only calls write(2) on
+    // descriptors opened before the fork ("0" names the writer itself), which is
+    // async-signal-safe, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            for mut file in &procs {
+                file.write_all(b"0")?;
+            }
+            Ok(())
+        });
     }
 }
 
@@ -467,16 +492,43 @@ fn kill_group(pid: u32, signal: i32) -> nix::Result<()> {
     nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), signal)
 }
 
+/// The cgroup whose OOM kills a sandbox's processes are counted against.
+pub enum OomCounter {
+    /// A local sandbox's own group.
+    Group(Arc<crate::cgroup::Group>),
+    /// The container envd runs in, at its cgroup mount.
+    Container(PathBuf),
+}
+
 /// The processes of one sandbox, by pid, with exited ones kept for [`EXIT_RETENTION`].
 #[derive(Default)]
 pub struct ProcessTable {
     processes: Mutex<HashMap<u32, Arc<Process>>>,
+    /// Where the kernel counts the sandbox's OOM kills: a process killed while the count
+    /// rose ends with an error that says so.
+    oom: Option<OomCounter>,
     /// Set when the sandbox goes away: its processes' streams then break off instead of
     /// reporting an ordinary end, as they do when a real sandbox disappears.
     stopped: std::sync::atomic::AtomicBool,
 }
 
 impl ProcessTable {
+    pub fn counting_oom(oom: Option<OomCounter>) -> Self {
+        ProcessTable {
+            oom,
+            ..ProcessTable::default()
+        }
+    }
+
+    fn oom_kills(&self) -> u64 {
+        let usage = match &self.oom {
+            Some(OomCounter::Group(group)) => group.usage(),
+            Some(OomCounter::Container(root)) => crate::cgroup::container_usage(root),
+            None => return 0,
+        };
+        usage.map_or(0, |usage| usage.oom_kills)
+    }
+
     pub fn find(&self, selector: &ProcessSelector) -> Result<Arc<Process>, ConnectError> {
         let processes = self.processes.lock().expect("process table");
         let found = match selector {
@@ -575,6 +627,7 @@ impl ProcessTable {
             .insert(pid, process.clone());
         let table = Arc::downgrade(self);
         let running = process.clone();
+        let oom_kills_before = self.oom_kills();
         tokio::spawn(async move {
             let out =
                 stdout.map(|pipe| tokio::spawn(pump(pipe, running.clone(), DataEvent::Stdout)));
@@ -587,7 +640,17 @@ impl ProcessTable {
                 let _ = reader.await;
             }
             let end = match child.wait().await {
-                Ok(status) => end_event(status),
+                Ok(status) => {
+                    let mut end = end_event(status);
+                    let oom_killed = table
+                        .upgrade()
+                        .is_some_and(|table| table.oom_kills() > oom_kills_before);
+                    // A shell reports its killed child as 137 (128 + SIGKILL).
+                    if oom_killed && (!end.exited || end.exit_code == 137) {
+                        end.error = Some(OOM_KILLED.into());
+                    }
+                    end
+                }
                 Err(error) => EndEvent {
                     exit_code: -1,
                     exited: false,
@@ -609,6 +672,13 @@ impl ProcessTable {
             }
         });
         Ok((process, receiver))
+    }
+
+    /// Lets processes start and end as usual again after [`ProcessTable::kill_all`]: a
+    /// sandbox resumed from a pause that kept only its files.
+    pub fn restart(&self) {
+        self.stopped
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Kills every process of the sandbox.

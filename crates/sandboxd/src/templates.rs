@@ -708,10 +708,12 @@ async fn run_step(
                 args: &shell_args,
                 stdin: false,
                 terminal: false,
+                group: None,
             };
             let output = state
                 .launcher
                 .command(&launch)
+                .map_err(|error| format!("cannot start the command: {error}"))?
                 .output()
                 .await
                 .map_err(|error| format!("cannot start the command: {error}"))?;

@@ -38,6 +38,10 @@ pub fn router(state: Shared) -> Router {
     let authenticated = Router::new()
         .route("/sandboxes", post(create_v1).get(list_v1))
         .route("/v2/sandboxes", post(create_v2).get(list_v2))
+        .route("/sandboxes/{id}/pause", post(refuse_pause))
+        .route("/sandboxes/{id}/resume", post(refuse_pause))
+        .route("/sandboxes/{id}/metrics", get(sandbox_metrics))
+        .route("/sandboxes/metrics", get(batch_metrics))
         .route("/sandboxes/{id}", get(get_sandbox).delete(kill))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/refreshes", post(refresh))
@@ -515,6 +519,106 @@ async fn refresh(
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(response) => response,
     }
+}
+
+/// A pod cannot be paused with its processes kept, and a stopped pod loses its
+/// filesystem, so pause is refused rather than pretended: 501, with what to do instead.
+async fn refuse_pause(Extract(state): Extract<Shared>, Path(id): Path<String>) -> Response {
+    if let Err(response) = sandbox(&state, &id).await {
+        return response;
+    }
+    error(
+        StatusCode::NOT_IMPLEMENTED,
+        "pause and resume are not supported by the kubernetes runtime: a pod's processes cannot be frozen into a snapshot and a stopped pod keeps no filesystem; extend the sandbox's timeout instead, or use the local runtime, which freezes processes in memory",
+    )
+}
+
+/// envd's reading of the sandbox's container, now: a pod keeps no history of samples.
+async fn envd_metrics(
+    state: &KubeState,
+    id: &str,
+) -> Result<crate::metrics::EnvdMetrics, Response> {
+    sandbox(state, id).await?;
+    let token = token_of(state, id).await?;
+    let ip = super::proxy::envd_address(state, id)
+        .await
+        .ok_or_else(|| not_found(id))?;
+    let mut request = state
+        .envd
+        .get(format!("http://{ip}:{ENVD_PORT}/metrics"))
+        .header("E2b-Sandbox-Id", id);
+    if let Some(token) = token {
+        request = request.header("X-Access-Token", token);
+    }
+    let unavailable = |failure: String| {
+        error(
+            StatusCode::BAD_GATEWAY,
+            format!("cannot read the sandbox's metrics from its envd: {failure}"),
+        )
+    };
+    let answer = request
+        .send()
+        .await
+        .map_err(|failure| unavailable(failure.to_string()))?;
+    if !answer.status().is_success() {
+        return Err(unavailable(format!("envd answered {}", answer.status())));
+    }
+    answer
+        .json()
+        .await
+        .map_err(|failure| unavailable(failure.to_string()))
+}
+
+#[derive(serde::Deserialize)]
+struct MetricsQuery {
+    end: Option<i64>,
+}
+
+async fn sandbox_metrics(
+    Extract(state): Extract<Shared>,
+    Path(id): Path<String>,
+    Query(query): Query<MetricsQuery>,
+) -> Response {
+    if query
+        .end
+        .is_some_and(|end| end < jiff::Timestamp::now().as_second())
+    {
+        return Json(Vec::<crate::metrics::SandboxMetric>::new()).into_response();
+    }
+    match envd_metrics(&state, &id).await {
+        Ok(metrics) => Json(vec![metrics.into_metric()]).into_response(),
+        Err(response) => response,
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct BatchMetricsQuery {
+    sandbox_ids: String,
+}
+
+async fn batch_metrics(
+    Extract(state): Extract<Shared>,
+    Query(query): Query<BatchMetricsQuery>,
+) -> Response {
+    let ids: Vec<&str> = query
+        .sandbox_ids
+        .split(',')
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .collect();
+    if ids.is_empty() || ids.len() > 100 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "sandbox_ids must name between 1 and 100 sandboxes",
+        );
+    }
+    let readings = futures::future::join_all(ids.iter().map(|id| envd_metrics(&state, id))).await;
+    let latest: std::collections::BTreeMap<&str, crate::metrics::SandboxMetric> = ids
+        .iter()
+        .zip(readings)
+        .filter_map(|(id, reading)| Some((*id, reading.ok()?.into_metric())))
+        .collect();
+    Json(serde_json::json!({ "sandboxes": latest })).into_response()
 }
 
 /// Connect only ever extends the sandbox's life, never shortens it.

@@ -37,6 +37,8 @@ for variable in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY"):
     assert os.environ.get(variable), f"{variable} is unset: run via tests/sdk_conformance.rs"
 assert "E2B_DEBUG" not in os.environ, "E2B_DEBUG makes the SDK skip the API; unset it"
 
+# The server's runtime, where the two differ in what they can honestly do (pause).
+ON_PODS = os.environ.get("SANDCASTLE_RUNTIME") == "kubernetes"
 SCENARIO_LISTS = [Path(__file__).with_name(name) for name in ("scenarios.txt", "sdk_scenarios.txt")]
 # A well-formed sandbox ID (20 characters of [a-z0-9]) that no server has handed out.
 UNKNOWN_SANDBOX_ID = "0nosuchsandbox000000"
@@ -395,3 +397,76 @@ def test_command_stdin(sandbox):
     sandbox.commands.close_stdin(handle.pid)
     result = handle.wait()
     assert (result.stdout, result.exit_code) == ("typed\nstreamed\n", 0)
+
+
+def test_sandbox_metrics(sandbox):
+    sandbox.commands.run("head -c 20000000 /dev/urandom > /tmp/metrics-blob")
+    metrics = sandbox.get_metrics()
+    assert metrics, "a running sandbox has at least the sample taken now"
+    latest = metrics[-1]
+    assert latest.cpu_count >= 1
+    assert 0 <= latest.cpu_used_pct <= 100
+    assert 0 < latest.mem_used <= latest.mem_total
+    assert 0 < latest.disk_used <= latest.disk_total
+    assert abs(latest.timestamp.timestamp() - time.time()) < 120
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_metrics(UNKNOWN_SANDBOX_ID)
+
+
+def test_sandbox_memory_limit(sandbox):
+    # tail keeps everything it reads while it looks for the last lines, so it grows past
+    # the template's memoryMB and the kernel kills it; bash reports 128 + SIGKILL.
+    with pytest.raises(CommandExitException) as killed:
+        sandbox.commands.run("head -c 8000M /dev/zero | tail -n 1", timeout=120)
+    assert killed.value.exit_code == 137
+    assert "out of memory" in (killed.value.error or ""), killed.value.error
+    assert sandbox.commands.run("echo still here").stdout == "still here\n"
+
+
+def test_sandbox_pause_resume():
+    sbx = Sandbox.create(timeout=120)
+    try:
+        if ON_PODS:
+            with pytest.raises(SandboxException, match="not supported by the kubernetes runtime"):
+                sbx.pause()
+            assert sbx.get_info().state == SandboxState.RUNNING
+            return
+        sbx.commands.run(
+            "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done",
+            background=True,
+        )
+        time.sleep(0.5)
+        assert sbx.pause()
+        assert sbx.get_info().state == SandboxState.PAUSED
+        assert not sbx.pause(), "pausing a paused sandbox reports False"
+        assert Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
+        time.sleep(1)
+        resumed = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        assert resumed.get_info().state == SandboxState.RUNNING
+        first = int(resumed.files.read("/tmp/count"))
+        time.sleep(0.5)
+        second = int(resumed.files.read("/tmp/count"))
+        assert second > first, "the loop froze with the sandbox and goes on after resume"
+    finally:
+        sbx.kill()
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.connect(sbx.sandbox_id)
+
+
+def test_sandbox_lifecycle_auto_pause_resume():
+    if ON_PODS:
+        with pytest.raises(SandboxException, match="not supported by the kubernetes runtime"):
+            Sandbox.create(timeout=60).pause()
+        return
+    sbx = Sandbox.create(timeout=2, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    try:
+        sbx.files.write("/tmp/kept.txt", "kept")
+        deadline = time.monotonic() + 15
+        while sbx.get_info().state != SandboxState.PAUSED:
+            assert time.monotonic() < deadline, "the sandbox was not paused at its timeout"
+            time.sleep(0.5)
+        # Traffic resumes it, with what it had.
+        assert sbx.commands.run("cat /tmp/kept.txt").stdout == "kept"
+        assert sbx.get_info().state == SandboxState.RUNNING
+    finally:
+        sbx.kill()
