@@ -70,6 +70,7 @@ pub fn router(state: Shared) -> Router {
         .route("/envs", get(envs))
         .route("/metrics", get(metrics))
         .fallback(|| async { rpc_error(ConnectError::new(Code::Unimplemented, "no such method")) })
+        .layer(axum::middleware::from_fn(streamed_errors))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes));
     #[cfg(feature = "faults")]
     let router = router.layer(axum::middleware::from_fn_with_state(
@@ -77,6 +78,29 @@ pub fn router(state: Shared) -> Router {
         super::faults::inject_envd,
     ));
     router.with_state(state)
+}
+
+/// A streaming call's error goes in its end-of-stream frame with status 200, as Connect
+/// has it: the JavaScript SDK's client takes a streaming call's code from the HTTP status
+/// alone (a 400 became "internal"). The proxy's own plain answers (a 502 for a sandbox
+/// that is not there) stay as they are, as E2B's proxy sends them.
+async fn streamed_errors(request: Request, next: axum::middleware::Next) -> Response {
+    let streaming = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(CONTENT_TYPE_STREAM.as_bytes()));
+    let response = next.run(request).await;
+    if !streaming || response.status().is_success() {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_REQUEST_MESSAGE).await else {
+        return parts.status.into_response();
+    };
+    match serde_json::from_slice::<ConnectError>(&bytes) {
+        Ok(error) => stream_response(Body::from(end_stream_envelope(Some(&error)))),
+        Err(_) => Response::from_parts(parts, Body::from(bytes)),
+    }
 }
 
 /// Where a process stream is cut by a fault, if it is.
