@@ -530,20 +530,7 @@ async fn connect(
     } else {
         StatusCode::OK
     };
-    (
-        status,
-        Json(Sandbox {
-            sandbox_id: sandbox.id.clone(),
-            template_id: sandbox.template_id.clone(),
-            client_id: CLIENT_ID.into(),
-            envd_version: ENVD_VERSION.into(),
-            alias: sandbox.alias.clone(),
-            envd_access_token: sandbox.access_token.clone(),
-            traffic_access_token: None,
-            domain: None,
-        }),
-    )
-        .into_response()
+    (status, Json(created(&sandbox))).into_response()
 }
 
 #[derive(Deserialize, Default)]
@@ -644,8 +631,28 @@ async fn sandbox_metrics(
 }
 
 #[derive(Deserialize)]
-struct BatchMetricsQuery {
+pub(crate) struct BatchMetricsQuery {
     sandbox_ids: String,
+}
+
+impl BatchMetricsQuery {
+    /// The sandboxes named, 1 to 100 as E2B allows.
+    pub(crate) fn ids(&self) -> Result<Vec<String>, Response> {
+        let ids: Vec<String> = self
+            .sandbox_ids
+            .split(',')
+            .map(str::trim)
+            .filter(|id| !id.is_empty())
+            .map(str::to_string)
+            .collect();
+        if ids.is_empty() || ids.len() > 100 {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "sandbox_ids must name between 1 and 100 sandboxes",
+            ));
+        }
+        Ok(ids)
+    }
 }
 
 /// The latest metric of each named sandbox that exists; unknown ones are left out.
@@ -653,19 +660,10 @@ async fn batch_metrics(
     Extract(state): Extract<Shared>,
     Query(query): Query<BatchMetricsQuery>,
 ) -> Response {
-    let ids: Vec<String> = query
-        .sandbox_ids
-        .split(',')
-        .map(str::trim)
-        .filter(|id| !id.is_empty())
-        .map(str::to_string)
-        .collect();
-    if ids.is_empty() || ids.len() > 100 {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "sandbox_ids must name between 1 and 100 sandboxes",
-        );
-    }
+    let ids = match query.ids() {
+        Ok(ids) => ids,
+        Err(response) => return response,
+    };
     let sandboxes: Vec<_> = ids.iter().filter_map(|id| state.sandbox(id)).collect();
     let latest = tokio::task::spawn_blocking(move || {
         sandboxes

@@ -591,32 +591,19 @@ async fn sandbox_metrics(
     }
 }
 
-#[derive(serde::Deserialize)]
-struct BatchMetricsQuery {
-    sandbox_ids: String,
-}
-
 async fn batch_metrics(
     Extract(state): Extract<Shared>,
-    Query(query): Query<BatchMetricsQuery>,
+    Query(query): Query<crate::api::BatchMetricsQuery>,
 ) -> Response {
-    let ids: Vec<&str> = query
-        .sandbox_ids
-        .split(',')
-        .map(str::trim)
-        .filter(|id| !id.is_empty())
-        .collect();
-    if ids.is_empty() || ids.len() > 100 {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "sandbox_ids must name between 1 and 100 sandboxes",
-        );
-    }
+    let ids = match query.ids() {
+        Ok(ids) => ids,
+        Err(response) => return response,
+    };
     let readings = futures::future::join_all(ids.iter().map(|id| envd_metrics(&state, id))).await;
-    let latest: std::collections::BTreeMap<&str, crate::metrics::SandboxMetric> = ids
+    let latest: std::collections::BTreeMap<&String, crate::metrics::SandboxMetric> = ids
         .iter()
         .zip(readings)
-        .filter_map(|(id, reading)| Some((*id, reading.ok()?.into_metric())))
+        .filter_map(|(id, reading)| Some((id, reading.ok()?.into_metric())))
         .collect();
     Json(serde_json::json!({ "sandboxes": latest })).into_response()
 }

@@ -8,11 +8,13 @@ which only the official SDKs run (this suite and tests/conformance/js).
 
 import asyncio
 import os
+import re
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import httpx
 import pytest
 from e2b import (
     AsyncSandbox,
@@ -411,13 +413,22 @@ def test_sandbox_metrics(sandbox):
     assert abs(latest.timestamp.timestamp() - time.time()) < 120
     with pytest.raises(SandboxNotFoundException):
         Sandbox.get_metrics(UNKNOWN_SANDBOX_ID)
+    # The batch form has no SDK method: the latest sample of each sandbox that exists.
+    batch = httpx.get(
+        f"{os.environ['E2B_API_URL']}/sandboxes/metrics",
+        params={"sandbox_ids": f"{sandbox.sandbox_id},{UNKNOWN_SANDBOX_ID}"},
+        headers={"X-API-Key": os.environ["E2B_API_KEY"]},
+    )
+    assert batch.status_code == 200, batch.text
+    assert set(batch.json()["sandboxes"]) == {sandbox.sandbox_id}
+    assert batch.json()["sandboxes"][sandbox.sandbox_id]["memUsed"] > 0
 
 
 def test_sandbox_memory_limit(sandbox):
     # tail keeps everything it reads while it looks for the last lines, so it grows past
     # the template's memoryMB and the kernel kills it; bash reports 128 + SIGKILL.
     with pytest.raises(CommandExitException) as killed:
-        sandbox.commands.run("head -c 8000M /dev/zero | tail -n 1", timeout=120)
+        sandbox.commands.run("head -c 8000M /dev/zero | tail -n 1 >/dev/null", timeout=120)
     assert killed.value.exit_code == 137
     assert "out of memory" in (killed.value.error or ""), killed.value.error
     assert sandbox.commands.run("echo still here").stdout == "still here\n"
@@ -470,3 +481,27 @@ def test_sandbox_lifecycle_auto_pause_resume():
         assert sbx.get_info().state == SandboxState.RUNNING
     finally:
         sbx.kill()
+
+
+# Two busy loops for 2 s, then the CPU seconds they got, from bash's `times`.
+BUSY_TWO_LOOPS = "for i in 1 2; do timeout 2 sh -c 'while :; do :; done' & done; wait; times"
+
+
+def cpu_seconds(times_output: str) -> float:
+    children = times_output.strip().splitlines()[-1]
+    return sum(
+        int(minutes) * 60 + float(seconds)
+        for minutes, seconds in re.findall(r"(\d+)m([\d.]+)s", children)
+    )
+
+
+def test_sandbox_cpu_limit(sandbox):
+    one_cpu = Template.build(Template().from_template("base"), unique("one-cpu"), cpu_count=1)
+    with Sandbox.create(template=one_cpu.template_id, timeout=120) as limited:
+        assert limited.get_info().cpu_count == 1
+        held = cpu_seconds(limited.commands.run(BUSY_TWO_LOOPS).stdout)
+    free = cpu_seconds(sandbox.commands.run(BUSY_TWO_LOOPS).stdout)
+    # One CPU for 2 s is 2 CPU seconds however many loops ask; the base template's two
+    # CPUs give the same loops more.
+    assert held < 2.5, (held, free)
+    assert free > held * 1.3, (held, free)

@@ -497,6 +497,42 @@ scenario('sandbox_metrics', async () => {
   assert.ok(latest.diskUsed > 0 && latest.diskUsed <= latest.diskTotal, JSON.stringify(latest))
   assert.ok(Math.abs(latest.timestamp.getTime() - Date.now()) < 120_000, JSON.stringify(latest))
   await rejectsWith(Sandbox.getMetrics(UNKNOWN_SANDBOX_ID), SandboxNotFoundError)
+  // The batch form has no SDK method: the latest sample of each sandbox that exists.
+  const query = new URLSearchParams({ sandbox_ids: `${sandbox.sandboxId},${UNKNOWN_SANDBOX_ID}` })
+  const batch = await fetch(`${process.env.E2B_API_URL}/sandboxes/metrics?${query}`, {
+    headers: { 'X-API-Key': process.env.E2B_API_KEY },
+  })
+  assert.equal(batch.status, 200)
+  const { sandboxes } = await batch.json()
+  assert.deepEqual(Object.keys(sandboxes), [sandbox.sandboxId])
+  assert.ok(sandboxes[sandbox.sandboxId].memUsed > 0)
+})
+
+// Two busy loops for 2 s, then the CPU seconds they got, from bash's `times`.
+const BUSY_TWO_LOOPS = "for i in 1 2; do timeout 2 sh -c 'while :; do :; done' & done; wait; times"
+
+function cpuSeconds(timesOutput) {
+  const children = timesOutput.trim().split('\n').at(-1)
+  let total = 0
+  for (const [, minutes, seconds] of children.matchAll(/(\d+)m([\d.]+)s/g)) {
+    total += Number(minutes) * 60 + Number(seconds)
+  }
+  return total
+}
+
+scenario('sandbox_cpu_limit', async () => {
+  const oneCpu = await Template.build(Template().fromTemplate('base'), unique('one-cpu'), {
+    cpuCount: 1,
+  })
+  const held = await withSandbox({ template: oneCpu.templateId, timeoutMs: 120_000 }, async (sbx) => {
+    assert.equal((await sbx.getInfo()).cpuCount, 1)
+    return cpuSeconds((await sbx.commands.run(BUSY_TWO_LOOPS)).stdout)
+  })
+  const free = cpuSeconds((await sandbox.commands.run(BUSY_TWO_LOOPS)).stdout)
+  // One CPU for 2 s is 2 CPU seconds however many loops ask; the base template's two
+  // CPUs give the same loops more.
+  assert.ok(held < 2.5, `one CPU gave ${held} s, two gave ${free} s`)
+  assert.ok(free > held * 1.3, `one CPU gave ${held} s, two gave ${free} s`)
 })
 
 scenario('sandbox_memory_limit', async () => {
