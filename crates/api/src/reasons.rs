@@ -143,6 +143,8 @@ reasons! {
         AgentLost,
         /// The sandbox vanished; retried within the backoff limit.
         SandboxLost,
+        /// The sandbox was paused on its provider; the task waits for it to be resumed.
+        SandboxPaused,
         /// `activeDeadlineSeconds` passed.
         DeadlineExceeded,
         /// The workspace's files could not be written.
@@ -157,7 +159,10 @@ reasons! {
 impl TaskReason {
     /// Reasons whose waits are no one's fault: a Normal event, not a Warning.
     pub fn is_normal_wait(self) -> bool {
-        matches!(self, TaskReason::TemplateNotReady)
+        matches!(
+            self,
+            TaskReason::TemplateNotReady | TaskReason::SandboxPaused
+        )
     }
 
     /// Events published once per attempt, through a recorder of their own (see the

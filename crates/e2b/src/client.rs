@@ -322,6 +322,19 @@ impl E2bClient {
         Ok(())
     }
 
+    /// Pauses a sandbox with its memory kept. `false` when it was already paused.
+    pub async fn pause_sandbox(&self, sandbox_id: &str) -> Result<bool, Error> {
+        let path = format!("/sandboxes/{}/pause", encode_path_segment(sandbox_id));
+        match self
+            .send(Method::POST, &path, Some(&serde_json::json!({})), &[])
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(Error::Conflict { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Returns a running sandbox (resuming a paused one) with a fresh access token; the
     /// lifetime is only ever extended to `timeout` from now.
     pub async fn connect_sandbox(

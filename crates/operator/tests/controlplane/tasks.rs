@@ -706,6 +706,64 @@ pub async fn a_restart_reattaches_and_a_lost_sandbox_is_retried(env: Arc<TestEnv
     );
     assert_ne!(status.sandbox_id, Some(lost));
     assert_eq!(count(uid(&api, "unlucky").await).await, 0);
+
+    // A sandbox paused behind the operator's back is waited for, not replaced.
+    create(
+        &api,
+        "paused",
+        json!({
+            "templateRef": {"name": "remote"},
+            "agent": {"command": {"command": ["sh", "-c", "sleep 4; echo ok"]}},
+        }),
+    )
+    .await;
+    let running = wait_for(&api, "paused", "running", |s| {
+        s.phase == Some(TaskPhase::Running)
+    })
+    .await;
+    let sandbox = running.sandbox_id.clone().expect("a sandbox");
+    assert!(provider.pause_sandbox(&sandbox).await.expect("pause"));
+    let reason = |s: &AgentTaskStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.reason.clone())
+    };
+    let waiting = wait_for(&api, "paused", "the pause in status", |s| {
+        reason(s).as_deref() == Some("SandboxPaused")
+    })
+    .await;
+    assert_eq!(waiting.phase, Some(TaskPhase::Running));
+    // Long enough for several looks at the sandbox: none of them replaces it.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let still = api
+        .get_status("paused")
+        .await
+        .expect("task")
+        .status
+        .expect("status");
+    assert_eq!(
+        reason(&still).as_deref(),
+        Some("SandboxPaused"),
+        "{still:#?}"
+    );
+    assert_eq!(still.attempts, Some(1));
+    provider
+        .connect_sandbox(&sandbox, Duration::from_secs(300))
+        .await
+        .expect("resume");
+    let status = wait_for(&api, "paused", "finished", finished).await;
+    assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
+    assert_eq!(status.attempts, Some(1), "the same attempt went on");
+    assert_eq!(status.sandbox_id, Some(sandbox));
+    assert!(
+        events(&env, &ns)
+            .await
+            .iter()
+            .any(|event| event.contains("SandboxPaused")),
+        "a SandboxPaused event"
+    );
+    assert_eq!(count(uid(&api, "paused").await).await, 0);
     external.stop().await;
     let _ = std::fs::remove_dir_all(&root);
 }

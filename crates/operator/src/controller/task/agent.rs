@@ -1,6 +1,10 @@
 //! The agent in its sandbox: started under the recorder, and followed to its end.
 
 use super::*;
+use sandcastle_e2b::models::SandboxState;
+
+/// How often a task whose sandbox is paused looks whether it was resumed.
+const PAUSED_POLL: Duration = Duration::from_secs(5);
 
 pub(super) fn run_file(name: &str) -> String {
     format!("{RUN_DIR}/{name}")
@@ -64,6 +68,9 @@ pub(super) async fn envd_trouble(
     redactor: &Redactor,
 ) -> Result<Action, Error> {
     if error.is_sandbox_gone() {
+        if is_paused(task, provider).await {
+            return sandbox_paused(task, ctx).await;
+        }
         return sandbox_lost(task, ctx, provider).await;
     }
     provider_trouble(
@@ -73,6 +80,57 @@ pub(super) async fn envd_trouble(
         WAIT_INTERVAL,
     )
     .await
+}
+
+/// Whether the task's sandbox is paused on its provider: envd does not answer for a
+/// paused sandbox, which reads like a vanished one until the API is asked.
+async fn is_paused(task: &AgentTask, provider: &E2bClient) -> bool {
+    let Some(id) = task
+        .status
+        .as_ref()
+        .and_then(|status| status.sandbox_id.as_deref())
+    else {
+        return false;
+    };
+    provider
+        .get_sandbox(id)
+        .await
+        .is_ok_and(|sandbox| sandbox.state == SandboxState::Paused)
+}
+
+/// Someone paused the task's sandbox: the task waits for it to be resumed rather than
+/// throwing away the agent's work, and says so. Its deadline still counts.
+async fn sandbox_paused(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
+    let already = task
+        .status
+        .as_ref()
+        .and_then(|status| {
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == CONDITION_READY)
+        })
+        .is_some_and(|ready| ready.reason == TaskReason::SandboxPaused.as_str());
+    if !already {
+        let message = "the sandbox was paused on its provider; the task waits for it to be resumed (activeDeadlineSeconds still counts)";
+        let status = staged(
+            task,
+            TaskPhase::Running,
+            TaskReason::SandboxPaused,
+            message,
+            |_| {},
+        );
+        write_status(ctx, task, status).await?;
+        publish_event(
+            ctx,
+            task,
+            EventType::Normal,
+            TaskReason::SandboxPaused,
+            message.to_string(),
+        )
+        .await;
+    }
+    Ok(Action::requeue(PAUSED_POLL))
 }
 
 pub(super) fn workspace(task: &AgentTask) -> String {
