@@ -116,6 +116,28 @@ async fn steps() {
         fenced, "apiserver-closed\ndns-works\n",
         "NetworkPolicy fences a gVisor sandbox too"
     );
+    // Metrics come from envd reading its container's cgroup, which gVisor emulates.
+    let metrics: serde_json::Value = reqwest::Client::new()
+        .get(format!(
+            "{}/sandboxes/{}/metrics",
+            server.api_url(),
+            sandbox.sandbox_id
+        ))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .expect("the metrics call")
+        .json()
+        .await
+        .expect("metrics as JSON");
+    println!("metrics under gVisor: {metrics}");
+    let latest = &metrics[0];
+    assert!(latest["memUsed"].as_u64() > Some(0), "{metrics}");
+    assert!(
+        latest["memTotal"].as_u64() >= latest["memUsed"].as_u64(),
+        "{metrics}"
+    );
+    assert!(latest["cpuCount"].as_u64() >= Some(1), "{metrics}");
     assert!(e2b.kill_sandbox(&sandbox.sandbox_id).await.expect("kill"));
     // The image is on the node now: what a create costs under gVisor.
     let t = Instant::now();

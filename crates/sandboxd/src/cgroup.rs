@@ -234,7 +234,8 @@ pub fn container_usage(root: &Path) -> std::io::Result<Usage> {
             oom_kills: stat_value(&events, "oom_kill").unwrap_or(0),
         });
     }
-    let stat = read("memory/memory.stat")?;
+    // gVisor's emulated memory controller has no memory.stat and no oom_control.
+    let stat = read("memory/memory.stat").unwrap_or_default();
     Ok(Usage {
         cpu_ns: read("cpuacct/cpuacct.usage")?.trim().parse().unwrap_or(0),
         memory_bytes: read("memory/memory.usage_in_bytes")?

@@ -109,13 +109,18 @@ pub(crate) fn envd_metrics(sandbox: &SandboxRecord) -> std::io::Result<EnvdMetri
         Some(root) => (disk_used(root), disk_total(root)),
         // A container's writable layer has no size of its own to read: the filesystem
         // that holds it is what fills.
-        None => nix::sys::statvfs::statvfs("/").map_or((0, 0), |stat| {
-            let size = stat.fragment_size();
-            (
-                (stat.blocks() - stat.blocks_free()) * size,
-                stat.blocks() * size,
-            )
-        }),
+        // gVisor's root answers a size of 2^63 and nothing used: unknown, so 0.
+        None => nix::sys::statvfs::statvfs("/")
+            .ok()
+            .map(|stat| {
+                let size = stat.fragment_size();
+                (
+                    stat.blocks().saturating_sub(stat.blocks_free()) * size,
+                    stat.blocks().saturating_mul(size),
+                )
+            })
+            .filter(|(_, total)| *total < 1 << 60)
+            .unwrap_or((0, 0)),
     };
     Ok(EnvdMetrics {
         ts: jiff::Timestamp::now().as_second(),
