@@ -25,3 +25,12 @@ pub const SANDBOX_OPERATOR: &str = "sandcastle.dev/operator";
 
 /// The field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "sandcastle";
+
+/// Sandbox metadata: the uid of the `SandboxTemplate` whose warm pool made the sandbox.
+pub const SANDBOX_POOL: &str = "sandcastle.dev/pool";
+/// Sandbox metadata: the build a warm sandbox is of (template ID and build ID), so a
+/// rebuild can tell the pool's outdated sandboxes from its fresh ones.
+pub const SANDBOX_POOL_BUILD: &str = "sandcastle.dev/pool-build";
+/// Inside a warm sandbox: the directory a task makes to take it. `mkdir` is atomic in the
+/// sandbox's kernel, so of two claims only one succeeds, whoever and wherever they are.
+pub const POOL_CLAIM_DIR: &str = "/tmp/.sandcastle-claim";

@@ -41,6 +41,7 @@ pub const MAX_MESSAGE_CHARS: u32 = 4096;
         type_ = "string",
         json_path = ".status.templateId"
     ),
+    printcolumn(name = "Warm", type_ = "integer", json_path = ".status.pool.ready"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -79,6 +80,50 @@ pub struct SandboxTemplateSpec {
     /// Templates adopted through `existing` are never deleted, whatever this says.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+
+    /// Sandboxes kept created and idle on the provider, so a task takes one instead of
+    /// waiting for a create. On a paid E2B account idle sandboxes cost money.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<WarmPool>,
+}
+
+/// The most sandboxes a template's warm pool may hold.
+pub const MAX_POOL_SIZE: i32 = 100;
+
+/// A warm pool of sandboxes for one template.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmPool {
+    /// How many idle sandboxes to keep. Tasks that find none create one as usual.
+    #[schemars(range(min = 0, max = MAX_POOL_SIZE))]
+    pub size: i32,
+
+    /// A warm sandbox older than this is replaced by a fresh one.
+    #[serde(default = "default_max_age_seconds")]
+    #[schemars(range(min = 60, max = 86400))]
+    pub max_age_seconds: i32,
+}
+
+fn default_max_age_seconds() -> i32 {
+    3600
+}
+
+/// The warm pool as the operator last saw it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStatus {
+    /// Idle sandboxes of the current build, ready to be taken.
+    pub ready: i32,
+    /// Sandboxes asked for in the last pass and not yet seen ready.
+    pub creating: i32,
+    /// Idle sandboxes of an older build, replaced as fresh ones come up: how far a roll
+    /// after a rebuild has to go.
+    pub outdated: i32,
+    /// Pool sandboxes taken by tasks and still running.
+    pub claimed: i32,
+    /// The build the pool's fresh sandboxes are of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<String>,
 }
 
 /// A sandbox provider. Exactly one kind must be set.
@@ -356,6 +401,10 @@ pub struct SandboxTemplateStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = MAX_MESSAGE_CHARS))]
     pub message: Option<String>,
+
+    /// The warm pool, when the spec asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolStatus>,
 }
 
 /// Display summary of a `SandboxTemplate`.

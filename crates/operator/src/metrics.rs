@@ -60,6 +60,11 @@ struct CodeLabels {
     code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClaimLabels {
+    result: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every series the operator exports, and the registry that encodes them.
@@ -75,6 +80,10 @@ pub struct Metrics {
     cost: Counter<f64, AtomicU64>,
     provider_requests: Family<CodeLabels, Counter>,
     leader: Gauge,
+    pool_claims: Family<ClaimLabels, Counter>,
+    warm: Gauge,
+    /// Each pool's ready count (by template key, never a label), summed into `warm`.
+    warm_by_pool: Mutex<std::collections::HashMap<String, i64>>,
     /// The task caches of the running controllers; tasks by phase are counted from them
     /// at scrape time, so the gauge can never drift from what the API server holds.
     task_stores: Mutex<Vec<Store<DeserializeGuard<AgentTask>>>>,
@@ -162,7 +171,22 @@ impl Metrics {
             "1 while this process holds the leader lease and reconciles",
             leader.clone(),
         );
+        let pool_claims = Family::default();
+        registry.register(
+            "sandcastle_pool_claims",
+            "Tasks of templates with a warm pool, by whether they took a warm sandbox (`warm`) or found none and created one (`cold`)",
+            pool_claims.clone(),
+        );
+        let warm = Gauge::default();
+        registry.register(
+            "sandcastle_warm_sandboxes",
+            "Idle sandboxes of the current build in all warm pools, as last seen",
+            warm.clone(),
+        );
         Metrics {
+            pool_claims,
+            warm,
+            warm_by_pool: Mutex::default(),
             registry,
             reconciles,
             reconcile_errors,
@@ -190,6 +214,24 @@ impl Metrics {
         self.reconcile_time
             .get_or_create(&ControllerLabels { controller })
             .observe(took.as_secs_f64());
+    }
+
+    pub fn pool_claimed(&self, warm: bool) {
+        let result = if warm { "warm" } else { "cold" };
+        self.pool_claims
+            .get_or_create(&ClaimLabels { result })
+            .inc();
+    }
+
+    /// The ready count of one pool; 0 for a pool that is gone.
+    pub fn pool_ready(&self, pool: &str, ready: i64) {
+        let mut by_pool = self.warm_by_pool.lock().expect("warm pools");
+        if ready == 0 {
+            by_pool.remove(pool);
+        } else {
+            by_pool.insert(pool.to_string(), ready);
+        }
+        self.warm.set(by_pool.values().sum());
     }
 
     pub fn sandbox_created(&self, took: Duration) {

@@ -4,6 +4,7 @@
 //! Templates are built on their provider (`template`); tasks so far record that they were
 //! seen, so GitOps tools never mistake an empty status for a healthy one.
 
+mod pool;
 mod task;
 mod template;
 
@@ -119,6 +120,8 @@ struct Context {
     caches: Caches,
     /// What this process remembers of tasks between passes (see its invariants).
     memory: task::TaskMemory,
+    /// The warm pools' idle sandboxes, as the template controller last saw them.
+    pools: pool::Pools,
     /// When this process started its controllers: no other process makes sandboxes for a
     /// task created after that.
     started: jiff::Timestamp,
@@ -174,6 +177,17 @@ impl Caches {
     ) -> Result<Option<SandboxTemplate>, Error> {
         let stores = self.templates.lock().expect("template caches").clone();
         let stores = Self::synced(stores, "SandboxTemplate").await?;
+        let key = ObjectRef::new(name).within(namespace);
+        Ok(stores
+            .iter()
+            .find_map(|store| store.get(&key))
+            .and_then(|guard| guard.0.as_ref().ok().cloned()))
+    }
+
+    /// The task `namespace/name` as the caches hold it (a finished task slimmed).
+    async fn task(&self, namespace: &str, name: &str) -> Result<Option<AgentTask>, Error> {
+        let stores = self.tasks.lock().expect("task caches").clone();
+        let stores = Self::synced(stores, "AgentTask").await?;
         let key = ObjectRef::new(name).within(namespace);
         Ok(stores
             .iter()
@@ -330,6 +344,7 @@ pub async fn run(
             .map(|cap| cap.max(1)),
         caches: Caches::default(),
         memory: task::TaskMemory::default(),
+        pools: pool::Pools::default(),
         started: jiff::Timestamp::now(),
     });
     let stop = stop_signal(shutdown);

@@ -940,3 +940,144 @@ pub async fn a_refused_sandbox_fails_the_task_at_once(env: Arc<TestEnv>) {
     external.stop().await;
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A template's warm pool: kept at its size, taken by tasks (with their Secrets, which
+/// reach only the agent's process), refilled, shrunk, and gone with the template.
+pub async fn warm_pools_hand_out_sandboxes_and_keep_their_size(env: Arc<TestEnv>) {
+    let (ns, operator, api) = setup(&env, "pool", &[]).await;
+    let templates: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
+    let template: SandboxTemplate = serde_json::from_value(json!({
+        "apiVersion": "sandcastle.dev/v1alpha1", "kind": "SandboxTemplate",
+        "metadata": {"name": "warm"},
+        "spec": {"existing": {"templateId": "base"}, "pool": {"size": 2}},
+    }))
+    .unwrap();
+    templates
+        .create(&PostParams::default(), &template)
+        .await
+        .expect("template");
+    let provider = operator.provider();
+    let pool_uid = templates
+        .get("warm")
+        .await
+        .expect("template")
+        .metadata
+        .uid
+        .expect("uid");
+    let members = || {
+        let provider = provider.clone();
+        let pool_uid = pool_uid.clone();
+        async move {
+            let query = ListQuery {
+                metadata: [(names::SANDBOX_POOL.to_string(), pool_uid)].into(),
+                ..ListQuery::default()
+            };
+            let mut ids: Vec<String> = provider
+                .list_sandboxes(&query)
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|sandbox| sandbox.sandbox_id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let ready = |want: i32| {
+        move |status: &sandcastle_api::SandboxTemplateStatus| {
+            status
+                .pool
+                .as_ref()
+                .is_some_and(|pool| pool.ready == want && pool.creating == 0)
+        }
+    };
+    wait_for(&templates, "warm", "a full pool", ready(2)).await;
+    let warm = members().await;
+    assert_eq!(warm.len(), 2, "{warm:?}");
+
+    put_secret(&env, &ns, "creds", json!({"token": "warm-s3cr3t-41"})).await;
+    for name in ["first", "second", "third"] {
+        create(&api, name, json!({
+            "templateRef": {"name": "warm"},
+            "agent": {"command": {"command": ["sh", "-c",
+                "test -d /tmp/.sandcastle-claim && echo warm || echo cold; echo token ${#TOKEN}"]}},
+            "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}],
+        }))
+        .await;
+    }
+    let mut taken = Vec::new();
+    for name in ["first", "second", "third"] {
+        let status = wait_for(&api, name, "finished", finished).await;
+        assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
+        let text = status.result.as_ref().expect("result").text.clone();
+        let sandbox = status.sandbox_id.clone().expect("a sandbox");
+        let from_pool = warm.contains(&sandbox);
+        assert_eq!(
+            text,
+            format!("{}\ntoken 14\n", if from_pool { "warm" } else { "cold" }),
+            "the claim marks only warm sandboxes, and the Secret reaches the agent: {status:#?}"
+        );
+        taken.push(sandbox);
+    }
+    let mut distinct = taken.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "no sandbox was taken twice: {taken:?}");
+    assert_eq!(
+        taken.iter().filter(|id| warm.contains(id)).count(),
+        2,
+        "both warm sandboxes were taken, the third task made its own: {taken:?} from {warm:?}"
+    );
+
+    // Refilled with new sandboxes; the taken ones went with their tasks.
+    wait_for(&templates, "warm", "a refilled pool", ready(2)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = members().await;
+        if now.len() == 2 && now.iter().all(|id| !warm.contains(id)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool holds {now:?}, was {warm:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let metrics = operator.metrics().await;
+    assert!(
+        metrics.contains(r#"sandcastle_pool_claims_total{result="warm"} 2"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sandcastle_warm_sandboxes 2"), "{metrics}");
+    assert!(!metrics.contains("warm-s3cr3t-41"));
+
+    // Shrunk to nothing, then gone with the template.
+    templates
+        .patch(
+            "warm",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"pool": {"size": 0}}})),
+        )
+        .await
+        .expect("shrink");
+    wait_for(&templates, "warm", "an empty pool", ready(0)).await;
+    assert_eq!(members().await, Vec::<String>::new());
+    templates
+        .patch(
+            "warm",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"pool": {"size": 1}}})),
+        )
+        .await
+        .expect("grow");
+    wait_for(&templates, "warm", "one warm sandbox", ready(1)).await;
+    templates
+        .delete("warm", &Default::default())
+        .await
+        .expect("delete");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !members().await.is_empty() {
+        assert!(Instant::now() < deadline, "the pool outlived its template");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

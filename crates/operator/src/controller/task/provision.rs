@@ -144,6 +144,12 @@ pub(super) async fn provision(
     let asked = std::time::Instant::now();
     let (created, with_finalizer) = tokio::join!(
         async {
+            // A warm sandbox of the template's pool, if it has one to give.
+            if let Some(sandbox) =
+                crate::controller::pool::claim(ctx, task, provider, template, spec.timeout).await
+            {
+                return Ok(sandbox);
+            }
             let created = provider.create_sandbox(&spec).await;
             if created.is_ok() {
                 ctx.metrics.sandbox_created(asked.elapsed());

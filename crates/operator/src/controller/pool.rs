@@ -1,0 +1,390 @@
+//! Warm pools: each template's idle sandboxes, kept at the size its spec asks on the
+//! template's provider through the E2B API, and the claim by which a task takes one.
+//!
+//! A warm sandbox carries the pool's metadata (the template's uid and the build it is
+//! of), never a task's. A task takes it by making [`POOL_CLAIM_DIR`] inside it with a
+//! shell's `mkdir`: atomic in the sandbox's kernel, so two claims (two workers, or two
+//! operators across a leader change) never both succeed. The claim names the task, so a
+//! claimed sandbox whose task never recorded it (a crash between the two) is found and
+//! killed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kube::{Resource, ResourceExt};
+
+use super::Context;
+use sandcastle_api::names::{
+    POOL_CLAIM_DIR, SANDBOX_OPERATOR as OPERATOR, SANDBOX_POOL, SANDBOX_POOL_BUILD,
+};
+use sandcastle_api::{AgentTask, PoolStatus, SandboxTemplate, SandboxTemplateStatus, WarmPool};
+use sandcastle_e2b::client::{E2bClient, ListQuery, SandboxSpec};
+use sandcastle_e2b::error::Error as ProviderError;
+use sandcastle_e2b::models::{Sandbox, SandboxDetail};
+
+/// How often a template with a pool looks at it.
+pub(super) const POOL_INTERVAL: Duration = Duration::from_secs(5);
+/// The most sandboxes one pass asks for, so a rebuild or a large pool rolls in steps.
+const CREATES_PER_PASS: usize = 10;
+/// How long a claimed sandbox may go unrecorded by its task before it counts as lost.
+const CLAIM_GRACE: Duration = Duration::from_secs(60);
+/// Beyond a warm sandbox's maximum age, its provider-side lifetime: the provider's own
+/// dead-man switch should the operator be gone.
+const WARM_GRACE: Duration = Duration::from_secs(120);
+
+/// The file in the claim directory that names the task: `namespace/name/uid`.
+fn claim_file() -> String {
+    format!("{POOL_CLAIM_DIR}/task")
+}
+
+/// Which pool a sandbox belongs to in this process's memory: one per template build.
+pub(super) fn pool_key(status: &SandboxTemplateStatus) -> Option<String> {
+    let template_id = status.template_id.as_deref()?;
+    Some(format!(
+        "{template_id}/{}",
+        status.build_id.as_deref().unwrap_or("")
+    ))
+}
+
+/// What this process knows of each pool's idle sandboxes, so a claim needs no list.
+#[derive(Default)]
+pub(super) struct Pools {
+    /// Idle sandboxes by pool key, oldest first, with what envd needs to reach them.
+    warm: Mutex<HashMap<String, Vec<Sandbox>>>,
+}
+
+impl Pools {
+    fn replace(&self, key: &str, sandboxes: Vec<Sandbox>) {
+        self.warm
+            .lock()
+            .expect("pools")
+            .insert(key.to_string(), sandboxes);
+    }
+
+    fn knows(&self, key: &str) -> bool {
+        self.warm.lock().expect("pools").contains_key(key)
+    }
+
+    fn forget(&self, key: &str) {
+        self.warm.lock().expect("pools").remove(key);
+    }
+
+    /// The oldest idle sandbox of the pool, taken out of the pool's list.
+    fn take(&self, key: &str) -> Option<Sandbox> {
+        let mut warm = self.warm.lock().expect("pools");
+        let sandboxes = warm.get_mut(key)?;
+        (!sandboxes.is_empty()).then(|| sandboxes.remove(0))
+    }
+}
+
+/// Takes a warm sandbox of the template for the task, if its pool has one: the claim is
+/// made inside the sandbox before anything else, and the sandbox then lives as long as
+/// a created one would. `None` sends the task to create a sandbox as usual.
+pub(super) async fn claim(
+    ctx: &Context,
+    task: &AgentTask,
+    provider: &E2bClient,
+    template: &SandboxTemplateStatus,
+    timeout: Duration,
+) -> Option<Sandbox> {
+    // A sandbox's network is fixed when it is made: such a task needs its own.
+    if task.spec.network.is_some() {
+        return None;
+    }
+    let key = pool_key(template)?;
+    if !ctx.pools.knows(&key) {
+        return None;
+    }
+    let owner = format!(
+        "{}/{}/{}",
+        task.namespace().unwrap_or_default(),
+        task.name_any(),
+        task.metadata.uid.as_deref().unwrap_or_default()
+    );
+    while let Some(sandbox) = ctx.pools.take(&key) {
+        match take(provider, &sandbox, &owner).await {
+            Ok(true) => {
+                if provider
+                    .set_timeout(&sandbox.sandbox_id, timeout)
+                    .await
+                    .is_err()
+                {
+                    // Claimed but its life not extended: it would end with the pool's
+                    // lifetime. The pool's pass kills it as a claim its task lost.
+                    continue;
+                }
+                ctx.metrics.pool_claimed(true);
+                return Some(sandbox);
+            }
+            // Taken by another claim, or gone: try the next one.
+            _ => continue,
+        }
+    }
+    ctx.metrics.pool_claimed(false);
+    None
+}
+
+/// Makes the claim inside the sandbox: `true` if this claim is the one that holds.
+async fn take(
+    provider: &E2bClient,
+    sandbox: impl Into<sandcastle_e2b::envd_client::SandboxAccess>,
+    owner: &str,
+) -> Result<bool, ProviderError> {
+    let script = format!(
+        "mkdir {POOL_CLAIM_DIR} 2>/dev/null && printf %s '{owner}' > {}",
+        claim_file()
+    );
+    let output = provider.envd(sandbox).run(&script).await?;
+    Ok(output.exit_code == 0)
+}
+
+/// One pool sandbox as this pass finds it.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    Idle {
+        fresh: bool,
+        expired: bool,
+    },
+    /// Taken by the task named (`namespace/name/uid`), claimed at the instant given.
+    Claimed {
+        owner: String,
+        at: jiff::Timestamp,
+    },
+}
+
+/// Keeps the template's pool at its size, replaces what is outdated, expired, dead or no
+/// longer wanted, and returns the pool's status. `pool` of `None` drains it.
+pub(super) async fn keep(
+    ctx: &Context,
+    template: &SandboxTemplate,
+    provider: &E2bClient,
+    pool: Option<&WarmPool>,
+) -> Result<Option<PoolStatus>, ProviderError> {
+    let status = template.status.clone().unwrap_or_default();
+    let uid = template.metadata.uid.clone().unwrap_or_default();
+    let key = pool_key(&status);
+    let query = ListQuery {
+        metadata: BTreeMap::from([
+            (SANDBOX_POOL.to_string(), uid.clone()),
+            (OPERATOR.to_string(), ctx.instance.clone()),
+        ]),
+        ..ListQuery::default()
+    };
+    let listed = provider.list_sandboxes(&query).await?;
+    let max_age = pool.map(|pool| Duration::from_secs(pool.max_age_seconds.max(60) as u64));
+    let now = jiff::Timestamp::now();
+    let seen = futures::future::join_all(listed.iter().map(|sandbox| async {
+        let detail = provider.get_sandbox(&sandbox.sandbox_id).await.ok()?;
+        let claimed = provider.envd(&detail).read_file(&claim_file()).await;
+        let seen = match claimed {
+            Ok(owner) => {
+                let at = provider
+                    .envd(&detail)
+                    .stat(&claim_file())
+                    .await
+                    .ok()
+                    .and_then(|entry| entry.modified_time)
+                    .and_then(|time| time.parse().ok())
+                    .unwrap_or(now);
+                Seen::Claimed {
+                    owner: String::from_utf8_lossy(&owner).into_owned(),
+                    at,
+                }
+            }
+            Err(error) if error.is_not_found() => {
+                let build = detail
+                    .metadata
+                    .as_ref()
+                    .and_then(|metadata| metadata.get(SANDBOX_POOL_BUILD));
+                let started: Option<jiff::Timestamp> = detail.started_at.parse().ok();
+                Seen::Idle {
+                    fresh: build.is_some() && build == key.as_ref(),
+                    expired: match (started, max_age) {
+                        (Some(started), Some(max_age)) => {
+                            now.duration_since(started).as_secs() as u64 >= max_age.as_secs()
+                        }
+                        _ => false,
+                    },
+                }
+            }
+            // Unreachable for now: left alone this pass.
+            Err(_) => return None,
+        };
+        Some((detail, seen))
+    }))
+    .await;
+    let mut fresh: Vec<SandboxDetail> = Vec::new();
+    // Idle ones to remove: taken by the pool itself first, so none a task has just
+    // claimed is killed under it.
+    let mut retired: Vec<SandboxDetail> = Vec::new();
+    let mut outdated: Vec<SandboxDetail> = Vec::new();
+    // Claimed ones whose task lost them.
+    let mut doomed: Vec<String> = Vec::new();
+    let mut claimed = 0;
+    for (detail, seen) in seen.into_iter().flatten() {
+        match seen {
+            Seen::Idle { expired: true, .. } => retired.push(detail),
+            Seen::Idle { fresh: true, .. } if pool.is_some() => fresh.push(detail),
+            Seen::Idle { .. } => outdated.push(detail),
+            Seen::Claimed { owner, at } => {
+                if claim_is_held(ctx, &owner, &detail.sandbox_id, at).await {
+                    claimed += 1;
+                } else {
+                    doomed.push(detail.sandbox_id);
+                }
+            }
+        }
+    }
+    let size = pool.map_or(0, |pool| pool.size.max(0) as usize);
+    fresh.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+    // Shrunk: the oldest go first.
+    while fresh.len() > size {
+        retired.push(fresh.remove(0));
+    }
+    // Rolled: the outdated go once the fresh ones are enough to take their place.
+    let rolled = fresh.len() >= size;
+    let outdated_left = if rolled { 0 } else { outdated.len() };
+    if rolled {
+        retired.append(&mut outdated);
+    }
+    let retiring = format!("pool/{uid}/retired");
+    let taken = futures::future::join_all(
+        retired
+            .iter()
+            .map(|detail| take(provider, detail, &retiring)),
+    )
+    .await;
+    doomed.extend(
+        retired
+            .iter()
+            .zip(taken)
+            .filter(|(_, taken)| matches!(taken, Ok(true)))
+            .map(|(detail, _)| detail.sandbox_id.clone()),
+    );
+    let wanted = size.saturating_sub(fresh.len()).min(CREATES_PER_PASS);
+    let created = match (&status.template_id, pool) {
+        (Some(template_id), Some(pool)) if wanted > 0 => {
+            let lifetime = Duration::from_secs(pool.max_age_seconds.max(60) as u64) + WARM_GRACE;
+            let mut spec = SandboxSpec::new(template_id.clone(), lifetime);
+            spec.metadata = BTreeMap::from([
+                (SANDBOX_POOL.to_string(), uid.clone()),
+                (
+                    SANDBOX_POOL_BUILD.to_string(),
+                    key.clone().unwrap_or_default(),
+                ),
+                (OPERATOR.to_string(), ctx.instance.clone()),
+            ]);
+            let made =
+                futures::future::join_all((0..wanted).map(|_| provider.create_sandbox(&spec)))
+                    .await;
+            made.into_iter().filter_map(Result::ok).collect::<Vec<_>>()
+        }
+        _ => Vec::new(),
+    };
+    let creating = wanted.saturating_sub(created.len());
+    futures::future::join_all(doomed.iter().map(|id| provider.kill_sandbox(id))).await;
+    if !doomed.is_empty() {
+        tracing::info!(template = %template.name_any(), killed = doomed.len(), "warm pool: replaced or removed sandboxes");
+    }
+    let mut ready: Vec<Sandbox> = fresh.iter().map(access).collect();
+    ready.extend(created);
+    let ready_count = ready.len();
+    match (&key, pool) {
+        (Some(key), Some(_)) => ctx.pools.replace(key, ready),
+        (Some(key), None) => ctx.pools.forget(key),
+        _ => {}
+    }
+    let pool_name = format!(
+        "{}/{}",
+        template.namespace().unwrap_or_default(),
+        template.name_any()
+    );
+    ctx.metrics.pool_ready(&pool_name, ready_count as i64);
+    Ok(pool.map(|_| PoolStatus {
+        ready: ready_count as i32,
+        creating: creating as i32,
+        outdated: outdated_left as i32,
+        claimed,
+        build_id: status.build_id.clone(),
+    }))
+}
+
+/// What envd needs to reach a listed sandbox.
+fn access(detail: &SandboxDetail) -> Sandbox {
+    Sandbox {
+        sandbox_id: detail.sandbox_id.clone(),
+        template_id: detail.template_id.clone(),
+        client_id: detail.client_id.clone(),
+        envd_version: detail.envd_version.clone(),
+        alias: detail.alias.clone(),
+        envd_access_token: detail.envd_access_token.clone(),
+        traffic_access_token: None,
+        domain: detail.domain.clone(),
+    }
+}
+
+/// Whether a claimed sandbox still belongs to a live task: its task exists with the
+/// uid claimed, has not finished, and has recorded it (or claimed it only a moment ago).
+async fn claim_is_held(ctx: &Context, owner: &str, sandbox_id: &str, at: jiff::Timestamp) -> bool {
+    let mut parts = owner.splitn(3, '/');
+    let (Some(namespace), Some(name), Some(uid)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let recent = jiff::Timestamp::now().duration_since(at).as_secs() < CLAIM_GRACE.as_secs() as i64;
+    // From the caches: a pool with many running tasks asks the apiserver nothing.
+    let task = match ctx.caches.task(namespace, name).await {
+        Ok(task) => task,
+        // The caches cannot say yet: keep it until they can.
+        Err(_) => return true,
+    };
+    let Some(task) = task.filter(|task| task.meta().uid.as_deref() == Some(uid)) else {
+        return false;
+    };
+    let status = task.status.unwrap_or_default();
+    if matches!(
+        status.phase,
+        Some(sandcastle_api::TaskPhase::Succeeded | sandcastle_api::TaskPhase::Failed)
+    ) {
+        return false;
+    }
+    status.sandbox_id.as_deref() == Some(sandbox_id) || recent
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_is_one_template_build() {
+        let status: SandboxTemplateStatus =
+            serde_json::from_value(serde_json::json!({"templateId": "t1", "buildId": "b2"}))
+                .unwrap();
+        assert_eq!(pool_key(&status).as_deref(), Some("t1/b2"));
+        let adopted: SandboxTemplateStatus =
+            serde_json::from_value(serde_json::json!({"templateId": "base"})).unwrap();
+        assert_eq!(pool_key(&adopted).as_deref(), Some("base/"));
+        assert_eq!(pool_key(&SandboxTemplateStatus::default()), None);
+    }
+
+    #[test]
+    fn the_oldest_warm_sandbox_is_taken_first_and_once() {
+        let pools = Pools::default();
+        let sandbox = |id: &str| Sandbox {
+            sandbox_id: id.into(),
+            template_id: "t".into(),
+            client_id: String::new(),
+            envd_version: String::new(),
+            alias: None,
+            envd_access_token: None,
+            traffic_access_token: None,
+            domain: None,
+        };
+        pools.replace("t/", vec![sandbox("a"), sandbox("b")]);
+        assert_eq!(pools.take("t/").map(|s| s.sandbox_id).as_deref(), Some("a"));
+        assert_eq!(pools.take("t/").map(|s| s.sandbox_id).as_deref(), Some("b"));
+        assert!(pools.take("t/").is_none());
+        assert!(pools.take("other/").is_none());
+    }
+}
