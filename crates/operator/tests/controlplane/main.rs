@@ -60,6 +60,7 @@ fn main() -> ExitCode {
             the_sandbox_cap_queues_tasks_in_creation_order,
             a_refused_sandbox_fails_the_task_at_once,
             warm_pools_hand_out_sandboxes_and_keep_their_size,
+            a_rebuild_rolls_the_warm_pool_while_tasks_claim,
             the_standby_takes_over_a_running_task,
             a_leader_that_loses_its_lease_stops,
             templates_name_the_provider_the_operator_lacks,

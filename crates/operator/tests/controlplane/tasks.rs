@@ -1081,3 +1081,137 @@ pub async fn warm_pools_hand_out_sandboxes_and_keep_their_size(env: Arc<TestEnv>
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// A rebuild rolls the pool while tasks keep taking from it: a task of either build gets
+/// a sandbox of the build its template named when it started, and the pool ends holding
+/// only the new build.
+pub async fn a_rebuild_rolls_the_warm_pool_while_tasks_claim(env: Arc<TestEnv>) {
+    let (ns, operator, api) = setup(&env, "roll", &[]).await;
+    let templates: Api<SandboxTemplate> = Api::namespaced(env.client.clone(), &ns);
+    let spec = |version: &str| {
+        json!({
+            "build": {"fromTemplate": "base", "steps": [
+                {"run": format!("mkdir -p /opt/app && echo {version} > /opt/app/version")},
+            ]},
+            "pool": {"size": 3},
+        })
+    };
+    let template: SandboxTemplate = serde_json::from_value(json!({
+        "apiVersion": "sandcastle.dev/v1alpha1", "kind": "SandboxTemplate",
+        "metadata": {"name": "rolling"},
+        "spec": spec("v1"),
+    }))
+    .unwrap();
+    templates
+        .create(&PostParams::default(), &template)
+        .await
+        .expect("template");
+    let first = wait_for(&templates, "rolling", "a full pool of v1", |status| {
+        status.pool.as_ref().is_some_and(|pool| pool.ready == 3)
+    })
+    .await;
+    let v1 = first.build_id.clone().expect("a build");
+    templates
+        .patch(
+            "rolling",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": spec("v2")})),
+        )
+        .await
+        .expect("rebuild");
+    // Tasks arrive all through the rebuild and the roll.
+    let mut names = Vec::new();
+    let rolled = |status: &sandcastle_api::SandboxTemplateStatus| {
+        status.build_id.as_deref() != Some(v1.as_str())
+            && status.pool.as_ref().is_some_and(|pool| {
+                pool.ready == 3 && pool.outdated == 0 && pool.build_id == status.build_id
+            })
+    };
+    let deadline = Instant::now() + WAIT;
+    for index in 0.. {
+        let name = format!("during-{index}");
+        create(
+            &api,
+            &name,
+            json!({
+                "templateRef": {"name": "rolling"},
+                "agent": {"command": {"command": ["cat", "/opt/app/version"]}},
+            }),
+        )
+        .await;
+        names.push(name);
+        let status = templates
+            .get_status("rolling")
+            .await
+            .expect("template")
+            .status;
+        if status.as_ref().is_some_and(rolled) && index >= 6 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool did not roll: {status:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let v2 = templates
+        .get_status("rolling")
+        .await
+        .expect("template")
+        .status
+        .and_then(|status| status.build_id)
+        .expect("the new build");
+    let mut builds = std::collections::BTreeMap::<String, usize>::new();
+    for name in &names {
+        let status = wait_for(&api, name, "finished", finished).await;
+        assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
+        let build = status.build_id.clone().expect("the task's build");
+        let version = status.result.as_ref().expect("result").text.clone();
+        let expected = if build == v1 { "v1\n" } else { "v2\n" };
+        assert_eq!(
+            version, expected,
+            "{name} ran on build {build}: {status:#?}"
+        );
+        *builds.entry(build).or_default() += 1;
+    }
+    assert!(
+        builds.contains_key(&v2),
+        "tasks ran on the new build: {builds:?}"
+    );
+    // Only the new build is left in the pool.
+    let uid = templates
+        .get("rolling")
+        .await
+        .expect("template")
+        .metadata
+        .uid
+        .expect("uid");
+    let query = ListQuery {
+        metadata: [(names::SANDBOX_POOL.to_string(), uid)].into(),
+        ..ListQuery::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let members = operator
+            .provider()
+            .list_sandboxes(&query)
+            .await
+            .expect("list");
+        let old: Vec<_> = members
+            .iter()
+            .filter(|sandbox| {
+                sandbox
+                    .metadata
+                    .as_ref()
+                    .and_then(|metadata| metadata.get(names::SANDBOX_POOL_BUILD))
+                    .is_none_or(|build| !build.ends_with(&format!("/{v2}")))
+            })
+            .collect();
+        if members.len() == 3 && old.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left in the pool: {members:#?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!("tasks by build during the roll: {builds:?}");
+}
