@@ -368,6 +368,50 @@ mod tests {
         assert_eq!(pool_key(&SandboxTemplateStatus::default()), None);
     }
 
+    /// The claim itself, against a real envd: of many claims of one sandbox at once, from
+    /// as many clients (two operators across a leader change, say), exactly one holds.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn of_concurrent_claims_exactly_one_holds() {
+        let root = std::env::temp_dir().join(format!("sandcastle-claims-{}", std::process::id()));
+        let server = sandcastle_sandboxd::Sandboxd::start(sandcastle_sandboxd::Config::new(&root))
+            .await
+            .expect("the embedded server");
+        let provider = E2bClient::new(sandcastle_e2b::client::ClientConfig::with_urls(
+            server.api_url(),
+            server.sandbox_url(),
+            "any-key",
+        ))
+        .expect("a client");
+        let sandbox = provider
+            .create_sandbox(&SandboxSpec::new("base", Duration::from_secs(60)))
+            .await
+            .expect("a sandbox");
+        let claims = futures::future::join_all((0..16).map(|n| {
+            let (provider, sandbox) = (provider.clone(), sandbox.clone());
+            async move { take(&provider, &sandbox, &format!("ns/task-{n}/uid-{n}")).await }
+        }))
+        .await;
+        let held: Vec<usize> = claims
+            .iter()
+            .enumerate()
+            .filter(|(_, claim)| matches!(claim, Ok(true)))
+            .map(|(n, _)| n)
+            .collect();
+        assert!(claims.iter().all(Result::is_ok), "{claims:?}");
+        assert_eq!(held.len(), 1, "claims that held: {held:?}");
+        let owner = provider
+            .envd(&sandbox)
+            .read_file(&claim_file())
+            .await
+            .expect("the claim names its task");
+        assert_eq!(
+            String::from_utf8_lossy(&owner),
+            format!("ns/task-{0}/uid-{0}", held[0])
+        );
+        server.stop().await;
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
     #[test]
     fn the_oldest_warm_sandbox_is_taken_first_and_once() {
         let pools = Pools::default();

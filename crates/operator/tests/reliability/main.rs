@@ -12,6 +12,7 @@
 //!
 //! Sizes are bounded for CI and set by the environment for longer runs:
 //! `SANDCASTLE_CHAOS_TASKS` (60), `SANDCASTLE_CHAOS_KILLS` (10), `SANDCASTLE_CHAOS_SEED`,
+//! `SANDCASTLE_POOL_CHAOS_TASKS` (30), `SANDCASTLE_POOL_CHAOS_KILLS` (5),
 //! `SANDCASTLE_FAULT_TASKS` (20), `SANDCASTLE_FAULT_RATE` (0.3), `SANDCASTLE_FAULT_SEED`,
 //! `SANDCASTLE_DELETION_TASKS` (8 per phase), `SANDCASTLE_NAMESPACE_TASKS` (20),
 //! `SANDCASTLE_OUTAGE_TASKS` (8) and `SANDCASTLE_OUTAGE_SECONDS` (10).
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
         true,
         tests![
             killed_operators_lose_and_duplicate_nothing,
+            killed_operators_take_no_warm_sandbox_twice,
             a_failing_provider_ends_every_task_cleanly,
             tasks_deleted_mid_flight_take_their_sandboxes,
             a_refused_finalizer_leaves_no_sandbox,
