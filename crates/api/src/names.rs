@@ -31,6 +31,18 @@ pub const SANDBOX_POOL: &str = "sandcastle.dev/pool";
 /// Sandbox metadata: the build a warm sandbox is of (template ID and build ID), so a
 /// rebuild can tell the pool's outdated sandboxes from its fresh ones.
 pub const SANDBOX_POOL_BUILD: &str = "sandcastle.dev/pool-build";
-/// Inside a warm sandbox: the directory a task makes to take it. `mkdir` is atomic in the
-/// sandbox's kernel, so of two claims only one succeeds, whoever and wherever they are.
-pub const POOL_CLAIM_DIR: &str = "/tmp/.sandcastle-claim";
+/// Inside a warm sandbox: where its claim lives. The pool makes `warm` in it when the
+/// sandbox is ready to be taken, and a task takes it by renaming `warm` to
+/// [`pool_claim_mark`]. `rename` is atomic in the sandbox's kernel, so of two claims only
+/// one finds `warm` (the other gets "not found"), whoever and wherever they are, and it
+/// needs no process in the sandbox.
+pub const POOL_DIR: &str = "/tmp/.sandcastle-pool";
+/// The mark of a warm sandbox nobody has taken.
+pub const POOL_WARM_MARK: &str = "/tmp/.sandcastle-pool/warm";
+/// The prefix of a claim's name, followed by the claimant's uid.
+pub const POOL_CLAIMED_PREFIX: &str = "claimed-";
+
+/// The mark a claim by the task (or other claimant) `uid` leaves.
+pub fn pool_claim_mark(uid: &str) -> String {
+    format!("{POOL_DIR}/{POOL_CLAIMED_PREFIX}{uid}")
+}

@@ -184,17 +184,6 @@ impl Caches {
             .and_then(|guard| guard.0.as_ref().ok().cloned()))
     }
 
-    /// The task `namespace/name` as the caches hold it (a finished task slimmed).
-    async fn task(&self, namespace: &str, name: &str) -> Result<Option<AgentTask>, Error> {
-        let stores = self.tasks.lock().expect("task caches").clone();
-        let stores = Self::synced(stores, "AgentTask").await?;
-        let key = ObjectRef::new(name).within(namespace);
-        Ok(stores
-            .iter()
-            .find_map(|store| store.get(&key))
-            .and_then(|guard| guard.0.as_ref().ok().cloned()))
-    }
-
     /// Every template the operator watches, once the caches have listed them.
     async fn templates(&self) -> Result<Vec<SandboxTemplate>, Error> {
         let stores = self.templates.lock().expect("template caches").clone();

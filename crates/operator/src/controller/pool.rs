@@ -2,11 +2,11 @@
 //! template's provider through the E2B API, and the claim by which a task takes one.
 //!
 //! A warm sandbox carries the pool's metadata (the template's uid and the build it is
-//! of), never a task's. A task takes it by making [`POOL_CLAIM_DIR`] inside it with a
-//! shell's `mkdir`: atomic in the sandbox's kernel, so two claims (two workers, or two
-//! operators across a leader change) never both succeed. The claim names the task, so a
-//! claimed sandbox whose task never recorded it (a crash between the two) is found and
-//! killed.
+//! of), never a task's. A task takes it by renaming [`POOL_WARM_MARK`] inside it to its
+//! own [`pool_claim_mark`] through envd: `rename` is atomic in the sandbox's kernel, so
+//! two claims (two workers, or two operators across a leader change) never both succeed,
+//! and no process starts in the sandbox. The claim names the task, so a claimed sandbox
+//! whose task never recorded it (a crash between the two) is found and killed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -16,7 +16,8 @@ use kube::{Resource, ResourceExt};
 
 use super::Context;
 use sandcastle_api::names::{
-    POOL_CLAIM_DIR, SANDBOX_OPERATOR as OPERATOR, SANDBOX_POOL, SANDBOX_POOL_BUILD,
+    POOL_CLAIMED_PREFIX, POOL_DIR, POOL_WARM_MARK, SANDBOX_OPERATOR as OPERATOR, SANDBOX_POOL,
+    SANDBOX_POOL_BUILD, pool_claim_mark,
 };
 use sandcastle_api::{AgentTask, PoolStatus, SandboxTemplate, SandboxTemplateStatus, WarmPool};
 use sandcastle_e2b::client::{E2bClient, ListQuery, SandboxSpec};
@@ -32,11 +33,6 @@ const CLAIM_GRACE: Duration = Duration::from_secs(60);
 /// Beyond a warm sandbox's maximum age, its provider-side lifetime: the provider's own
 /// dead-man switch should the operator be gone.
 const WARM_GRACE: Duration = Duration::from_secs(120);
-
-/// The file in the claim directory that names the task: `namespace/name/uid`.
-fn claim_file() -> String {
-    format!("{POOL_CLAIM_DIR}/task")
-}
 
 /// Which pool a sandbox belongs to in this process's memory: one per template build.
 pub(super) fn pool_key(status: &SandboxTemplateStatus) -> Option<String> {
@@ -96,12 +92,7 @@ pub(super) async fn claim(
     if !ctx.pools.knows(&key) {
         return None;
     }
-    let owner = format!(
-        "{}/{}/{}",
-        task.namespace().unwrap_or_default(),
-        task.name_any(),
-        task.metadata.uid.as_deref().unwrap_or_default()
-    );
+    let owner = task.metadata.uid.clone().unwrap_or_default();
     while let Some(sandbox) = ctx.pools.take(&key) {
         match take(provider, &sandbox, &owner).await {
             Ok(true) => {
@@ -125,18 +116,34 @@ pub(super) async fn claim(
     None
 }
 
-/// Makes the claim inside the sandbox: `true` if this claim is the one that holds.
+/// Makes the claim inside the sandbox for `owner` (a task's uid): `true` if this claim is
+/// the one that holds.
 async fn take(
     provider: &E2bClient,
     sandbox: impl Into<sandcastle_e2b::envd_client::SandboxAccess>,
     owner: &str,
 ) -> Result<bool, ProviderError> {
-    let script = format!(
-        "mkdir {POOL_CLAIM_DIR} 2>/dev/null && printf %s '{owner}' > {}",
-        claim_file()
-    );
-    let output = provider.envd(sandbox).run(&script).await?;
-    Ok(output.exit_code == 0)
+    match provider
+        .envd(sandbox)
+        .rename(POOL_WARM_MARK, &pool_claim_mark(owner))
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(error) if error.is_not_found() => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// Marks a sandbox of the pool as ready to be taken.
+async fn mark_warm(
+    provider: &E2bClient,
+    sandbox: impl Into<sandcastle_e2b::envd_client::SandboxAccess>,
+) -> Result<(), ProviderError> {
+    provider
+        .envd(sandbox)
+        .make_dir(POOL_WARM_MARK)
+        .await
+        .map(drop)
 }
 
 /// One pool sandbox as this pass finds it.
@@ -146,7 +153,7 @@ enum Seen {
         fresh: bool,
         expired: bool,
     },
-    /// Taken by the task named (`namespace/name/uid`), claimed at the instant given.
+    /// Taken by the task of this uid, claimed at the instant given.
     Claimed {
         owner: String,
         at: jiff::Timestamp,
@@ -176,23 +183,32 @@ pub(super) async fn keep(
     let now = jiff::Timestamp::now();
     let seen = futures::future::join_all(listed.iter().map(|sandbox| async {
         let detail = provider.get_sandbox(&sandbox.sandbox_id).await.ok()?;
-        let claimed = provider.envd(&detail).read_file(&claim_file()).await;
-        let seen = match claimed {
-            Ok(owner) => {
-                let at = provider
-                    .envd(&detail)
-                    .stat(&claim_file())
-                    .await
-                    .ok()
-                    .and_then(|entry| entry.modified_time)
-                    .and_then(|time| time.parse().ok())
-                    .unwrap_or(now);
-                Seen::Claimed {
-                    owner: String::from_utf8_lossy(&owner).into_owned(),
-                    at,
+        let marks = match provider.envd(&detail).list_dir(POOL_DIR, 1).await {
+            Ok(marks) => marks,
+            Err(error) if error.is_not_found() => Vec::new(),
+            // Unreachable for now: left alone this pass.
+            Err(_) => return None,
+        };
+        let claim = marks.iter().find_map(|mark| {
+            let owner = mark.name.strip_prefix(POOL_CLAIMED_PREFIX)?;
+            let at = mark
+                .modified_time
+                .as_deref()
+                .and_then(|time| time.parse().ok())
+                .unwrap_or(now);
+            Some(Seen::Claimed {
+                owner: owner.to_string(),
+                at,
+            })
+        });
+        let seen = match claim {
+            Some(claimed) => claimed,
+            None => {
+                // Made by a pass that stopped before it marked it.
+                let warm = POOL_WARM_MARK.rsplit('/').next().unwrap_or_default();
+                if !marks.iter().any(|mark| mark.name == warm) {
+                    mark_warm(provider, &detail).await.ok()?;
                 }
-            }
-            Err(error) if error.is_not_found() => {
                 let build = detail
                     .metadata
                     .as_ref()
@@ -208,8 +224,6 @@ pub(super) async fn keep(
                     },
                 }
             }
-            // Unreachable for now: left alone this pass.
-            Err(_) => return None,
         };
         Some((detail, seen))
     }))
@@ -248,7 +262,9 @@ pub(super) async fn keep(
     if rolled {
         retired.append(&mut outdated);
     }
-    let retiring = format!("pool/{uid}/retired");
+    // No task has this uid: the next pass finds the claim's owner gone and kills the
+    // sandbox, should this pass's kill not go through.
+    let retiring = format!("retired-by-{uid}");
     let taken = futures::future::join_all(
         retired
             .iter()
@@ -275,10 +291,14 @@ pub(super) async fn keep(
                 ),
                 (OPERATOR.to_string(), ctx.instance.clone()),
             ]);
-            let made =
-                futures::future::join_all((0..wanted).map(|_| provider.create_sandbox(&spec)))
-                    .await;
-            made.into_iter().filter_map(Result::ok).collect::<Vec<_>>()
+            let made = futures::future::join_all((0..wanted).map(|_| async {
+                let sandbox = provider.create_sandbox(&spec).await.ok()?;
+                // Unmarked it cannot be taken; the next pass marks it.
+                mark_warm(provider, &sandbox).await.ok()?;
+                Some(sandbox)
+            }))
+            .await;
+            made.into_iter().flatten().collect::<Vec<_>>()
         }
         _ => Vec::new(),
     };
@@ -324,25 +344,24 @@ fn access(detail: &SandboxDetail) -> Sandbox {
     }
 }
 
-/// Whether a claimed sandbox still belongs to a live task: its task exists with the
-/// uid claimed, has not finished, and has recorded it (or claimed it only a moment ago).
+/// Whether a claimed sandbox still belongs to a live task: the task of the claim's uid
+/// exists, has not finished, and has recorded it (or claimed it only a moment ago).
 async fn claim_is_held(ctx: &Context, owner: &str, sandbox_id: &str, at: jiff::Timestamp) -> bool {
-    let mut parts = owner.splitn(3, '/');
-    let (Some(namespace), Some(name), Some(uid)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return false;
-    };
     let recent = jiff::Timestamp::now().duration_since(at).as_secs() < CLAIM_GRACE.as_secs() as i64;
     // From the caches: a pool with many running tasks asks the apiserver nothing.
-    let task = match ctx.caches.task(namespace, name).await {
-        Ok(task) => task,
+    let tasks = match ctx.caches.tasks().await {
+        Ok(tasks) => tasks,
         // The caches cannot say yet: keep it until they can.
         Err(_) => return true,
     };
-    let Some(task) = task.filter(|task| task.meta().uid.as_deref() == Some(uid)) else {
+    let Some(task) = tasks
+        .iter()
+        .filter_map(|guard| guard.0.as_ref().ok())
+        .find(|task| task.meta().uid.as_deref() == Some(owner))
+    else {
         return false;
     };
-    let status = task.status.unwrap_or_default();
+    let status = task.status.clone().unwrap_or_default();
     if matches!(
         status.phase,
         Some(sandcastle_api::TaskPhase::Succeeded | sandcastle_api::TaskPhase::Failed)
@@ -386,9 +405,10 @@ mod tests {
             .create_sandbox(&SandboxSpec::new("base", Duration::from_secs(60)))
             .await
             .expect("a sandbox");
+        mark_warm(&provider, &sandbox).await.expect("the warm mark");
         let claims = futures::future::join_all((0..16).map(|n| {
             let (provider, sandbox) = (provider.clone(), sandbox.clone());
-            async move { take(&provider, &sandbox, &format!("ns/task-{n}/uid-{n}")).await }
+            async move { take(&provider, &sandbox, &format!("uid-{n}")).await }
         }))
         .await;
         let held: Vec<usize> = claims
@@ -399,15 +419,15 @@ mod tests {
             .collect();
         assert!(claims.iter().all(Result::is_ok), "{claims:?}");
         assert_eq!(held.len(), 1, "claims that held: {held:?}");
-        let owner = provider
+        let marks: Vec<String> = provider
             .envd(&sandbox)
-            .read_file(&claim_file())
+            .list_dir(POOL_DIR, 1)
             .await
-            .expect("the claim names its task");
-        assert_eq!(
-            String::from_utf8_lossy(&owner),
-            format!("ns/task-{0}/uid-{0}", held[0])
-        );
+            .expect("the claim's mark")
+            .into_iter()
+            .map(|mark| mark.name)
+            .collect();
+        assert_eq!(marks, [format!("claimed-uid-{}", held[0])]);
         server.stop().await;
         let _ = std::fs::remove_dir_all(&root);
     }

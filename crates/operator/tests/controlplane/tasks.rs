@@ -1000,7 +1000,7 @@ pub async fn warm_pools_hand_out_sandboxes_and_keep_their_size(env: Arc<TestEnv>
         create(&api, name, json!({
             "templateRef": {"name": "warm"},
             "agent": {"command": {"command": ["sh", "-c",
-                "test -d /tmp/.sandcastle-claim && echo warm || echo cold; echo token ${#TOKEN}"]}},
+                "test -d /tmp/.sandcastle-pool && echo warm || echo cold; echo token ${#TOKEN}"]}},
             "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}],
         }))
         .await;
