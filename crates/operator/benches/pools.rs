@@ -6,8 +6,8 @@
 //!   made beforehand (the claim a task makes: its mark renamed inside the sandbox through
 //!   envd, then its lifetime set), each timed the same way;
 //! - **AgentTasks:** the operator (the release binary, its embedded server) with a
-//!   template whose pool holds `SANDCASTLE_BENCH_POOL` (30) sandboxes, and the adopted
-//!   `base` without a pool: bursts of `SANDCASTLE_BENCH_POOL_BURSTS` (10,30,50) tasks at
+//!   template whose pool holds `SANDCASTLE_BENCH_POOL` (50) sandboxes, and the adopted
+//!   `base` without a pool: bursts of `SANDCASTLE_BENCH_POOL_BURSTS` (10,50,80) tasks at
 //!   once, each timed from its create being answered to the task Running (its agent
 //!   started). A burst larger than the pool takes what the pool has and creates the rest.
 //!
@@ -202,9 +202,9 @@ async fn task_burst(
 async fn main() {
     let pool = number(
         "SANDCASTLE_BENCH_POOL",
-        &setting("SANDCASTLE_BENCH_POOL", "30"),
+        &setting("SANDCASTLE_BENCH_POOL", "50"),
     );
-    let bursts: Vec<usize> = setting("SANDCASTLE_BENCH_POOL_BURSTS", "10,30,50")
+    let bursts: Vec<usize> = setting("SANDCASTLE_BENCH_POOL_BURSTS", "10,50,80")
         .split(',')
         .map(|part| number("SANDCASTLE_BENCH_POOL_BURSTS", part))
         .collect();
@@ -228,7 +228,10 @@ async fn main() {
     let operator = Operator::start_with(
         cluster.kubeconfig_path(),
         NS,
-        &[("SANDCASTLE_MAX_RUNNING_TASKS", "500")],
+        &[
+            ("SANDCASTLE_MAX_RUNNING_TASKS", "500"),
+            ("SANDCASTLE_SANDBOXD_MAX_SANDBOXES", "500"),
+        ],
     );
     adopt_base(&client, NS).await;
     let templates: Api<SandboxTemplate> = Api::namespaced(client.clone(), NS);
@@ -248,6 +251,13 @@ async fn main() {
             .as_ref()
             .is_some_and(|state| state.ready as usize == pool && state.claimed == 0)
     };
+    // Counted by the operator, so each row says what its tasks really took.
+    let claims = || async {
+        operator
+            .metric(r#"sandcastle_pool_claims_total{result="warm"}"#)
+            .await
+            .unwrap_or(0.0) as usize
+    };
     for (round, &burst) in bursts.iter().enumerate() {
         wait_for_within(
             &templates,
@@ -257,9 +267,16 @@ async fn main() {
             full,
         )
         .await;
+        let before = claims().await;
         let warm = task_burst(&client, WARM, burst, round).await;
+        let taken = claims().await - before;
+        let before = claims().await;
         let cold = task_burst(&client, COLD, burst, round).await;
-        let taken = burst.min(pool);
+        let stray = claims().await - before;
+        assert_eq!(
+            stray, 0,
+            "tasks of the template without a pool took warm sandboxes"
+        );
         rows.push(Row {
             what: format!(
                 "AgentTask created → Running, pool of {pool} ({taken} warm, {} cold)",
@@ -274,10 +291,7 @@ async fn main() {
             spread: Spread::of(cold),
         });
     }
-    let claims = operator
-        .metric(r#"sandcastle_pool_claims_total{result="warm"}"#)
-        .await
-        .unwrap_or(0.0);
+    let claims = claims().await;
 
     println!("| what | burst | p50 | p99 |\n|---|---|---|---|");
     for row in &rows {

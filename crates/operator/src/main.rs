@@ -340,6 +340,10 @@ struct EmbeddedArgs {
     /// The API key it accepts; a random one when unset (only the operator needs it).
     #[arg(long, env = "SANDCASTLE_SANDBOXD_API_KEY", hide_env_values = true)]
     sandboxd_api_key: Option<String>,
+    /// The most sandboxes it runs at once, warm pools' idle ones included; a create
+    /// beyond it gets E2B's 429.
+    #[arg(long, env = "SANDCASTLE_SANDBOXD_MAX_SANDBOXES", default_value_t = 100)]
+    sandboxd_max_sandboxes: usize,
     #[arg(
         long,
         env = "SANDCASTLE_SANDBOXD_ISOLATION",
@@ -527,6 +531,7 @@ async fn start_embedded(
     config.envd_port = embedded.sandboxd_envd_port;
     config.isolation = embedded.sandboxd_isolation;
     config.host_paths = embedded.sandboxd_host_path;
+    config.max_sandboxes = embedded.sandboxd_max_sandboxes;
     let api_key = embedded
         .sandboxd_api_key
         .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));

@@ -356,8 +356,13 @@ pub async fn run(
             }
         })
     };
+    let keeper = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { pool::keep_pools_forever(&ctx).await })
+    };
     loops.await;
     sweeper.abort();
+    keeper.abort();
     Ok(())
 }
 

@@ -25,7 +25,9 @@ use sandcastle_e2b::error::Error as ProviderError;
 use sandcastle_e2b::models::{Sandbox, SandboxDetail};
 
 /// How often a template with a pool looks at it.
-pub(super) const POOL_INTERVAL: Duration = Duration::from_secs(5);
+const POOL_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a pass woken by a claim waits for the claims that come with it.
+const CLAIMS_TOGETHER: Duration = Duration::from_millis(100);
 /// The most sandboxes one pass asks for, so a rebuild or a large pool rolls in steps.
 const CREATES_PER_PASS: usize = 10;
 /// How long a claimed sandbox may go unrecorded by its task before it counts as lost.
@@ -34,11 +36,16 @@ const CLAIM_GRACE: Duration = Duration::from_secs(60);
 /// dead-man switch should the operator be gone.
 const WARM_GRACE: Duration = Duration::from_secs(120);
 
-/// Which pool a sandbox belongs to in this process's memory: one per template build.
-pub(super) fn pool_key(status: &SandboxTemplateStatus) -> Option<String> {
+/// Which pool a sandbox belongs to: one per `SandboxTemplate` (two may adopt the same
+/// provider template, and only one may have a pool) and per build of it.
+pub(super) fn pool_key(
+    namespace: &str,
+    name: &str,
+    status: &SandboxTemplateStatus,
+) -> Option<String> {
     let template_id = status.template_id.as_deref()?;
     Some(format!(
-        "{template_id}/{}",
+        "{namespace}/{name}/{template_id}/{}",
         status.build_id.as_deref().unwrap_or("")
     ))
 }
@@ -48,6 +55,8 @@ pub(super) fn pool_key(status: &SandboxTemplateStatus) -> Option<String> {
 pub(super) struct Pools {
     /// Idle sandboxes by pool key, oldest first, with what envd needs to reach them.
     warm: Mutex<HashMap<String, Vec<Sandbox>>>,
+    /// Woken by each claim, so a pool is refilled at once rather than at the next tick.
+    taken: tokio::sync::Notify,
 }
 
 impl Pools {
@@ -88,7 +97,11 @@ pub(super) async fn claim(
     if task.spec.network.is_some() {
         return None;
     }
-    let key = pool_key(template)?;
+    let key = pool_key(
+        &task.namespace().unwrap_or_default(),
+        &task.spec.template_ref.name,
+        template,
+    )?;
     if !ctx.pools.knows(&key) {
         return None;
     }
@@ -106,6 +119,7 @@ pub(super) async fn claim(
                     continue;
                 }
                 ctx.metrics.pool_claimed(true);
+                ctx.pools.taken.notify_one();
                 return Some(sandbox);
             }
             // Taken by another claim, or gone: try the next one.
@@ -146,6 +160,70 @@ async fn mark_warm(
         .map(drop)
 }
 
+/// Keeps the pools for as long as the operator leads: a pass every [`POOL_INTERVAL`],
+/// and one soon after any claim (claims a moment apart share it).
+pub(super) async fn keep_pools_forever(ctx: &Context) {
+    loop {
+        keep_pools(ctx).await;
+        tokio::select! {
+            _ = tokio::time::sleep(POOL_INTERVAL) => {}
+            _ = ctx.pools.taken.notified() => {
+                tokio::time::sleep(CLAIMS_TOGETHER).await;
+            }
+        }
+    }
+}
+
+/// Keeps the pool of every ready template that asks for one and drains those no longer
+/// asked for. A loop of its own rather than the template's
+/// reconcile: a pool needs a look whether or not its template changed, and a slow
+/// provider then holds up no template's build.
+async fn keep_pools(ctx: &Context) {
+    let Ok(templates) = ctx.caches.templates().await else {
+        return;
+    };
+    let kept = templates.iter().filter(|template| {
+        let status = template.status.clone().unwrap_or_default();
+        let ready = status.phase == Some(sandcastle_api::TemplatePhase::Ready);
+        template.metadata.deletion_timestamp.is_none()
+            && ((template.spec.pool.is_some() && ready)
+                || (template.spec.pool.is_none() && status.pool.is_some()))
+    });
+    futures::future::join_all(kept.map(|template| keep_one(ctx, template))).await;
+}
+
+async fn keep_one(ctx: &Context, template: &SandboxTemplate) {
+    let provider = match super::template::resolve_provider(ctx, template).await {
+        Ok(provider) => provider,
+        Err(_) => return,
+    };
+    let status = template.status.clone().unwrap_or_default();
+    match keep(ctx, template, &provider, template.spec.pool.as_ref()).await {
+        Ok(pool) if pool != status.pool => {
+            // A merge patch of the pool alone: the template's reconcile owns the rest.
+            let api: kube::Api<SandboxTemplate> = kube::Api::namespaced(
+                ctx.client.clone(),
+                &template.namespace().unwrap_or_default(),
+            );
+            let patch = serde_json::json!({"status": {"pool": pool}});
+            if let Err(error) = api
+                .patch_status(
+                    &template.name_any(),
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+            {
+                tracing::warn!(template = %template.name_any(), %error, "cannot write the warm pool's status");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => {
+            tracing::warn!(template = %template.name_any(), %error, "cannot keep the warm pool; trying again");
+        }
+    }
+}
+
 /// One pool sandbox as this pass finds it.
 #[derive(Debug, PartialEq)]
 enum Seen {
@@ -170,7 +248,11 @@ pub(super) async fn keep(
 ) -> Result<Option<PoolStatus>, ProviderError> {
     let status = template.status.clone().unwrap_or_default();
     let uid = template.metadata.uid.clone().unwrap_or_default();
-    let key = pool_key(&status);
+    let key = pool_key(
+        &template.namespace().unwrap_or_default(),
+        &template.name_any(),
+        &status,
+    );
     let query = ListQuery {
         metadata: BTreeMap::from([
             (SANDBOX_POOL.to_string(), uid.clone()),
@@ -256,28 +338,6 @@ pub(super) async fn keep(
     while fresh.len() > size {
         retired.push(fresh.remove(0));
     }
-    // Rolled: the outdated go once the fresh ones are enough to take their place.
-    let rolled = fresh.len() >= size;
-    let outdated_left = if rolled { 0 } else { outdated.len() };
-    if rolled {
-        retired.append(&mut outdated);
-    }
-    // No task has this uid: the next pass finds the claim's owner gone and kills the
-    // sandbox, should this pass's kill not go through.
-    let retiring = format!("retired-by-{uid}");
-    let taken = futures::future::join_all(
-        retired
-            .iter()
-            .map(|detail| take(provider, detail, &retiring)),
-    )
-    .await;
-    doomed.extend(
-        retired
-            .iter()
-            .zip(taken)
-            .filter(|(_, taken)| matches!(taken, Ok(true)))
-            .map(|(detail, _)| detail.sandbox_id.clone()),
-    );
     let wanted = size.saturating_sub(fresh.len()).min(CREATES_PER_PASS);
     let created = match (&status.template_id, pool) {
         (Some(template_id), Some(pool)) if wanted > 0 => {
@@ -302,6 +362,33 @@ pub(super) async fn keep(
         }
         _ => Vec::new(),
     };
+    // Rolled: an outdated sandbox goes as a fresh one takes its place, so a rebuild
+    // replaces the pool in steps, and whatever is left goes once the fresh ones are
+    // enough. Outdated ones serve no new task, so a busy pool rolls all the same.
+    outdated.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+    let replaced = if fresh.len() + created.len() >= size {
+        outdated.len()
+    } else {
+        created.len().min(outdated.len())
+    };
+    retired.extend(outdated.drain(..replaced));
+    let outdated_left = outdated.len();
+    // No task has this uid: the next pass finds the claim's owner gone and kills the
+    // sandbox, should this pass's kill not go through.
+    let retiring = format!("retired-by-{uid}");
+    let taken = futures::future::join_all(
+        retired
+            .iter()
+            .map(|detail| take(provider, detail, &retiring)),
+    )
+    .await;
+    doomed.extend(
+        retired
+            .iter()
+            .zip(taken)
+            .filter(|(_, taken)| matches!(taken, Ok(true)))
+            .map(|(detail, _)| detail.sandbox_id.clone()),
+    );
     let creating = wanted.saturating_sub(created.len());
     futures::future::join_all(doomed.iter().map(|id| provider.kill_sandbox(id))).await;
     if !doomed.is_empty() {
@@ -380,11 +467,21 @@ mod tests {
         let status: SandboxTemplateStatus =
             serde_json::from_value(serde_json::json!({"templateId": "t1", "buildId": "b2"}))
                 .unwrap();
-        assert_eq!(pool_key(&status).as_deref(), Some("t1/b2"));
+        assert_eq!(
+            pool_key("team", "tools", &status).as_deref(),
+            Some("team/tools/t1/b2")
+        );
         let adopted: SandboxTemplateStatus =
             serde_json::from_value(serde_json::json!({"templateId": "base"})).unwrap();
-        assert_eq!(pool_key(&adopted).as_deref(), Some("base/"));
-        assert_eq!(pool_key(&SandboxTemplateStatus::default()), None);
+        // Two templates adopting one provider template are two pools.
+        assert_ne!(
+            pool_key("team", "warm", &adopted),
+            pool_key("team", "base", &adopted)
+        );
+        assert_eq!(
+            pool_key("team", "warm", &SandboxTemplateStatus::default()),
+            None
+        );
     }
 
     /// The claim itself, against a real envd: of many claims of one sandbox at once, from

@@ -333,7 +333,7 @@ async fn apply(template: &SandboxTemplate, ctx: &Context) -> Result<Action, Erro
         build(template, ctx).await
     };
     match outcome {
-        Ok(action) => keep_pool(template, ctx, action).await,
+        Ok(action) => Ok(action),
         Err((blocked, retry)) => {
             write_blocked(ctx, template, &blocked).await?;
             // An unreachable API server or provider heals without any change to watch.
@@ -345,53 +345,6 @@ async fn apply(template: &SandboxTemplate, ctx: &Context) -> Result<Action, Erro
 }
 
 type Outcome = Result<Action, (Blocked, Option<Duration>)>;
-
-/// Keeps the warm pool of a ready template, or drains one the spec no longer asks for,
-/// and looks again soon while there is a pool. A template being rebuilt keeps the pool it
-/// has until the new build is ready, then rolls it.
-async fn keep_pool(
-    template: &SandboxTemplate,
-    ctx: &Context,
-    action: Action,
-) -> Result<Action, Error> {
-    let status = previous(template);
-    let wanted = template.spec.pool.as_ref();
-    let ready = status.phase == Some(TemplatePhase::Ready);
-    if (wanted.is_some() && !ready) || (wanted.is_none() && status.pool.is_none()) {
-        return Ok(action);
-    }
-    let provider = match resolve_provider(ctx, template).await {
-        Ok(provider) => provider,
-        Err(_) => return Ok(Action::requeue(super::pool::POOL_INTERVAL)),
-    };
-    match super::pool::keep(ctx, template, &provider, wanted).await {
-        Ok(pool) if pool != status.pool => {
-            // A merge patch of the pool alone: this pass may have written the rest of the
-            // status already, which the copy read at its start does not hold.
-            let api: Api<SandboxTemplate> = Api::namespaced(
-                ctx.client.clone(),
-                &template.namespace().unwrap_or_default(),
-            );
-            let patch = serde_json::json!({"status": {"pool": pool}});
-            api.patch_status(
-                &template.name_any(),
-                &kube::api::PatchParams::default(),
-                &kube::api::Patch::Merge(&patch),
-            )
-            .await
-            .map_err(Error::Kube)?;
-        }
-        Ok(_) => {}
-        Err(error) => {
-            tracing::warn!(template = %template.name_any(), %error, "cannot keep the warm pool; trying again");
-        }
-    }
-    Ok(if wanted.is_some() {
-        Action::requeue(super::pool::POOL_INTERVAL)
-    } else {
-        action
-    })
-}
 
 /// An `existing` template is checked and recorded, never built or deleted.
 async fn adopt(template: &SandboxTemplate, ctx: &Context) -> Outcome {
