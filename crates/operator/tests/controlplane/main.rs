@@ -297,6 +297,7 @@ async fn printer_columns_show_status(env: Arc<TestEnv>) {
             "templateId": "tpl-42",
             "buildId": "build-7",
             "conditions": [ready_condition("True", "BuildSucceeded")],
+            "pool": {"ready": 37, "creating": 0, "outdated": 0, "claimed": 2},
         }),
     )
     .await;
@@ -311,14 +312,22 @@ async fn printer_columns_show_status(env: Arc<TestEnv>) {
         .collect();
     assert_eq!(
         header,
-        ["NAME", "PHASE", "TEMPLATE ID", "AGE", "BUILD ID", "REASON"],
+        [
+            "NAME",
+            "PHASE",
+            "TEMPLATE ID",
+            "WARM",
+            "AGE",
+            "BUILD ID",
+            "REASON"
+        ],
         "{table}"
     );
     let row = table
         .lines()
         .find(|line| line.starts_with("python "))
         .unwrap_or_default();
-    for value in ["Ready", "tpl-42", "build-7", "BuildSucceeded"] {
+    for value in ["Ready", "tpl-42", " 37 ", "build-7", "BuildSucceeded"] {
         assert!(row.contains(value), "{value} missing: {table}");
     }
 }
