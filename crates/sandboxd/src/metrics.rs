@@ -137,7 +137,8 @@ pub(crate) fn envd_metrics(sandbox: &SandboxRecord) -> std::io::Result<EnvdMetri
 }
 
 impl EnvdMetrics {
-    /// The API's form of one envd reading.
+    /// The API's form of one envd reading, which the pod runtime answers with.
+    #[cfg(feature = "kubernetes")]
     pub(crate) fn into_metric(self) -> SandboxMetric {
         let at = jiff::Timestamp::from_second(self.ts).unwrap_or_else(|_| jiff::Timestamp::now());
         SandboxMetric {

@@ -443,7 +443,7 @@ def test_sandbox_pause_resume():
             assert sbx.get_info().state == SandboxState.RUNNING
             return
         sbx.commands.run(
-            "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done",
+            "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done",
             background=True,
         )
         time.sleep(0.5)

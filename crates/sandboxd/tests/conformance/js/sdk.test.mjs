@@ -566,7 +566,7 @@ scenario('sandbox_pause_resume', async () => {
       return
     }
     await sbx.commands.run(
-      'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done',
+      'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done',
       { background: true },
     )
     await sleep(500)
