@@ -9,6 +9,9 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_RECONCILING: &str = "Reconciling";
 /// kstatus: `True` when the operator cannot make progress until something changes.
 pub const CONDITION_STALLED: &str = "Stalled";
+/// A template's warm pool: `True` while it holds its size of idle sandboxes of the
+/// current build. Absent on a template without a pool.
+pub const CONDITION_POOL_READY: &str = "PoolReady";
 
 /// The most conditions a status may hold: one per condition type Sandcastle defines,
 /// with room to add types without an API change.

@@ -15,7 +15,7 @@ mod template;
 
 pub use common::*;
 pub use install::install;
-pub use reasons::{TaskReason, TemplateReason};
+pub use reasons::{PoolReason, TaskReason, TemplateReason};
 pub use task::*;
 pub use template::*;
 

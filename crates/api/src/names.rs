@@ -23,8 +23,12 @@ pub const SANDBOX_TASK_NAME: &str = "sandcastle.dev/task-name";
 /// only sandboxes that carry its own instance.
 pub const SANDBOX_OPERATOR: &str = "sandcastle.dev/operator";
 
-/// The field manager of every write the operator makes.
+/// The field manager of every write the operator makes but one (below).
 pub const FIELD_MANAGER: &str = "sandcastle";
+
+/// The field manager of a template's pool status (`status.pool` and the `PoolReady`
+/// condition), written by the pool's own loop beside the template's reconcile.
+pub const POOL_FIELD_MANAGER: &str = "sandcastle-pool";
 
 /// Sandbox metadata: the uid of the `SandboxTemplate` whose warm pool made the sandbox.
 pub const SANDBOX_POOL: &str = "sandcastle.dev/pool";

@@ -76,6 +76,19 @@ reasons! {
     }
 }
 
+reasons! {
+    /// Why a template's warm pool is (not) full, on its `PoolReady` condition.
+    PoolReason {
+        /// The pool holds its size of idle sandboxes of the current build.
+        PoolFull,
+        /// Fewer idle sandboxes than the size: after claims, a start, or a provider that
+        /// refuses creates.
+        PoolFilling,
+        /// Idle sandboxes of an older build are being replaced after a rebuild.
+        PoolRolling,
+    }
+}
+
 impl TemplateReason {
     /// Whether the template waits for a change (spec, Secret, ConfigMap) rather than for
     /// time: kstatus' `Stalled`.

@@ -2,13 +2,19 @@
 //! the same node, in the same run. Run with `cargo bench --bench pods` (root; after
 //! `scripts/setup`). For each burst size in `SANDCASTLE_BENCH_POD_BURSTS` (10,50):
 //!
-//! - the sandbox server's kubernetes runtime (in this process): that many sandbox creates
-//!   at once, each timed from its request to envd answering a `true` in the new pod;
-//! - agent-sandbox's controller: that many SandboxClaims at once, each timed from its
-//!   create being answered to its pod Ready (seen by a watch);
-//! - the operator (the release binary, its provider the server above): that many
+//! - cold, the sandbox server's kubernetes runtime (in this process): that many sandbox
+//!   creates at once, each timed from its request to envd answering a `true` in the new
+//!   pod; then those sandboxes, marked warm, claimed at once as a task claims one from a
+//!   pool;
+//! - cold, agent-sandbox's controller: that many SandboxClaims at once from an empty
+//!   pool, each timed from its create being answered to its pod Ready (seen by a watch);
+//! - cold, the operator (the release binary, its provider the server above): that many
 //!   AgentTasks at once, each timed from its create being answered to the task Running
-//!   (its agent started in its pod).
+//!   (its agent started in its pod);
+//! - warm, agent-sandbox: its SandboxWarmPool at `SANDCASTLE_BENCH_POD_POOL` (50) Ready
+//!   sandboxes, then that many claims at once, each to the claim's Ready condition;
+//! - warm, the operator: a template whose pool holds as many, then that many AgentTasks
+//!   at once, each to Running.
 //!
 //! Both sides run the same image (`sandbox-full`, cached on the node) with the same
 //! requests (10m CPU, 128 MiB), in namespaces without Pod Security enforcement. A
@@ -22,17 +28,18 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
-use sandcastle_api::{AgentTask, TaskPhase};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use sandcastle_api::SandboxTemplate;
+use sandcastle_api::names::{POOL_WARM_MARK, pool_claim_mark};
 use sandcastle_e2b::client::{E2bClient, SandboxSpec};
 use sandcastle_e2b::config::ClientConfig;
 use sandcastle_e2b::models::{BuildStatus, TemplateBuildRequest, TemplateBuildStart};
 use sandcastle_sandboxd::{KubeConfig, KubeSandboxd};
-use sandcastle_testkit::agent_sandbox;
 use sandcastle_testkit::figures::{Spread, millis};
 use sandcastle_testkit::node::Node;
 use sandcastle_testkit::operator::Operator;
 use sandcastle_testkit::sightings::Sightings;
+use sandcastle_testkit::{agent_sandbox, bursts};
 use serde_json::{Value, json};
 
 const API_KEY: &str = "pods-bench";
@@ -40,8 +47,22 @@ const SANDBOXES: &str = "bench-sandboxes";
 const PEER: &str = "bench-peer";
 const TASKS: &str = "bench-tasks";
 const TEMPLATE: &str = "small";
+const WARM: &str = "warm";
+const SLEEP: &[&str] = &["sleep", "5"];
+
+/// Which measure a row is, for the ratios.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Create,
+    Claim,
+    Peer,
+    WarmPeer,
+    Task,
+    WarmTask,
+}
 
 struct Row {
+    kind: Kind,
     what: String,
     burst: usize,
     spread: Spread,
@@ -49,8 +70,9 @@ struct Row {
 }
 
 impl Row {
-    fn of(what: &str, burst: usize, samples: Vec<Duration>, all: Duration) -> Row {
+    fn of(kind: Kind, what: &str, burst: usize, samples: Vec<Duration>, all: Duration) -> Row {
         Row {
+            kind,
             what: what.to_string(),
             burst,
             spread: Spread::of(samples),
@@ -116,8 +138,10 @@ fn ready(pod: &Pod) -> bool {
         })
 }
 
-/// `burst` sandbox creates at once, each to envd answering in its pod.
-async fn server_burst(e2b: &E2bClient, client: &kube::Client, burst: usize) -> Row {
+/// `burst` sandbox creates at once, each to envd answering in its pod; then the same
+/// sandboxes, marked warm, claimed at once as a task claims one from a pool (the mark
+/// renamed inside the sandbox through envd, then its lifetime set).
+async fn server_burst(e2b: &E2bClient, client: &kube::Client, burst: usize) -> Vec<Row> {
     let started = Instant::now();
     let runs = (0..burst).map(|_| async {
         let t = Instant::now();
@@ -127,20 +151,51 @@ async fn server_burst(e2b: &E2bClient, client: &kube::Client, burst: usize) -> R
             .expect("a sandbox");
         let output = e2b.envd(&sandbox).run("true").await.expect("envd answers");
         assert_eq!(output.exit_code, 0);
-        (t.elapsed(), sandbox.sandbox_id)
+        (t.elapsed(), sandbox)
     });
     let done = join_all(runs).await;
     let all = started.elapsed();
-    for (_, id) in &done {
-        e2b.kill_sandbox(id).await.expect("kill");
+    join_all(done.iter().map(|(_, sandbox)| async move {
+        e2b.envd(sandbox)
+            .make_dir(POOL_WARM_MARK)
+            .await
+            .expect("the warm mark")
+    }))
+    .await;
+    let started = Instant::now();
+    let claimed = join_all(done.iter().enumerate().map(|(n, (_, sandbox))| async move {
+        let t = Instant::now();
+        e2b.envd(sandbox)
+            .rename(POOL_WARM_MARK, &pool_claim_mark(&format!("uid-{n}")))
+            .await
+            .expect("the claim holds");
+        e2b.set_timeout(&sandbox.sandbox_id, Duration::from_secs(600))
+            .await
+            .expect("the claimed sandbox's lifetime");
+        t.elapsed()
+    }))
+    .await;
+    let all_claimed = started.elapsed();
+    for (_, sandbox) in &done {
+        e2b.kill_sandbox(&sandbox.sandbox_id).await.expect("kill");
     }
     no_pods(client, SANDBOXES).await;
-    Row::of(
-        "Sandcastle sandbox create → envd answers in its pod",
-        burst,
-        done.into_iter().map(|(took, _)| took).collect(),
-        all,
-    )
+    vec![
+        Row::of(
+            Kind::Create,
+            "Sandcastle sandbox create → envd answers in its pod",
+            burst,
+            done.into_iter().map(|(took, _)| took).collect(),
+            all,
+        ),
+        Row::of(
+            Kind::Claim,
+            "Sandcastle warm sandbox claimed (mark renamed through envd, lifetime set)",
+            burst,
+            claimed,
+            all_claimed,
+        ),
+    ]
 }
 
 /// `burst` SandboxClaims at once, each to its pod Ready.
@@ -196,8 +251,9 @@ async fn peer_burst(client: &kube::Client, burst: usize, round: usize) -> Row {
         .expect("deleting the claims");
     no_pods(client, PEER).await;
     Row::of(
+        Kind::Peer,
         &format!(
-            "agent-sandbox {} SandboxClaim → its pod Ready",
+            "agent-sandbox {} SandboxClaim (empty pool) → its pod Ready",
             agent_sandbox::VERSION
         ),
         burst,
@@ -208,65 +264,174 @@ async fn peer_burst(client: &kube::Client, burst: usize, round: usize) -> Row {
 
 /// `burst` AgentTasks at once, each to Running (its agent started in its pod).
 async fn task_burst(client: &kube::Client, burst: usize, round: usize) -> Row {
-    let tasks: Api<AgentTask> = Api::namespaced(client.clone(), TASKS);
-    let seen = Sightings::watch(tasks.clone(), |task: &AgentTask| {
-        matches!(
-            task.status.as_ref().and_then(|s| s.phase),
-            Some(TaskPhase::Running | TaskPhase::Succeeded)
-        )
-        .then_some(true)
+    let done =
+        bursts::task_burst(client, TASKS, TEMPLATE, SLEEP, burst, &format!("r{round}")).await;
+    no_pods(client, SANDBOXES).await;
+    Row::of(
+        Kind::Task,
+        "Sandcastle AgentTask created → Running (agent started in its pod)",
+        burst,
+        done.samples,
+        done.all,
+    )
+}
+
+/// The same burst of tasks of a template whose pool holds `pool` warm sandboxes, once
+/// the pool is full.
+async fn warm_task_burst(
+    client: &kube::Client,
+    operator: &Operator,
+    pool: usize,
+    burst: usize,
+    round: usize,
+) -> Row {
+    pool_full(client, pool).await;
+    let claims = || async {
+        operator
+            .metric(r#"sandcastle_pool_claims_total{result="warm"}"#)
+            .await
+            .unwrap_or(0.0) as usize
+    };
+    let before = claims().await;
+    let done = bursts::task_burst(client, TASKS, WARM, SLEEP, burst, &format!("w{round}")).await;
+    let taken = claims().await - before;
+    Row::of(
+        Kind::WarmTask,
+        &format!(
+            "Sandcastle AgentTask created → Running, pool of {pool} ({taken} warm, {} cold)",
+            burst - taken
+        ),
+        burst,
+        done.samples,
+        done.all,
+    )
+}
+
+/// Waits until the pooled template's pool holds `pool` ready sandboxes and no claimed
+/// one (the last burst's are gone).
+async fn pool_full(client: &kube::Client, pool: usize) {
+    let templates: Api<SandboxTemplate> = Api::namespaced(client.clone(), TASKS);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let template = templates.get(WARM).await.expect("the pooled template");
+        let state = template.status.and_then(|status| status.pool);
+        if state
+            .as_ref()
+            .is_some_and(|state| state.ready as usize == pool && state.claimed == 0)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool did not fill: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `burst` SandboxClaims at once from the peer's pool once it holds `pool` Ready
+/// sandboxes, each timed from its create being answered to the claim's own Ready
+/// condition (its pod was Ready before it was asked for).
+async fn warm_peer_burst(client: &kube::Client, pool: usize, burst: usize, round: usize) -> Row {
+    let pools: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        PEER,
+        &agent_sandbox::resource("SandboxWarmPool", "sandboxwarmpools"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let status = pools.get("bench").await.expect("the peer's pool").data["status"].clone();
+        if status["readyReplicas"].as_u64() == Some(pool as u64) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the peer's pool did not fill: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let resource = agent_sandbox::resource("SandboxClaim", "sandboxclaims");
+    let claims: Api<DynamicObject> = Api::namespaced_with(client.clone(), PEER, &resource);
+    let seen = Sightings::watch(claims.clone(), |claim: &DynamicObject| {
+        claim.data["status"]["conditions"]
+            .as_array()
+            .is_some_and(|conditions| {
+                conditions
+                    .iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+            .then_some(true)
     })
     .await;
-    let names: Vec<String> = (0..burst).map(|i| format!("r{round}-{i:03}")).collect();
+    let names: Vec<String> = (0..burst).map(|i| format!("w{round}-{i:03}")).collect();
     let started = Instant::now();
     let answered = join_all(names.iter().map(|name| {
-        let task: AgentTask = serde_json::from_value(json!({
-            "apiVersion": "sandcastle.dev/v1alpha1", "kind": "AgentTask",
-            "metadata": {"name": name},
-            "spec": {"templateRef": {"name": TEMPLATE},
-                     "agent": {"command": {"command": ["sleep", "5"]}}},
-        }))
-        .expect("a task");
-        let tasks = tasks.clone();
+        let claim =
+            agent_sandbox::object(&resource, name, json!({"warmPoolRef": {"name": "bench"}}));
+        let claims = claims.clone();
         async move {
-            tasks
-                .create(&PostParams::default(), &task)
+            claims
+                .create(&PostParams::default(), &claim)
                 .await
-                .expect("a task");
+                .expect("a claim");
             Instant::now()
         }
     }))
     .await;
-    let running = seen
+    let ready = seen
         .wait_for(burst, Duration::from_secs(300))
         .await
-        .unwrap_or_else(|error| panic!("tasks Running: {error}"));
-    let samples: Vec<Duration> = names
+        .unwrap_or_else(|error| panic!("the peer's claims Ready: {error}"));
+    let samples = names
         .iter()
         .zip(&answered)
-        .map(|(name, at)| running[name].0.saturating_duration_since(*at))
+        .map(|(name, at)| ready[name].0.saturating_duration_since(*at))
         .collect();
     let all = names
         .iter()
-        .map(|name| running[name].0)
+        .map(|name| ready[name].0)
         .max()
         .map_or(Duration::ZERO, |last| last - started);
-    tasks
+    claims
         .delete_collection(&DeleteParams::default(), &ListParams::default())
         .await
-        .expect("deleting the tasks");
-    no_pods(client, SANDBOXES).await;
+        .expect("deleting the claims");
     Row::of(
-        "Sandcastle AgentTask created → Running (agent started in its pod)",
+        Kind::WarmPeer,
+        &format!(
+            "agent-sandbox {} SandboxClaim from a warm pool of {pool} → claim Ready",
+            agent_sandbox::VERSION
+        ),
         burst,
         samples,
         all,
     )
 }
 
+/// Sets the peer's pool size.
+async fn scale_peer_pool(client: &kube::Client, replicas: usize) {
+    let pools: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        PEER,
+        &agent_sandbox::resource("SandboxWarmPool", "sandboxwarmpools"),
+    );
+    pools
+        .patch(
+            "bench",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": replicas}})),
+        )
+        .await
+        .expect("scaling the peer's pool");
+}
+
 #[tokio::main]
 async fn main() {
     let bursts = bursts();
+    let pool: usize = std::env::var("SANDCASTLE_BENCH_POD_POOL")
+        .unwrap_or_else(|_| "50".into())
+        .parse()
+        .expect("SANDCASTLE_BENCH_POD_POOL: a number");
     let mut node =
         Node::start("bench-pods").unwrap_or_else(|err| panic!("cannot start a node: {err}"));
     let client = node.client().await.expect("a client");
@@ -409,10 +574,37 @@ async fn main() {
     let mut rows = Vec::new();
     for (round, &burst) in bursts.iter().enumerate() {
         let round = round + 1;
-        rows.push(server_burst(&e2b, &client, burst).await);
+        rows.extend(server_burst(&e2b, &client, burst).await);
         rows.push(peer_burst(&client, burst, round).await);
         rows.push(task_burst(&client, burst, round).await);
     }
+
+    // Warm: each side's pool filled on a node that holds nothing else of the other's.
+    scale_peer_pool(&client, pool).await;
+    for (round, &burst) in bursts.iter().enumerate() {
+        rows.push(warm_peer_burst(&client, pool, burst, round + 1).await);
+    }
+    scale_peer_pool(&client, 0).await;
+    no_pods(&client, PEER).await;
+    let templates: Api<SandboxTemplate> = Api::namespaced(client.clone(), TASKS);
+    let pooled: SandboxTemplate = serde_json::from_value(json!({
+        "apiVersion": "sandcastle.dev/v1alpha1", "kind": "SandboxTemplate",
+        "metadata": {"name": WARM},
+        "spec": {"existing": {"templateId": TEMPLATE}, "pool": {"size": pool}},
+    }))
+    .expect("a template");
+    templates
+        .create(&PostParams::default(), &pooled)
+        .await
+        .expect("the pooled template");
+    for (round, &burst) in bursts.iter().enumerate() {
+        rows.push(warm_task_burst(&client, &operator, pool, burst, round + 1).await);
+    }
+    templates
+        .delete(WARM, &DeleteParams::default())
+        .await
+        .expect("deleting the pooled template");
+    no_pods(&client, SANDBOXES).await;
 
     println!("| what | burst | p50 | p99 | all in |");
     println!("|---|---|---|---|---|");
@@ -428,21 +620,40 @@ async fn main() {
     }
     let mut ratios = BTreeMap::new();
     for burst in &bursts {
-        let of = |prefix: &str| {
+        let of = |kind: Kind| {
             rows.iter()
-                .find(|row| row.burst == *burst && row.what.starts_with(prefix))
+                .find(|row| row.burst == *burst && row.kind == kind)
                 .expect("a row")
                 .spread
         };
-        let (ours, peer) = (of("Sandcastle sandbox"), of("agent-sandbox"));
-        let ratio = millis(ours.p50) / millis(peer.p50);
-        println!(
-            "burst {burst}: Sandcastle's sandbox p50 is {ratio:.2}× agent-sandbox's claim → pod Ready p50 (p99 {:.2}×)",
-            millis(ours.p99) / millis(peer.p99)
-        );
-        ratios.insert(burst.to_string(), ratio);
+        for (ours, peer, label) in [
+            (
+                Kind::Create,
+                Kind::Peer,
+                "cold: sandbox create vs claim → pod Ready",
+            ),
+            (
+                Kind::WarmTask,
+                Kind::WarmPeer,
+                "warm: AgentTask → Running vs claim → Ready",
+            ),
+            (
+                Kind::Claim,
+                Kind::WarmPeer,
+                "warm: sandbox claim vs claim → Ready",
+            ),
+        ] {
+            let (ours, peer) = (of(ours), of(peer));
+            let ratio = millis(ours.p50) / millis(peer.p50);
+            println!(
+                "burst {burst}, {label}: Sandcastle p50 is {ratio:.2}× agent-sandbox's (p99 {:.2}×)",
+                millis(ours.p99) / millis(peer.p99)
+            );
+            ratios.insert(format!("{burst} {label}"), ratio);
+        }
     }
     let report = json!({
+        "pool": pool,
         "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
         "p50RatioToPeer": ratios,
     });

@@ -18,21 +18,22 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, PostParams};
+use sandcastle_api::SandboxTemplate;
 use sandcastle_api::names::{POOL_WARM_MARK, pool_claim_mark};
-use sandcastle_api::{AgentTask, SandboxTemplate, TaskPhase};
 use sandcastle_e2b::client::{ClientConfig, E2bClient, SandboxSpec};
 use sandcastle_sandboxd::{Config, Sandboxd};
 use sandcastle_testkit::base::adopt_base;
+use sandcastle_testkit::bursts::task_burst;
 use sandcastle_testkit::figures::{Spread, millis};
 use sandcastle_testkit::localcluster::{LocalCluster, tools_bin_dir};
 use sandcastle_testkit::operator::{Operator, wait_for_within};
-use sandcastle_testkit::sightings::Sightings;
 use serde_json::{Value, json};
 
 const NS: &str = "bench-pools";
 const WARM: &str = "warm";
 const COLD: &str = "base";
+const SLEEP: &[&str] = &["sleep", "3"];
 
 fn setting(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
@@ -134,70 +135,6 @@ async fn e2b_rows(burst: usize) -> Vec<Row> {
     ]
 }
 
-/// `burst` tasks of `template` at once, each timed from its create's answer to Running.
-async fn task_burst(
-    client: &kube::Client,
-    template: &str,
-    burst: usize,
-    round: usize,
-) -> Vec<Duration> {
-    let tasks: Api<AgentTask> = Api::namespaced(client.clone(), NS);
-    let seen = Sightings::watch(tasks.clone(), |task: &AgentTask| {
-        matches!(
-            task.status.as_ref().and_then(|s| s.phase),
-            Some(TaskPhase::Running | TaskPhase::Succeeded)
-        )
-        .then_some(true)
-    })
-    .await;
-    let names: Vec<String> = (0..burst)
-        .map(|i| format!("{template}-{round}-{i:03}"))
-        .collect();
-    let answered = join_all(names.iter().map(|name| {
-        let task: AgentTask = serde_json::from_value(json!({
-            "apiVersion": "sandcastle.dev/v1alpha1", "kind": "AgentTask",
-            "metadata": {"name": name},
-            "spec": {"templateRef": {"name": template},
-                     "agent": {"command": {"command": ["sleep", "3"]}}},
-        }))
-        .expect("a task");
-        let tasks = tasks.clone();
-        async move {
-            tasks
-                .create(&PostParams::default(), &task)
-                .await
-                .expect("a task");
-            Instant::now()
-        }
-    }))
-    .await;
-    let running = seen
-        .wait_for(burst, Duration::from_secs(300))
-        .await
-        .unwrap_or_else(|error| panic!("tasks Running: {error}"));
-    let samples = names
-        .iter()
-        .zip(&answered)
-        .map(|(name, at)| running[name].0.saturating_duration_since(*at))
-        .collect();
-    tasks
-        .delete_collection(&DeleteParams::default(), &ListParams::default())
-        .await
-        .expect("deleting the tasks");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !tasks
-        .list(&ListParams::default())
-        .await
-        .expect("tasks")
-        .items
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "the tasks were not deleted");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    samples
-}
-
 #[tokio::main]
 async fn main() {
     let pool = number(
@@ -268,10 +205,10 @@ async fn main() {
         )
         .await;
         let before = claims().await;
-        let warm = task_burst(&client, WARM, burst, round).await;
+        let warm = task_burst(&client, NS, WARM, SLEEP, burst, &format!("w{round}")).await;
         let taken = claims().await - before;
         let before = claims().await;
-        let cold = task_burst(&client, COLD, burst, round).await;
+        let cold = task_burst(&client, NS, COLD, SLEEP, burst, &format!("c{round}")).await;
         let stray = claims().await - before;
         assert_eq!(
             stray, 0,
@@ -283,12 +220,12 @@ async fn main() {
                 burst - taken
             ),
             burst,
-            spread: Spread::of(warm),
+            spread: Spread::of(warm.samples),
         });
         rows.push(Row {
             what: "AgentTask created → Running, no pool (all cold)".into(),
             burst,
-            spread: Spread::of(cold),
+            spread: Spread::of(cold.samples),
         });
     }
     let claims = claims().await;

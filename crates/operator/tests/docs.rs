@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use sandcastle_api::{TaskReason, TemplateReason};
+use sandcastle_api::{PoolReason, TaskReason, TemplateReason};
 use std::path::{Path, PathBuf};
 
 fn root() -> &'static Path {
@@ -65,6 +65,7 @@ fn the_troubleshooting_guide_documents_every_reason_the_operator_writes() {
         .iter()
         .map(|reason| reason.as_str())
         .chain(TemplateReason::ALL.iter().map(|reason| reason.as_str()))
+        .chain(PoolReason::ALL.iter().map(|reason| reason.as_str()))
         .map(str::to_string)
         .collect();
     let missing: Vec<&String> = written.difference(&documented).collect();

@@ -9,7 +9,8 @@
 //! Pod, Secret and NetworkPolicy must be gone at the end. A restart of the server loses no
 //! sandbox, and a Pod deleted behind it is a sandbox gone. Then the chart installs the
 //! server as a Deployment beside the operator, and the operator's work runs through it
-//! (`chart_on_pods`).
+//! (`chart_on_pods`), a task with a Secret among them taking a sandbox pod from a warm
+//! pool.
 //!
 //! Needs root and `scripts/setup`; fails (never skips) where a node cannot start.
 
@@ -19,7 +20,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use sandcastle_api::names::{
     SANDBOX_OPERATOR, SANDBOX_TASK_NAME, SANDBOX_TASK_NAMESPACE, SANDBOX_TASK_UID,
 };
@@ -573,6 +574,46 @@ async fn command_task(client: &kube::Client, name: &str, script: &str, deadline:
     create_task(client, name, spec).await;
 }
 
+/// Sets (or, with `None`, drops) the pool of the examples' `base` template.
+async fn pool_size(client: &kube::Client, size: Option<u32>) {
+    let pool = size.map_or(json!(null), |size| json!({"size": size}));
+    Api::<SandboxTemplate>::namespaced(client.clone(), "examples")
+        .patch(
+            "base",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"pool": pool}})),
+        )
+        .await
+        .expect("setting the pool");
+}
+
+/// Waits until the `base` template's pool status shows `ready` idle and `claimed` taken
+/// sandboxes.
+async fn pool_holds(node: &Node, client: &kube::Client, ready: i32, claimed: i32) {
+    let templates: Api<SandboxTemplate> = Api::namespaced(client.clone(), "examples");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let pool = templates
+            .get("base")
+            .await
+            .expect("the template")
+            .status
+            .and_then(|status| status.pool);
+        if pool
+            .as_ref()
+            .is_some_and(|pool| pool.ready == ready && pool.claimed == claimed)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool is not {ready} ready, {claimed} claimed: {pool:?}\n{}",
+            diagnose(node)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Waits for the task to be Running and returns its sandbox's id.
 async fn running_sandbox(node: &Node, client: &kube::Client, name: &str) -> String {
     let tasks: Api<AgentTask> = Api::namespaced(client.clone(), "examples");
@@ -800,6 +841,70 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
         "the COPY step's file is in the built image: {result:?}"
     );
 
+    // --- a warm pool on pods: a task with a Secret takes a warm sandbox ---------------
+    let sandbox_pods: Api<Pod> = Api::namespaced(client.clone(), AGENTS);
+    let before = names(
+        sandbox_pods
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items,
+    );
+    let t = Instant::now();
+    pool_size(client, Some(2)).await;
+    pool_holds(node, client, 2, 0).await;
+    let warm: Vec<String> = names(
+        sandbox_pods
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items,
+    )
+    .into_iter()
+    .filter(|pod| !before.contains(pod))
+    .filter_map(|pod| pod.strip_prefix("sandbox-").map(str::to_owned))
+    .collect();
+    assert_eq!(warm.len(), 2, "two warm sandbox pods: {warm:?}");
+    println!("a pool of 2 sandbox pods warm in {}", secs(t.elapsed()));
+    let from_pool = json!({
+        "templateRef": {"name": "base"},
+        "agent": {"command": {"command": ["sh", "-c",
+            "test \"$TOKEN\" = \"pod-secret-$EXPECTED_PID\" && echo warm-token-arrived"]}},
+        "env": [
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+            {"name": "EXPECTED_PID", "value": std::process::id().to_string()},
+        ],
+        "activeDeadlineSeconds": 120,
+    });
+    let t = Instant::now();
+    create_task(client, "from-pool", from_pool).await;
+    let done = task_succeeds(node, client, "examples", "from-pool", "warm-token-arrived").await;
+    let took = done.status.and_then(|s| s.sandbox_id).expect("a sandbox");
+    assert!(
+        warm.contains(&took),
+        "the task took a warm sandbox ({took}, warm: {warm:?})"
+    );
+    println!(
+        "a task with a Secret ran in a warm sandbox pod in {}",
+        secs(t.elapsed())
+    );
+    // Refilled after the claim; dropping the pool kills its idle pods.
+    pool_holds(node, client, 2, 0).await;
+    pool_size(client, None).await;
+    until_gone("the pool's idle sandbox pods", || async {
+        let now = names(
+            sandbox_pods
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items,
+        );
+        now.into_iter()
+            .filter(|pod| !before.contains(pod))
+            .collect()
+    })
+    .await;
+
     // --- egress: what a task's network allows, and Claude Code through it -------------
     let model = ScriptedModel::start_on(Script::WriteAndRun, node.ip()).await;
     let model_addr = model.base_url().trim_start_matches("http://").to_owned();
@@ -868,7 +973,6 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
 
     // --- faults: the operator's tasks on pods survive what a cluster does to them ------
     let tasks: Api<AgentTask> = Api::namespaced(client.clone(), "examples");
-    let sandbox_pods: Api<Pod> = Api::namespaced(client.clone(), AGENTS);
     // Every server replica killed while a task's agent runs: the task goes on in the same
     // sandbox, since nothing of it lived in the server.
     command_task(client, "servers-killed", "sleep 6; echo survived", 300).await;

@@ -25,13 +25,16 @@ pub struct Cgroups {
 
 impl Cgroups {
     /// Finds the server's own groups and makes its parent group in each, named after the
-    /// server's pid so two servers on one machine never share one.
+    /// server's pid and its start in this process, so that no two servers (on one machine,
+    /// or in one test process) share one, nor remove it from under each other.
     pub fn prepare() -> Result<Cgroups, String> {
         let own = std::fs::read_to_string("/proc/self/cgroup")
             .map_err(|error| format!("cannot read /proc/self/cgroup: {error}"))?;
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(|error| format!("cannot read /proc/self/mountinfo: {error}"))?;
-        let name = format!("sandcastle-{}", std::process::id());
+        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let start = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("sandcastle-{}-{start}", std::process::id());
         let mut parents = BTreeMap::new();
         for controller in CONTROLLERS {
             let dir = own_group(&own, &mountinfo, controller).ok_or_else(|| {

@@ -5,6 +5,7 @@
 
 pub mod agent_sandbox;
 pub mod base;
+pub mod bursts;
 pub mod cases;
 pub mod cluster;
 pub mod figures;

@@ -8,18 +8,23 @@
 //! and no process starts in the sandbox. The claim names the task, so a claimed sandbox
 //! whose task never recorded it (a crash between the two) is found and killed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use kube::{Resource, ResourceExt};
 
 use super::Context;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use sandcastle_api::conditions::condition;
 use sandcastle_api::names::{
-    POOL_CLAIMED_PREFIX, POOL_DIR, POOL_WARM_MARK, SANDBOX_OPERATOR as OPERATOR, SANDBOX_POOL,
-    SANDBOX_POOL_BUILD, pool_claim_mark,
+    POOL_CLAIMED_PREFIX, POOL_DIR, POOL_FIELD_MANAGER, POOL_WARM_MARK,
+    SANDBOX_OPERATOR as OPERATOR, SANDBOX_POOL, SANDBOX_POOL_BUILD, pool_claim_mark,
 };
-use sandcastle_api::{AgentTask, PoolStatus, SandboxTemplate, SandboxTemplateStatus, WarmPool};
+use sandcastle_api::{
+    AgentTask, CONDITION_POOL_READY, PoolReason, PoolStatus, SandboxTemplate,
+    SandboxTemplateStatus, WarmPool,
+};
 use sandcastle_e2b::client::{E2bClient, ListQuery, SandboxSpec};
 use sandcastle_e2b::error::Error as ProviderError;
 use sandcastle_e2b::models::{Sandbox, SandboxDetail};
@@ -53,33 +58,70 @@ pub(super) fn pool_key(
 /// What this process knows of each pool's idle sandboxes, so a claim needs no list.
 #[derive(Default)]
 pub(super) struct Pools {
-    /// Idle sandboxes by pool key, oldest first, with what envd needs to reach them.
-    warm: Mutex<HashMap<String, Vec<Sandbox>>>,
+    known: Mutex<Known>,
     /// Woken by each claim, so a pool is refilled at once rather than at the next tick.
     taken: tokio::sync::Notify,
 }
 
+#[derive(Default)]
+struct Known {
+    /// Idle sandboxes by pool key, oldest first, with what envd needs to reach them.
+    warm: HashMap<String, Vec<Sandbox>>,
+    /// Sandboxes a claim of this process took, while they are still listed: a pass that
+    /// read one as idle before the claim must not put it back.
+    taken: HashSet<String>,
+}
+
 impl Pools {
-    fn replace(&self, key: &str, sandboxes: Vec<Sandbox>) {
-        self.warm
-            .lock()
-            .expect("pools")
-            .insert(key.to_string(), sandboxes);
+    /// Sets the pool's idle sandboxes, less any a claim took meanwhile; returns how many
+    /// are idle.
+    fn replace(&self, key: &str, mut sandboxes: Vec<Sandbox>) -> usize {
+        let mut known = self.known.lock().expect("pools");
+        sandboxes.retain(|sandbox| !known.taken.contains(&sandbox.sandbox_id));
+        let idle = sandboxes.len();
+        known.warm.insert(key.to_string(), sandboxes);
+        idle
     }
 
     fn knows(&self, key: &str) -> bool {
-        self.warm.lock().expect("pools").contains_key(key)
+        self.known.lock().expect("pools").warm.contains_key(key)
     }
 
     fn forget(&self, key: &str) {
-        self.warm.lock().expect("pools").remove(key);
+        self.known.lock().expect("pools").warm.remove(key);
+    }
+
+    /// The pool's sandboxes this process holds for idle and no claim of it has taken,
+    /// with their envd tokens: a pass need not look inside them again.
+    fn idle(&self, key: &str) -> HashMap<String, Option<String>> {
+        let known = self.known.lock().expect("pools");
+        known
+            .warm
+            .get(key)
+            .into_iter()
+            .flatten()
+            .map(|sandbox| {
+                (
+                    sandbox.sandbox_id.clone(),
+                    sandbox.envd_access_token.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Forgets the claims of sandboxes no longer listed: they are gone for good.
+    fn prune_taken(&self, listed: &HashSet<&str>) {
+        let mut known = self.known.lock().expect("pools");
+        known.taken.retain(|id| listed.contains(id.as_str()));
     }
 
     /// The oldest idle sandbox of the pool, taken out of the pool's list.
     fn take(&self, key: &str) -> Option<Sandbox> {
-        let mut warm = self.warm.lock().expect("pools");
-        let sandboxes = warm.get_mut(key)?;
-        (!sandboxes.is_empty()).then(|| sandboxes.remove(0))
+        let mut known = self.known.lock().expect("pools");
+        let sandboxes = known.warm.get_mut(key)?;
+        let sandbox = (!sandboxes.is_empty()).then(|| sandboxes.remove(0))?;
+        known.taken.insert(sandbox.sandbox_id.clone());
+        Some(sandbox)
     }
 }
 
@@ -198,30 +240,131 @@ async fn keep_one(ctx: &Context, template: &SandboxTemplate) {
         Err(_) => return,
     };
     let status = template.status.clone().unwrap_or_default();
-    match keep(ctx, template, &provider, template.spec.pool.as_ref()).await {
-        Ok(pool) if pool != status.pool => {
-            // A merge patch of the pool alone: the template's reconcile owns the rest.
-            let api: kube::Api<SandboxTemplate> = kube::Api::namespaced(
-                ctx.client.clone(),
-                &template.namespace().unwrap_or_default(),
-            );
-            let patch = serde_json::json!({"status": {"pool": pool}});
-            if let Err(error) = api
-                .patch_status(
-                    &template.name_any(),
-                    &kube::api::PatchParams::default(),
-                    &kube::api::Patch::Merge(&patch),
-                )
-                .await
-            {
-                tracing::warn!(template = %template.name_any(), %error, "cannot write the warm pool's status");
-            }
-        }
-        Ok(_) => {}
+    let pool = match keep(ctx, template, &provider, template.spec.pool.as_ref()).await {
+        Ok(pool) => pool,
         Err(error) => {
             tracing::warn!(template = %template.name_any(), %error, "cannot keep the warm pool; trying again");
+            return;
         }
+    };
+    let previous = status
+        .conditions
+        .iter()
+        .find(|condition| condition.type_ == CONDITION_POOL_READY);
+    let condition = match (&template.spec.pool, &pool) {
+        (Some(spec), Some(pool)) => Some(pool_condition(
+            &status.conditions,
+            spec.size,
+            pool,
+            template.metadata.generation,
+            &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
+        )),
+        _ => None,
+    };
+    let same = |a: &Condition, b: &Condition| {
+        (&a.status, &a.reason, &a.message, a.observed_generation)
+            == (&b.status, &b.reason, &b.message, b.observed_generation)
+    };
+    let unchanged = pool == status.pool
+        && match (previous, &condition) {
+            (Some(previous), Some(condition)) => same(previous, condition),
+            (None, None) => true,
+            _ => false,
+        };
+    if !unchanged
+        && let Err(error) = write_pool_status(ctx, template, pool.as_ref(), condition).await
+    {
+        tracing::warn!(template = %template.name_any(), %error, "cannot write the warm pool's status");
     }
+}
+
+/// Writes the pool's part of the template's status under a field manager of its own, so
+/// that it and the template's reconcile (which owns the rest) never undo each other's
+/// writes. A drained pool's fields are released, which removes them.
+async fn write_pool_status(
+    ctx: &Context,
+    template: &SandboxTemplate,
+    pool: Option<&PoolStatus>,
+    condition: Option<Condition>,
+) -> Result<(), kube::Error> {
+    let api: kube::Api<SandboxTemplate> = kube::Api::namespaced(
+        ctx.client.clone(),
+        &template.namespace().unwrap_or_default(),
+    );
+    let status = match (pool, condition) {
+        (Some(pool), Some(condition)) => {
+            serde_json::json!({"pool": pool, "conditions": [condition]})
+        }
+        _ => serde_json::json!({}),
+    };
+    let patch = serde_json::json!({
+        "apiVersion": SandboxTemplate::api_version(&()),
+        "kind": SandboxTemplate::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &template.name_any(),
+        &kube::api::PatchParams::apply(POOL_FIELD_MANAGER).force(),
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await?;
+    if pool.is_none() {
+        // Written by an earlier release with a merge patch, which no release of the
+        // field removes.
+        api.patch_status(
+            &template.name_any(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"status": {"pool": null}})),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The `PoolReady` condition for a pool of `size` as a pass left it.
+pub(super) fn pool_condition(
+    previous: &[Condition],
+    size: i32,
+    pool: &PoolStatus,
+    generation: Option<i64>,
+    now: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> Condition {
+    let (full, reason, message) = if pool.outdated > 0 {
+        (
+            false,
+            PoolReason::PoolRolling,
+            format!(
+                "{} of {size} warm of build {}; {} of an older build still to replace",
+                pool.ready,
+                pool.build_id.as_deref().unwrap_or("?"),
+                pool.outdated
+            ),
+        )
+    } else if pool.ready >= size {
+        (
+            true,
+            PoolReason::PoolFull,
+            format!("{} of {size} warm", pool.ready),
+        )
+    } else {
+        (
+            false,
+            PoolReason::PoolFilling,
+            format!(
+                "{} of {size} warm, {} being created",
+                pool.ready, pool.creating
+            ),
+        )
+    };
+    condition(
+        previous,
+        CONDITION_POOL_READY,
+        if full { "True" } else { "False" },
+        reason.as_str(),
+        &message,
+        generation,
+        now,
+    )
 }
 
 /// One pool sandbox as this pass finds it.
@@ -260,16 +403,49 @@ pub(super) async fn keep(
         ]),
         ..ListQuery::default()
     };
+    // Read before the list, so that a claim made after it shows in the list's sandbox.
+    let idle = key
+        .as_ref()
+        .map(|key| ctx.pools.idle(key))
+        .unwrap_or_default();
     let listed = provider.list_sandboxes(&query).await?;
+    ctx.pools.prune_taken(
+        &listed
+            .iter()
+            .map(|sandbox| sandbox.sandbox_id.as_str())
+            .collect(),
+    );
     let max_age = pool.map(|pool| Duration::from_secs(pool.max_age_seconds.max(60) as u64));
     let now = jiff::Timestamp::now();
     let seen = futures::future::join_all(listed.iter().map(|sandbox| async {
-        let detail = provider.get_sandbox(&sandbox.sandbox_id).await.ok()?;
-        let marks = match provider.envd(&detail).list_dir(POOL_DIR, 1).await {
-            Ok(marks) => marks,
-            Err(error) if error.is_not_found() => Vec::new(),
-            // Unreachable for now: left alone this pass.
-            Err(_) => return None,
+        let (detail, marks) = match idle.get(&sandbox.sandbox_id) {
+            // Idle when this process last looked and not claimed by it since: nothing
+            // else claims a pool's sandbox, so its marks need no second look.
+            Some(token) => {
+                let mut detail = sandbox.clone();
+                detail.envd_access_token = token.clone();
+                (detail, Vec::new())
+            }
+            None => {
+                let detail = provider.get_sandbox(&sandbox.sandbox_id).await.ok()?;
+                let marks = match provider.envd(&detail).list_dir(POOL_DIR, 1).await {
+                    Ok(marks) => marks,
+                    Err(error) if error.is_not_found() => Vec::new(),
+                    // Unreachable for now: left alone this pass.
+                    Err(_) => return None,
+                };
+                let warm = POOL_WARM_MARK.rsplit('/').next().unwrap_or_default();
+                if !marks.iter().any(|mark| mark.name == warm) {
+                    // Made by a pass that stopped before it marked it.
+                    let claimed = marks
+                        .iter()
+                        .any(|mark| mark.name.starts_with(POOL_CLAIMED_PREFIX));
+                    if !claimed {
+                        mark_warm(provider, &detail).await.ok()?;
+                    }
+                }
+                (detail, marks)
+            }
         };
         let claim = marks.iter().find_map(|mark| {
             let owner = mark.name.strip_prefix(POOL_CLAIMED_PREFIX)?;
@@ -286,11 +462,6 @@ pub(super) async fn keep(
         let seen = match claim {
             Some(claimed) => claimed,
             None => {
-                // Made by a pass that stopped before it marked it.
-                let warm = POOL_WARM_MARK.rsplit('/').next().unwrap_or_default();
-                if !marks.iter().any(|mark| mark.name == warm) {
-                    mark_warm(provider, &detail).await.ok()?;
-                }
                 let build = detail
                     .metadata
                     .as_ref()
@@ -318,13 +489,14 @@ pub(super) async fn keep(
     // Claimed ones whose task lost them.
     let mut doomed: Vec<String> = Vec::new();
     let mut claimed = 0;
+    let holders = holders(ctx).await;
     for (detail, seen) in seen.into_iter().flatten() {
         match seen {
             Seen::Idle { expired: true, .. } => retired.push(detail),
             Seen::Idle { fresh: true, .. } if pool.is_some() => fresh.push(detail),
             Seen::Idle { .. } => outdated.push(detail),
             Seen::Claimed { owner, at } => {
-                if claim_is_held(ctx, &owner, &detail.sandbox_id, at).await {
+                if claim_is_held(&holders, &owner, &detail.sandbox_id, at, now) {
                     claimed += 1;
                 } else {
                     doomed.push(detail.sandbox_id);
@@ -396,12 +568,14 @@ pub(super) async fn keep(
     }
     let mut ready: Vec<Sandbox> = fresh.iter().map(access).collect();
     ready.extend(created);
-    let ready_count = ready.len();
-    match (&key, pool) {
+    let ready_count = match (&key, pool) {
         (Some(key), Some(_)) => ctx.pools.replace(key, ready),
-        (Some(key), None) => ctx.pools.forget(key),
-        _ => {}
-    }
+        (Some(key), None) => {
+            ctx.pools.forget(key);
+            0
+        }
+        _ => ready.len(),
+    };
     let pool_name = format!(
         "{}/{}",
         template.namespace().unwrap_or_default(),
@@ -431,31 +605,49 @@ fn access(detail: &SandboxDetail) -> Sandbox {
     }
 }
 
+/// The live tasks that may hold a pool sandbox: each uid with the sandbox its status
+/// records, if any. `None` while the caches cannot say.
+type Holders = Option<HashMap<String, Option<String>>>;
+
+/// Reads the live tasks once per pass, from the caches: a pool with many running tasks
+/// asks the apiserver nothing, and each claim is looked up rather than searched for.
+async fn holders(ctx: &Context) -> Holders {
+    let tasks = ctx.caches.tasks().await.ok()?;
+    Some(
+        tasks
+            .iter()
+            .filter_map(|guard| guard.0.as_ref().ok())
+            .filter_map(|task| {
+                let status = task.status.clone().unwrap_or_default();
+                let ended = matches!(
+                    status.phase,
+                    Some(sandcastle_api::TaskPhase::Succeeded | sandcastle_api::TaskPhase::Failed)
+                );
+                let uid = task.meta().uid.clone()?;
+                (!ended).then_some((uid, status.sandbox_id))
+            })
+            .collect(),
+    )
+}
+
 /// Whether a claimed sandbox still belongs to a live task: the task of the claim's uid
 /// exists, has not finished, and has recorded it (or claimed it only a moment ago).
-async fn claim_is_held(ctx: &Context, owner: &str, sandbox_id: &str, at: jiff::Timestamp) -> bool {
-    let recent = jiff::Timestamp::now().duration_since(at).as_secs() < CLAIM_GRACE.as_secs() as i64;
-    // From the caches: a pool with many running tasks asks the apiserver nothing.
-    let tasks = match ctx.caches.tasks().await {
-        Ok(tasks) => tasks,
-        // The caches cannot say yet: keep it until they can.
-        Err(_) => return true,
+fn claim_is_held(
+    holders: &Holders,
+    owner: &str,
+    sandbox_id: &str,
+    at: jiff::Timestamp,
+    now: jiff::Timestamp,
+) -> bool {
+    // The caches cannot say yet: keep it until they can.
+    let Some(holders) = holders else {
+        return true;
     };
-    let Some(task) = tasks
-        .iter()
-        .filter_map(|guard| guard.0.as_ref().ok())
-        .find(|task| task.meta().uid.as_deref() == Some(owner))
-    else {
-        return false;
-    };
-    let status = task.status.clone().unwrap_or_default();
-    if matches!(
-        status.phase,
-        Some(sandcastle_api::TaskPhase::Succeeded | sandcastle_api::TaskPhase::Failed)
-    ) {
-        return false;
+    let recent = now.duration_since(at).as_secs() < CLAIM_GRACE.as_secs() as i64;
+    match holders.get(owner) {
+        Some(recorded) => recorded.as_deref() == Some(sandbox_id) || recent,
+        None => false,
     }
-    status.sandbox_id.as_deref() == Some(sandbox_id) || recent
 }
 
 #[cfg(test)]
@@ -530,7 +722,78 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_warm_sandbox_is_taken_first_and_once() {
+    fn pool_ready_says_how_full_the_pool_is_and_how_far_a_roll_is() {
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now());
+        let pool = |ready, creating, outdated| PoolStatus {
+            ready,
+            creating,
+            outdated,
+            claimed: 1,
+            build_id: Some("b2".into()),
+        };
+        for (state, size, expected) in [
+            (pool(3, 0, 0), 3, ("True", "PoolFull", "3 of 3 warm")),
+            (pool(0, 0, 0), 0, ("True", "PoolFull", "0 of 0 warm")),
+            (
+                pool(1, 2, 0),
+                3,
+                ("False", "PoolFilling", "1 of 3 warm, 2 being created"),
+            ),
+            (
+                pool(2, 1, 1),
+                3,
+                (
+                    "False",
+                    "PoolRolling",
+                    "2 of 3 warm of build b2; 1 of an older build still to replace",
+                ),
+            ),
+        ] {
+            let got = pool_condition(&[], size, &state, Some(4), &now);
+            assert_eq!(
+                (
+                    got.status.as_str(),
+                    got.reason.as_str(),
+                    got.message.as_str()
+                ),
+                expected
+            );
+            assert_eq!(
+                (got.type_.as_str(), got.observed_generation),
+                ("PoolReady", Some(4))
+            );
+        }
+    }
+
+    #[test]
+    fn a_claim_is_held_by_a_live_task_that_recorded_it_or_just_took_it() {
+        let now: jiff::Timestamp = "2026-12-05T12:00:00Z".parse().unwrap();
+        let long_ago: jiff::Timestamp = "2026-12-05T11:00:00Z".parse().unwrap();
+        let holders: Holders = Some(HashMap::from([
+            ("recorded".to_string(), Some("sbx".to_string())),
+            ("elsewhere".to_string(), Some("other".to_string())),
+            ("unrecorded".to_string(), None),
+        ]));
+        for (owner, at, held) in [
+            ("recorded", long_ago, true),
+            ("elsewhere", long_ago, false),
+            ("elsewhere", now, true),
+            ("unrecorded", now, true),
+            ("unrecorded", long_ago, false),
+            // Ended or deleted: not among the holders.
+            ("gone", now, false),
+        ] {
+            assert_eq!(
+                claim_is_held(&holders, owner, "sbx", at, now),
+                held,
+                "{owner} at {at}"
+            );
+        }
+        assert!(claim_is_held(&None, "gone", "sbx", long_ago, now));
+    }
+
+    #[test]
+    fn the_oldest_warm_sandbox_is_taken_first_once_and_not_put_back() {
         let pools = Pools::default();
         let sandbox = |id: &str| Sandbox {
             sandbox_id: id.into(),
@@ -547,5 +810,12 @@ mod tests {
         assert_eq!(pools.take("t/").map(|s| s.sandbox_id).as_deref(), Some("b"));
         assert!(pools.take("t/").is_none());
         assert!(pools.take("other/").is_none());
+        // A pass that read both as idle before the claims does not put them back, while
+        // they are still listed; once they are gone, the ids are forgotten.
+        assert_eq!(pools.replace("t/", vec![sandbox("a"), sandbox("c")]), 1);
+        assert_eq!(pools.idle("t/").into_keys().collect::<Vec<_>>(), ["c"]);
+        pools.prune_taken(&HashSet::from(["b", "c"]));
+        assert_eq!(pools.replace("t/", vec![sandbox("a"), sandbox("b")]), 1);
+        assert_eq!(pools.idle("t/").into_keys().collect::<Vec<_>>(), ["a"]);
     }
 }

@@ -106,8 +106,14 @@ pub async fn reconcile(template: Arc<SandboxTemplate>, ctx: Arc<Context>) -> Res
 async fn write_status(
     ctx: &Context,
     template: &SandboxTemplate,
-    status: SandboxTemplateStatus,
+    mut status: SandboxTemplateStatus,
 ) -> Result<(), Error> {
+    // The pool's loop owns its part under a field manager of its own: applied from here,
+    // a copy read earlier would undo its newer writes.
+    status.pool = None;
+    status
+        .conditions
+        .retain(|condition| condition.type_ != sandcastle_api::CONDITION_POOL_READY);
     apply_status(&ctx.client, template, &status, false)
         .await
         .map(drop)

@@ -991,7 +991,23 @@ pub async fn warm_pools_hand_out_sandboxes_and_keep_their_size(env: Arc<TestEnv>
                 .is_some_and(|pool| pool.ready == want && pool.creating == 0)
         }
     };
-    wait_for(&templates, "warm", "a full pool", ready(2)).await;
+    let full = wait_for(&templates, "warm", "a full pool", ready(2)).await;
+    let pool_ready = full
+        .conditions
+        .iter()
+        .find(|condition| condition.type_ == "PoolReady")
+        .map(|c| (c.status.as_str(), c.reason.as_str(), c.message.as_str()));
+    assert_eq!(
+        pool_ready,
+        Some(("True", "PoolFull", "2 of 2 warm")),
+        "{full:#?}"
+    );
+    for condition in ["Ready", "Reconciling", "Stalled"] {
+        assert!(
+            full.conditions.iter().any(|c| c.type_ == condition),
+            "the pool's condition leaves the template's own in place: {full:#?}"
+        );
+    }
     let warm = members().await;
     assert_eq!(warm.len(), 2, "{warm:?}");
 
@@ -1154,6 +1170,19 @@ pub async fn a_rebuild_rolls_the_warm_pool_while_tasks_claim(env: Arc<TestEnv>) 
         );
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
+    let after = templates
+        .get_status("rolling")
+        .await
+        .expect("template")
+        .status
+        .unwrap_or_default();
+    assert!(
+        after
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "PoolReady" && c.status == "True" && c.reason == "PoolFull"),
+        "a rolled pool is ready again: {after:#?}"
+    );
     let v2 = templates
         .get_status("rolling")
         .await
