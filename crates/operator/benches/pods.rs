@@ -11,10 +11,11 @@
 //! - cold, the operator (the release binary, its provider the server above): that many
 //!   AgentTasks at once, each timed from its create being answered to the task Running
 //!   (its agent started in its pod);
-//! - warm, agent-sandbox: its SandboxWarmPool at `SANDCASTLE_BENCH_POD_POOL` (50) Ready
-//!   sandboxes, then that many claims at once, each to the claim's Ready condition;
-//! - warm, the operator: a template whose pool holds as many, then that many AgentTasks
-//!   at once, each to Running.
+//! - warm, agent-sandbox: its SandboxWarmPool at `SANDCASTLE_BENCH_POD_POOL` (20) Ready
+//!   sandboxes, then the burst's claims at once, each to the claim's Ready condition (a
+//!   burst larger than the pool waits for pods started for it);
+//! - warm, the operator: a template whose pool holds as many, then the burst's
+//!   AgentTasks at once, each to Running (a burst larger than the pool creates the rest).
 //!
 //! Both sides run the same image (`sandbox-full`, cached on the node) with the same
 //! requests (10m CPU, 128 MiB), in namespaces without Pod Security enforcement. A
@@ -429,7 +430,7 @@ async fn scale_peer_pool(client: &kube::Client, replicas: usize) {
 async fn main() {
     let bursts = bursts();
     let pool: usize = std::env::var("SANDCASTLE_BENCH_POD_POOL")
-        .unwrap_or_else(|_| "50".into())
+        .unwrap_or_else(|_| "20".into())
         .parse()
         .expect("SANDCASTLE_BENCH_POD_POOL: a number");
     let mut node =
