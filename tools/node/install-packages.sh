@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages a local node needs (container runtime, CNI plugins,
-# iptables and ipset, a plain-HTTP registry, daemonless image tools). Must run as
+# iptables and ipset, a plain-HTTP registry, daemonless image tools), and the web
+# server that puts git http-backend on the network for the git tests. Must run as
 # root. A policy-rc.d that exits 101 keeps the packages' maintainer scripts from
 # starting services (containerd, docker-registry) during the install: up.sh starts
 # its own.
@@ -16,6 +17,7 @@ packages=(
   busybox-static                           # the minimal sandbox image's userland
   mmdebstrap                               # the fuller sandbox image's Debian root
   openssl gcc libc6-dev                    # certificates; the static pause binary
+  lighttpd                                 # the git server of the git workspace tests
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -164,6 +164,21 @@ reasons! {
         InvalidWorkspace,
         /// `outputs` holds a pattern that does not compile.
         InvalidOutputs,
+        /// `workspace.git` could not be cloned: the host did not answer, or the workspace
+        /// directory is not empty.
+        GitCloneFailed,
+        /// The git server refused the credentials of `workspace.git.secretRef` (or asked
+        /// for credentials the task did not give).
+        GitAuthFailed,
+        /// `workspace.git.ref` is no branch, tag or commit of the repository.
+        GitRefNotFound,
+        /// The clone grew past `workspace.git.maxSizeMiB`.
+        GitRepositoryTooLarge,
+        /// The branch of `outputs.git.push` holds commits the push does not; nothing was
+        /// pushed.
+        GitPushRejected,
+        /// The push of `outputs.git.push` failed for another reason.
+        GitPushFailed,
         /// Event: a deleted task's sandbox could not be killed yet.
         CleanupBlocked,
     }

@@ -75,6 +75,10 @@ pub const MAX_SPEC_LIST_ITEMS: u32 = 128;
     validation = Rule::new("(has(self.agent) && has(self.agent.command)) || has(self.prompt)")
         .message("prompt is required for the claudeCode agent (the default agent)")
         .field_path(".prompt")
+        .reason(Reason::FieldValueRequired),
+    validation = Rule::new("!has(self.outputs) || !has(self.outputs.git) || (has(self.workspace) && has(self.workspace.git))")
+        .message("outputs.git pushes to the repository of workspace.git: set workspace.git too")
+        .field_path(".outputs.git")
         .reason(Reason::FieldValueRequired)
 )]
 pub struct AgentTaskSpec {
@@ -310,10 +314,16 @@ pub struct Workspace {
         .message("workspace.path must be an absolute path"))]
     pub path: String,
 
-    /// Files written into the workspace before the agent starts.
+    /// Files written into the workspace before the agent starts (after the clone, when
+    /// `git` is set, so they can add to or replace the repository's files).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_SPEC_LIST_ITEMS))]
     pub files: Vec<WorkspaceFile>,
+
+    /// A git repository cloned into the workspace before the agent starts. The workspace
+    /// directory must not exist in the template's image, or be empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git: Option<GitSource>,
 }
 
 impl Default for Workspace {
@@ -321,8 +331,70 @@ impl Default for Workspace {
         Self {
             path: default_workspace_path(),
             files: Vec::new(),
+            git: None,
         }
     }
+}
+
+/// The ref rule git and Sandcastle both accept: a strict subset of `git check-ref-format`.
+macro_rules! ref_rule {
+    ($what:literal) => {
+        Rule::new(concat!(
+            "self.matches('^[A-Za-z0-9._/-]+$') && !self.startsWith('-') && !self.startsWith('.')",
+            " && !self.startsWith('/') && !self.endsWith('/') && !self.endsWith('.')",
+            " && !self.endsWith('.lock') && !self.contains('..') && !self.contains('//')",
+            " && !self.contains('/.')"
+        ))
+        .message(concat!(
+            $what,
+            " must be a git ref name: letters, digits and . _ / -, not starting with - . or /,",
+            " not ending with / . or .lock, without .. or // or a component starting with ."
+        ))
+    };
+}
+
+/// A repository cloned over HTTP(S) into the workspace. The credentials reach only the
+/// clone and push processes, which run while no process of the agent does.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GitSource {
+    /// The repository's `https://` (or `http://`) URL, without credentials.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new(r"self.matches('^https?://[^/@?#\\s]+(/\\S*)?$')")
+        .message("workspace.git.url must be an http:// or https:// URL without credentials in it: put them in a Secret named by secretRef"))]
+    pub url: String,
+
+    /// A branch, a tag or a full 40-character commit SHA. Absent means the remote's
+    /// default branch.
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = ref_rule!("workspace.git.ref"))]
+    pub git_ref: Option<String>,
+
+    /// Fetch only this many commits of history. Absent means the whole history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub depth: Option<i32>,
+
+    /// Clone the repository's submodules too (recursively). The credentials are offered
+    /// only to the repository's own host.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub submodules: bool,
+
+    /// A Secret of the `kubernetes.io/basic-auth` shape: `password` (a password or an
+    /// access token) and, optionally, `username` (default `git`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<LocalObjectReference>,
+
+    /// The largest the clone may grow to, in MiB (default 1024): a larger repository
+    /// fails the task with `GitRepositoryTooLarge`.
+    #[serde(rename = "maxSizeMiB", default = "default_git_max_size_mib")]
+    #[schemars(range(min = 1, max = 1_048_576))]
+    pub max_size_mib: i32,
+}
+
+fn default_git_max_size_mib() -> i32 {
+    1024
 }
 
 fn default_workspace_path() -> String {
@@ -364,6 +436,10 @@ pub struct Outputs {
     #[serde(default = "default_exclude")]
     #[schemars(length(max = MAX_SPEC_LIST_ITEMS), inner(length(min = 1, max = 1024)))]
     pub exclude: Vec<String>,
+
+    /// What to do with the repository of `workspace.git` once the agent succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git: Option<GitOutputs>,
 }
 
 impl Default for Outputs {
@@ -371,8 +447,56 @@ impl Default for Outputs {
         Self {
             max_files: default_max_files(),
             exclude: default_exclude(),
+            git: None,
         }
     }
+}
+
+/// The repository's changes, after a successful agent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GitOutputs {
+    /// Commit what changed and push it to a branch of the same repository, with the
+    /// credentials of `workspace.git.secretRef`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<GitPush>,
+}
+
+/// How the agent's work is committed and pushed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GitPush {
+    /// The branch to push to. Absent means `sandcastle/<task name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = ref_rule!("outputs.git.push.branch"))]
+    pub branch: Option<String>,
+
+    /// The commit message; `{task}` becomes the task's name and `{prompt}` its prompt.
+    /// Absent means `{task}` on the first line and the prompt below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65_536))]
+    pub commit_message: Option<String>,
+
+    /// The commit's author (and committer). Absent means `Sandcastle <sandcastle@localhost>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<GitAuthor>,
+
+    /// Replace the branch even when it holds commits the push does not (a force push).
+    /// Off by default: a branch that moved fails the task with `GitPushRejected`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+}
+
+/// A commit's author.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct GitAuthor {
+    /// The author's name.
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[^<>\n]+$"))]
+    pub name: String,
+    /// The author's e-mail address.
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[^<>\s]+@[^<>\s]+$"))]
+    pub email: String,
 }
 
 fn default_max_files() -> i32 {
@@ -452,6 +576,10 @@ pub struct AgentTaskStatus {
     /// The agent's progress while it runs (updated at most every few seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+
+    /// The repository of `workspace.git`: the commit cloned, and what was pushed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git: Option<GitStatus>,
 
     /// A one-word reason for the current state (the reason of the deciding condition).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -564,4 +692,35 @@ pub struct Progress {
     /// When progress was last recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<Time>,
+}
+
+/// The repository of a task's workspace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GitStatus {
+    /// The commit the workspace was cloned at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub base_commit: Option<String>,
+    /// The branch pushed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub branch: Option<String>,
+    /// The commit pushed: the agent's work on top of `baseCommit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub commit: Option<String>,
+    /// True once `commit` is on `branch` in the repository. False with no `commit` when
+    /// the agent changed nothing, so nothing was pushed.
+    #[serde(default)]
+    pub pushed: bool,
+    /// Files changed between `baseCommit` and `commit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_changed: Option<i64>,
+    /// Lines added between `baseCommit` and `commit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insertions: Option<i64>,
+    /// Lines removed between `baseCommit` and `commit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletions: Option<i64>,
 }

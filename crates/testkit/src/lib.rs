@@ -9,6 +9,7 @@ pub mod bursts;
 pub mod cases;
 pub mod cluster;
 pub mod figures;
+pub mod git_server;
 pub mod localcluster;
 pub mod model;
 pub mod node;

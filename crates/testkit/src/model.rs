@@ -42,6 +42,22 @@ pub enum Mode {
 pub enum Script {
     /// Write `<cwd>/hello.py`, run it with Bash, then answer "done".
     WriteAndRun,
+    /// In a git workspace: look for credentials with Bash ([`CREDENTIAL_PROBE`]), replace
+    /// `<cwd>/README` with [`EDITED_README`], then answer through the CLI's
+    /// `StructuredOutput` tool with [`structured_answer`] when it offers one
+    /// (`--json-schema`), or with "done".
+    EditRepo,
+}
+
+/// What [`Script::EditRepo`] runs to look for git credentials.
+pub const CREDENTIAL_PROBE: &str =
+    "env; cat .git/config; cat ~/.git-credentials ~/.gitconfig; git config --list --show-origin";
+/// The README [`Script::EditRepo`] writes.
+pub const EDITED_README: &str = "edited by the scripted model\n";
+
+/// The object [`Script::EditRepo`] answers through `StructuredOutput`.
+pub fn structured_answer() -> Value {
+    json!({"summary": "README rewritten", "filesChanged": 1})
 }
 
 /// The content of `hello.py` in [`Script::WriteAndRun`].
@@ -69,6 +85,9 @@ pub struct BodySummary {
     pub tools: Vec<String>,
     /// One entry per message: its role and its block types, e.g. `user:text,tool_result`.
     pub messages: Vec<String>,
+    /// The text of every tool result the request carries, as the model reads it (never
+    /// redacted: what the agent's tools saw).
+    pub tool_results: Vec<String>,
 }
 
 struct Shared {
@@ -208,6 +227,7 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         }
         Mode::Ok => match shared.script {
             Script::WriteAndRun => write_and_run(&Conversation::of(&body)),
+            Script::EditRepo => edit_repo(&Conversation::of(&body), &summarize(&body).tools),
         },
         Mode::LoopToolCalls => {
             let n = Conversation::of(&body).tool_uses.len() + 1;
@@ -300,6 +320,26 @@ fn write_and_run(conversation: &Conversation) -> Vec<Block> {
     }
 }
 
+fn edit_repo(conversation: &Conversation, tools: &[String]) -> Vec<Block> {
+    if !conversation.used("Bash") {
+        vec![Block::Tool(
+            "Bash",
+            json!({"command": CREDENTIAL_PROBE, "description": "Look for credentials"}),
+        )]
+    } else if !conversation.used("Write") {
+        vec![Block::Tool(
+            "Write",
+            json!({"file_path": format!("{}/README", conversation.cwd), "content": EDITED_README}),
+        )]
+    } else if tools.iter().any(|tool| tool == "StructuredOutput")
+        && !conversation.used("StructuredOutput")
+    {
+        vec![Block::Tool("StructuredOutput", structured_answer())]
+    } else {
+        vec![Block::Text("done".into())]
+    }
+}
+
 fn echo_secret(conversation: &Conversation, marker: &str, pad: usize) -> Vec<Block> {
     let prefix = format!("{marker}=");
     let secret = conversation
@@ -379,6 +419,7 @@ fn summarize(body: &Value) -> BodySummary {
             .filter_map(|t| t.get("name").and_then(Value::as_str).map(str::to_string))
             .collect(),
         messages,
+        tool_results: Conversation::of(body).tool_results,
     }
 }
 

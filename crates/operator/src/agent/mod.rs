@@ -3,6 +3,7 @@
 //! values out of everything captured from it.
 
 pub mod files;
+pub mod git;
 pub mod invocation;
 pub mod redact;
 pub mod stream_json;

@@ -4,6 +4,7 @@
 //! One control plane serves the whole binary (a custom harness, so it is torn down
 //! after the last test even when tests fail); each test works in its own namespace.
 
+mod git;
 mod operations;
 mod tasks;
 mod templates;
@@ -11,6 +12,7 @@ mod templates;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use git::*;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use operations::*;
@@ -61,6 +63,10 @@ fn main() -> ExitCode {
             a_refused_sandbox_fails_the_task_at_once,
             warm_pools_hand_out_sandboxes_and_keep_their_size,
             a_rebuild_rolls_the_warm_pool_while_tasks_claim,
+            a_git_workspace_is_cloned_at_a_branch_a_tag_or_a_commit,
+            the_agents_work_is_pushed_to_a_branch,
+            git_failures_have_reasons_and_never_show_the_token,
+            claude_code_edits_a_clone_and_its_work_is_pushed,
             the_standby_takes_over_a_running_task,
             a_leader_that_loses_its_lease_stops,
             templates_name_the_provider_the_operator_lacks,

@@ -20,11 +20,11 @@ use sandcastle_testkit::repo;
 const WAIT: Duration = Duration::from_secs(60);
 use sandcastle_api::names::{self, SANDBOX_TASK_UID as TASK_UID};
 
-fn finished(status: &AgentTaskStatus) -> bool {
+pub(crate) fn finished(status: &AgentTaskStatus) -> bool {
     matches!(status.phase, Some(TaskPhase::Succeeded | TaskPhase::Failed))
 }
 
-async fn create(api: &Api<AgentTask>, name: &str, spec: serde_json::Value) {
+pub(crate) async fn create(api: &Api<AgentTask>, name: &str, spec: serde_json::Value) {
     let task: AgentTask = serde_json::from_value(json!({
         "apiVersion": "sandcastle.dev/v1alpha1",
         "kind": "AgentTask",
@@ -38,7 +38,7 @@ async fn create(api: &Api<AgentTask>, name: &str, spec: serde_json::Value) {
 }
 
 /// A namespace with the operator and an adopted `base` template.
-async fn setup(
+pub(crate) async fn setup(
     env: &TestEnv,
     prefix: &str,
     settings: &[(&str, &str)],
@@ -72,7 +72,7 @@ async fn uid(api: &Api<AgentTask>, name: &str) -> String {
         .expect("uid")
 }
 
-async fn put_secret(env: &TestEnv, ns: &str, name: &str, data: serde_json::Value) {
+pub(crate) async fn put_secret(env: &TestEnv, ns: &str, name: &str, data: serde_json::Value) {
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), ns);
     let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data});
     secrets
@@ -329,7 +329,7 @@ async fn transcript(env: &TestEnv, ns: &str, task: &str) -> String {
         .unwrap_or_default()
 }
 
-async fn events(env: &TestEnv, ns: &str) -> Vec<String> {
+pub(crate) async fn events(env: &TestEnv, ns: &str) -> Vec<String> {
     let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), ns);
     api.list(&ListParams::default())
         .await

@@ -20,7 +20,7 @@ pub(super) async fn run(
     ctx: &Context,
     provider: &E2bClient,
     envd: &EnvdClient,
-    env: BTreeMap<String, String>,
+    inputs: Inputs,
     redactor: &Redactor,
 ) -> Result<Action, Error> {
     let running = match envd.list_processes().await {
@@ -36,7 +36,8 @@ pub(super) async fn run(
         Ok(exit) => {
             // Empty when the recorder was killed as it wrote: no exit was recorded.
             if let Some(code) = invocation::parse_exit(&String::from_utf8_lossy(&exit)) {
-                return finish(task, ctx, provider, envd, code, redactor).await;
+                let auth = inputs.git.as_ref();
+                return finish(task, ctx, provider, envd, code, auth, redactor).await;
             }
         }
         Err(error) if error.is_not_found() => {}
@@ -54,7 +55,7 @@ pub(super) async fn run(
             )
             .await
         }
-        Ok(false) => start(task, ctx, provider, envd, env, redactor).await,
+        Ok(false) => start(task, ctx, provider, envd, inputs, redactor).await,
         Err(error) => envd_trouble(task, ctx, provider, &error, redactor).await,
     }
 }
@@ -144,11 +145,21 @@ pub(super) async fn start(
     ctx: &Context,
     provider: &E2bClient,
     envd: &EnvdClient,
-    env: BTreeMap<String, String>,
+    inputs: Inputs,
     redactor: &Redactor,
 ) -> Result<Action, Error> {
-    match launch(task, ctx, envd, env, redactor).await {
-        Ok(process) => write_running(ctx, task, process, |_| {}, "the agent started".into()).await,
+    match launch(task, ctx, envd, inputs, redactor).await {
+        Ok((process, base)) => {
+            let record = |status: &mut AgentTaskStatus| {
+                if let Some(base) = base {
+                    status.git = Some(GitStatus {
+                        base_commit: Some(base),
+                        ..GitStatus::default()
+                    });
+                }
+            };
+            write_running(ctx, task, process, record, "the agent started".into()).await
+        }
         Err(Launch::Invalid { reason, message }) => {
             write_failure_and_kill(ctx, task, reason, &message).await
         }
@@ -189,15 +200,17 @@ pub(super) enum Launch {
     Kube(kube::Error),
 }
 
-/// Lays out the workspace and starts the agent under the recorder. The returned stream
-/// only says when the process ends: its outcome is read from the recorder's files.
+/// Lays out the workspace (the clone first, for a git workspace) and starts the agent
+/// under the recorder. The returned stream only says when the process ends: its outcome
+/// is read from the recorder's files. With it comes the commit the workspace was cloned
+/// at.
 pub(super) async fn launch(
     task: &AgentTask,
     ctx: &Context,
     envd: &EnvdClient,
-    env: BTreeMap<String, String>,
+    inputs: Inputs,
     redactor: &Redactor,
-) -> Result<ProcessStream, Launch> {
+) -> Result<(ProcessStream, Option<String>), Launch> {
     let workspace = workspace(task);
     // Read before anything is written: an API error here is retried by the reconcile, a
     // missing key is the spec's fault.
@@ -230,6 +243,16 @@ pub(super) async fn launch(
         };
         files.push((format!("{workspace}/{}", file.path), content));
     }
+    let base = match &task.spec.workspace.git {
+        Some(source) => match git::clone(task, envd, source, inputs.git.as_ref(), redactor).await {
+            Ok(base) => Some(base),
+            Err(git::GitTrouble::Failed { reason, message }) => {
+                return Err(Launch::Invalid { reason, message });
+            }
+            Err(git::GitTrouble::Provider(error)) => return Err(Launch::Provider(error)),
+        },
+        None => None,
+    };
     let prepared = async {
         let _ = envd.make_dir(&workspace).await?;
         for (path, content) in files {
@@ -256,7 +279,7 @@ pub(super) async fn launch(
     }
     let agent = agent_invocation(task, ctx);
     let mut invocation = invocation::recorded(agent, RUN_DIR);
-    invocation.env.extend(env);
+    invocation.env.extend(inputs.env);
     let spec = CommandSpec {
         cmd: invocation.cmd,
         args: invocation.args,
@@ -268,7 +291,7 @@ pub(super) async fn launch(
     };
     // A failed call may still have started it; the next pass finds it running or finds
     // the start marker.
-    envd.start(&spec).await.map_err(|error| match error {
+    let process = envd.start(&spec).await.map_err(|error| match error {
         // The process cannot be started as specified (an argument list over the kernel's
         // limit, say); a new sandbox would get the same answer.
         ProviderError::Envd(error) if error.code == sandcastle_e2b::envd::Code::InvalidArgument => {
@@ -281,7 +304,8 @@ pub(super) async fn launch(
             }
         }
         error => Launch::Provider(error),
-    })
+    })?;
+    Ok((process, base))
 }
 
 pub(super) fn agent_invocation(task: &AgentTask, ctx: &Context) -> Invocation {

@@ -18,6 +18,7 @@ use kube::{Resource, ResourceExt};
 
 use super::{Context, Error, FIELD_MANAGER, apply_status, now};
 use crate::agent::files::{self, Listed, Listing};
+use crate::agent::git::GitAuth;
 use crate::agent::invocation::{self, AGENT_TAG, Invocation, RUN_DIR, STARTED_MARKER};
 use crate::agent::redact::Redactor;
 use crate::agent::stream_json::{FailureReason, StreamParser, Verdict};
@@ -30,8 +31,8 @@ use sandcastle_api::names::{
     TASK_FINALIZER as FINALIZER, TRANSCRIPT_LABEL, TRANSCRIPT_TASK_LABEL,
 };
 use sandcastle_api::{
-    AgentTask, AgentTaskStatus, CONDITION_READY, OutputFile, Progress, SandboxTemplate, TaskPhase,
-    TaskReason, TaskResult, TemplatePhase, Usage,
+    AgentTask, AgentTaskStatus, CONDITION_READY, GitStatus, OutputFile, Progress, SandboxTemplate,
+    TaskPhase, TaskReason, TaskResult, TemplatePhase, Usage,
 };
 use sandcastle_e2b::client::{E2bClient, ListQuery, SandboxSpec};
 use sandcastle_e2b::envd::{FileType, ProcessSelector};
@@ -41,6 +42,7 @@ use sandcastle_e2b::error::Error as ProviderError;
 mod admission;
 mod agent;
 mod cleanup;
+mod git;
 mod memory;
 mod outcome;
 mod provision;
@@ -164,7 +166,7 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     if ready.is_none() && !held {
         return wait_for_template(ctx, task, template).await;
     }
-    let (env, secret_values) = match resolve_env(ctx, task).await {
+    let (inputs, secret_values) = match resolve_env(ctx, task).await {
         Ok(resolved) => resolved,
         Err(error) => {
             return write_waiting(
@@ -205,7 +207,16 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
             Ok(slot) => slot,
             Err(refusal) => return queue(ctx, task, refusal.to_string()).await,
         };
-        return provision(task, ctx, slot, &provider, &template_status, env, &redactor).await;
+        return provision(
+            task,
+            ctx,
+            slot,
+            &provider,
+            &template_status,
+            inputs,
+            &redactor,
+        )
+        .await;
     };
     let detail = match provider.get_sandbox(&sandbox_id).await {
         Ok(detail) => detail,
@@ -223,7 +234,7 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
         }
     };
     let envd = provider.envd(&detail);
-    run(task, ctx, &provider, &envd, env, &redactor).await
+    run(task, ctx, &provider, &envd, inputs, &redactor).await
 }
 
 /// Over the caps: the task waits in the Queued phase, saying why.

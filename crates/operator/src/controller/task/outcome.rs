@@ -57,6 +57,7 @@ pub(super) async fn finish(
     provider: &E2bClient,
     envd: &EnvdClient,
     exit_code: i32,
+    git_auth: Option<&GitAuth>,
     redactor: &Redactor,
 ) -> Result<Action, Error> {
     let workspace = workspace(task);
@@ -94,12 +95,31 @@ pub(super) async fn finish(
         progress,
         ending,
     } = judge(is_claude(task), exit_code, &stdout, &stderr, redactor);
-    let failure = match ending {
+    let mut failure = match ending {
         Ending::Succeeded => None,
         Ending::Failed { reason, message } => Some((reason, message)),
         Ending::Retry { message } => {
             return retry(task, ctx, provider, TaskReason::AgentIncomplete, &message).await;
         }
+    };
+    // Only a successful agent's work is pushed. A pass cut off here pushes again: the
+    // commit is found made, and a push of the same commit changes nothing.
+    let wants_push = task
+        .spec
+        .outputs
+        .git
+        .as_ref()
+        .is_some_and(|outputs| outputs.push.is_some());
+    let git_status = if failure.is_none() && wants_push {
+        match git::push(task, envd, git_auth, redactor).await {
+            Ok((status, trouble)) => {
+                failure = trouble;
+                Some(status)
+            }
+            Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
+        }
+    } else {
+        None
     };
     // An agent that printed nothing leaves no transcript: an empty ConfigMap would cost a
     // write and an object per task and tell nobody anything.
@@ -130,6 +150,9 @@ pub(super) async fn finish(
             })
             .collect();
         status.file_count = Some(changes.count as i64);
+        if let Some(git) = &git_status {
+            status.git = Some(git.clone());
+        }
         status.files_truncated = changes.truncated;
         status.completion_time = Some(now());
     };

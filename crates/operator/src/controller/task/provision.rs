@@ -76,7 +76,7 @@ pub(super) async fn provision(
     slot: Slot<'_>,
     provider: &E2bClient,
     template: &sandcastle_api::SandboxTemplateStatus,
-    env: BTreeMap<String, String>,
+    inputs: Inputs,
     redactor: &Redactor,
 ) -> Result<Action, Error> {
     let uid = task.metadata.uid.clone().unwrap_or_default();
@@ -200,11 +200,16 @@ pub(super) async fn provision(
     };
     slot.keep();
     let sandbox_id = sandbox.sandbox_id.clone();
+    // A clone can take long: the sandbox is recorded first, so the task shows it while
+    // the next pass clones.
+    if task.spec.workspace.git.is_some() {
+        return write_provisioning(ctx, task, &sandbox_id, record(&sandbox_id)).await;
+    }
     // A new sandbox holds nothing yet, so the agent starts in this pass and one status
     // write records both. Should the start not go through, the sandbox is recorded and
     // the next pass looks into it the careful way, as for one it adopted.
-    match launch(task, ctx, &provider.envd(&sandbox), env, redactor).await {
-        Ok(process) => {
+    match launch(task, ctx, &provider.envd(&sandbox), inputs, redactor).await {
+        Ok((process, _)) => {
             let note = format!("the agent started in sandbox {sandbox_id}");
             write_running(ctx, task, process, record(&sandbox_id), note).await
         }

@@ -10,6 +10,10 @@ pub(crate) enum EnvError {
     MissingSecret(String),
     #[error("Secret {name} has no key {key}")]
     MissingKey { name: String, key: String },
+    #[error(
+        "Secret {0} of workspace.git.secretRef has no key password: it takes the kubernetes.io/basic-auth shape, a password or access token under password and, optionally, username"
+    )]
+    NotGitCredentials(String),
     #[error("cannot read Secret {name}: {source}")]
     Unreadable {
         name: String,
@@ -18,11 +22,18 @@ pub(crate) enum EnvError {
     },
 }
 
-/// The agent's environment from the spec, with the Secret values it used (for redaction).
+/// What a task's processes get from its Secrets: the agent its environment, the git steps
+/// the repository's credentials.
+pub(super) struct Inputs {
+    pub env: BTreeMap<String, String>,
+    pub git: Option<GitAuth>,
+}
+
+/// The task's [`Inputs`], with the Secret values they hold (for redaction).
 pub(super) async fn resolve_env(
     ctx: &Context,
     task: &AgentTask,
-) -> Result<(BTreeMap<String, String>, Vec<String>), EnvError> {
+) -> Result<(Inputs, Vec<String>), EnvError> {
     let namespace = task.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut cache: BTreeMap<String, Option<Secret>> = BTreeMap::new();
@@ -76,7 +87,31 @@ pub(super) async fn resolve_env(
             }
         }
     }
-    Ok((env, values))
+    let git = match task
+        .spec
+        .workspace
+        .git
+        .as_ref()
+        .and_then(|source| source.secret_ref.as_ref())
+    {
+        Some(reference) => {
+            let secret = fetch(&secrets, &mut cache, &reference.name)
+                .await?
+                .ok_or_else(|| EnvError::MissingSecret(reference.name.clone()))?;
+            let data = secret.data.unwrap_or_default();
+            let read = |key: &str| {
+                data.get(key)
+                    .map(|value| String::from_utf8_lossy(&value.0).into_owned())
+            };
+            let password = read("password")
+                .ok_or_else(|| EnvError::NotGitCredentials(reference.name.clone()))?;
+            let username = read("username").unwrap_or_else(|| "git".into());
+            values.push(password.clone());
+            Some(GitAuth { username, password })
+        }
+        None => None,
+    };
+    Ok((Inputs { env, git }, values))
 }
 
 pub(super) async fn fetch(

@@ -1,0 +1,459 @@
+//! Git workspaces against a real git server (`git http-backend` behind lighttpd, with
+//! basic authentication), reached from inside the embedded server's sandboxes: clones at
+//! a branch, a tag and a commit, the agent's work pushed and cloned back, and every
+//! failure with its reason and without the token.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
+use sandcastle_api::{AgentTask, AgentTaskStatus, TaskPhase};
+use sandcastle_testkit::cluster::TestEnv;
+use sandcastle_testkit::git_server::{GitServer, USER};
+use sandcastle_testkit::model::{EDITED_README, Script, ScriptedModel};
+use sandcastle_testkit::operator::wait_for;
+use serde_json::{Value, json};
+
+use super::tasks::{create, events, finished, put_secret, setup};
+
+/// A command task on `base` cloning `git` into its workspace.
+fn task(git: Value, script: &str) -> Value {
+    json!({
+        "templateRef": {"name": "base"},
+        "agent": {"command": {"command": ["sh", "-c", script]}},
+        "workspace": {"git": git},
+    })
+}
+
+async fn done(api: &Api<AgentTask>, name: &str) -> AgentTaskStatus {
+    wait_for(api, name, "finished", finished).await
+}
+
+fn text(status: &AgentTaskStatus) -> String {
+    status
+        .result
+        .as_ref()
+        .map(|result| result.text.clone())
+        .unwrap_or_default()
+}
+
+/// The git status, which every case here expects.
+fn git_of(status: &AgentTaskStatus) -> sandcastle_api::GitStatus {
+    status
+        .git
+        .clone()
+        .unwrap_or_else(|| panic!("no status.git: {status:#?}"))
+}
+
+pub async fn a_git_workspace_is_cloned_at_a_branch_a_tag_or_a_commit(env: Arc<TestEnv>) {
+    let server = GitServer::start();
+    let first = server.create("app", &[("README", b"one\n")]);
+    server.tag("app", "v1", &first);
+    let dev = server.advance("app", "dev", &[("README", b"two\n")], "on dev");
+    let main = server.advance("app", "main", &[("README", b"three\n")], "on main");
+    let (ns, operator, api) = setup(&env, "git-clone", &[]).await;
+    put_secret(
+        &env,
+        &ns,
+        "repo",
+        json!({"username": USER, "password": server.token()}),
+    )
+    .await;
+    let source = |git_ref: Option<&str>, depth: Option<i32>| json!({"url": server.url("app"), "ref": git_ref, "depth": depth, "secretRef": {"name": "repo"}});
+    let show = "cat README; git rev-parse HEAD; git rev-list --count HEAD";
+    let cases = [
+        ("at-branch", source(Some("dev"), None), "two", &dev, 2),
+        ("at-tag", source(Some("v1"), None), "one", &first, 1),
+        ("at-commit", source(Some(&first), Some(1)), "one", &first, 1),
+        ("at-default", source(None, Some(1)), "three", &main, 1),
+    ];
+    for (name, git, _, _, _) in &cases {
+        create(&api, name, task(git.clone(), show)).await;
+    }
+    for (name, _, readme, commit, count) in &cases {
+        let status = done(&api, name).await;
+        assert_eq!(
+            status.phase,
+            Some(TaskPhase::Succeeded),
+            "{name}: {status:#?}"
+        );
+        assert_eq!(
+            text(&status),
+            format!("{readme}\n{commit}\n{count}\n"),
+            "{name}"
+        );
+        assert_eq!(
+            git_of(&status).base_commit.as_deref(),
+            Some(commit.as_str()),
+            "{name}"
+        );
+        assert!(
+            !git_of(&status).pushed,
+            "{name}: nothing is pushed without outputs.git"
+        );
+    }
+
+    // The agent looks for the token where it could be: its environment, the repository's
+    // configuration, git's credential stores, every file under its home and /tmp. What it
+    // finds travels base64-encoded, which no redaction would match, so a leak would show.
+    let look = "{ env; cat .git/config; cat ~/.git-credentials ~/.gitconfig 2>/dev/null; \
+                grep -rs gittoken- ~ /tmp; ps -eo args 2>/dev/null; } | base64 -w0";
+    create(
+        &api,
+        "looks-for-token",
+        task(source(Some("main"), None), look),
+    )
+    .await;
+    let status = done(&api, "looks-for-token").await;
+    assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
+    let seen = base64::engine::general_purpose::STANDARD
+        .decode(text(&status).trim())
+        .expect("base64 from the agent");
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(
+        seen.contains("[remote \"origin\"]"),
+        "the agent saw no .git/config: {seen}"
+    );
+    assert!(
+        !seen.contains(server.token()),
+        "the agent could read the token: {seen}"
+    );
+    assert!(
+        !seen.contains("SANDCASTLE_GIT"),
+        "the agent saw the git steps' variables"
+    );
+    drop(operator);
+}
+
+pub async fn the_agents_work_is_pushed_to_a_branch(env: Arc<TestEnv>) {
+    let server = GitServer::start();
+    let base = server.create("app", &[("README", b"one\n"), ("old.txt", b"a\nb\n")]);
+    let (ns, operator, api) = setup(&env, "git-push", &[]).await;
+    put_secret(
+        &env,
+        &ns,
+        "repo",
+        json!({"password": server.token(), "username": USER}),
+    )
+    .await;
+    let git = json!({"url": server.url("app"), "ref": "main", "secretRef": {"name": "repo"}});
+    let pushing = |script: &str, push: Value| {
+        let mut spec = task(git.clone(), script);
+        spec["outputs"] = json!({"git": {"push": push}});
+        spec["prompt"] = json!("Improve the README");
+        spec
+    };
+    create(
+        &api,
+        "pusher",
+        pushing(
+            "echo two >>README; rm old.txt; echo new >new.txt; echo edited",
+            json!({"author": {"name": "Agent Smith", "email": "smith@example.com"}}),
+        ),
+    )
+    .await;
+    // Nothing changed: nothing to push.
+    create(&api, "idle", pushing("echo looked", json!({}))).await;
+    // The branch the push targets moves while the agent runs.
+    create(
+        &api,
+        "overtaken",
+        pushing("sleep 4; echo x >>README", json!({"branch": "main"})),
+    )
+    .await;
+    wait_for(&api, "overtaken", "running", |status| {
+        status.phase == Some(TaskPhase::Running)
+    })
+    .await;
+    let moved = server.advance(
+        "app",
+        "main",
+        &[("other.txt", b"someone else\n")],
+        "meanwhile",
+    );
+
+    let status = done(&api, "pusher").await;
+    assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
+    let pushed = git_of(&status);
+    assert_eq!(pushed.base_commit.as_deref(), Some(base.as_str()));
+    assert_eq!(pushed.branch.as_deref(), Some("sandcastle/pusher"));
+    assert!(pushed.pushed, "{pushed:?}");
+    let commit = pushed.commit.clone().expect("a commit");
+    assert_eq!(
+        server.head("app", "sandcastle/pusher").as_deref(),
+        Some(commit.as_str())
+    );
+    assert_eq!(
+        (pushed.files_changed, pushed.insertions, pushed.deletions),
+        (Some(3), Some(2), Some(2)),
+        "README +1, new.txt +1, old.txt -2"
+    );
+    let check = server.clone_over_http("app", "sandcastle/pusher");
+    assert_eq!(
+        std::fs::read_to_string(check.join("README")).unwrap(),
+        "one\ntwo\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(check.join("new.txt")).unwrap(),
+        "new\n"
+    );
+    assert!(!check.join("old.txt").exists());
+    let log =
+        sandcastle_testkit::git_server::git(&check, &["log", "-1", "--format=%an <%ae>%n%P%n%B"]);
+    assert_eq!(
+        log,
+        format!("Agent Smith <smith@example.com>\n{base}\npusher\n\nImprove the README")
+    );
+    assert_eq!(text(&status), "edited\n", "the agent's own result is kept");
+
+    let status = done(&api, "idle").await;
+    assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
+    let idle = git_of(&status);
+    assert!(!idle.pushed && idle.commit.is_none(), "{idle:?}");
+    assert_eq!(
+        server.head("app", "sandcastle/idle"),
+        None,
+        "an empty change pushes nothing"
+    );
+
+    let status = done(&api, "overtaken").await;
+    assert_eq!(status.phase, Some(TaskPhase::Failed), "{status:#?}");
+    assert_eq!(
+        status.reason.as_deref(),
+        Some("GitPushRejected"),
+        "{status:#?}"
+    );
+    assert!(
+        status
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("branch main"),
+        "{:?}",
+        status.message
+    );
+    let overtaken = git_of(&status);
+    assert!(
+        !overtaken.pushed && overtaken.commit.is_some(),
+        "{overtaken:?}"
+    );
+    assert_eq!(
+        server.head("app", "main").as_deref(),
+        Some(moved.as_str()),
+        "never forced"
+    );
+    drop(operator);
+}
+
+pub async fn git_failures_have_reasons_and_never_show_the_token(env: Arc<TestEnv>) {
+    let server = GitServer::start();
+    server.create("app", &[("README", b"one\n")]);
+    let mut noise = vec![0u8; 3 << 20];
+    getrandom::fill(&mut noise).expect("random bytes");
+    server.create("big", &[("noise.bin", &noise)]);
+    let (ns, operator, api) = setup(&env, "git-fail", &[]).await;
+    let wrong = format!("{}-wrong", server.token());
+    put_secret(
+        &env,
+        &ns,
+        "repo",
+        json!({"username": USER, "password": server.token()}),
+    )
+    .await;
+    put_secret(
+        &env,
+        &ns,
+        "wrong",
+        json!({"username": USER, "password": wrong}),
+    )
+    .await;
+    put_secret(
+        &env,
+        &ns,
+        "ssh",
+        json!({"ssh-privatekey": "not a password"}),
+    )
+    .await;
+    let with = |url: String, extra: Value| {
+        let mut git = json!({"url": url, "secretRef": {"name": "repo"}});
+        for (key, value) in extra.as_object().unwrap() {
+            git[key] = value.clone();
+        }
+        task(git, "true")
+    };
+    let cases = [
+        (
+            "wrong-token",
+            with(server.url("app"), json!({"secretRef": {"name": "wrong"}})),
+            "GitAuthFailed",
+            "check the password or token",
+        ),
+        (
+            "no-credentials",
+            with(server.url("app"), json!({"secretRef": null})),
+            "GitAuthFailed",
+            "set workspace.git.secretRef",
+        ),
+        (
+            "unknown-ref",
+            with(server.url("app"), json!({"ref": "no-such-branch"})),
+            "GitRefNotFound",
+            "no-such-branch",
+        ),
+        (
+            "unknown-commit",
+            with(
+                server.url("app"),
+                json!({"ref": "0123456789abcdef0123456789abcdef01234567"}),
+            ),
+            "GitRefNotFound",
+            "0123456789abcdef",
+        ),
+        (
+            "unreachable",
+            with("http://127.0.0.1:1/app.git".into(), json!({})),
+            "GitCloneFailed",
+            "127.0.0.1:1",
+        ),
+        (
+            "too-large",
+            with(server.url("big"), json!({"maxSizeMiB": 1})),
+            "GitRepositoryTooLarge",
+            "maxSizeMiB (1 MiB)",
+        ),
+    ];
+    for (name, spec, _, _) in &cases {
+        create(&api, name, spec.clone()).await;
+    }
+    create(
+        &api,
+        "ssh-key",
+        with(server.url("app"), json!({"secretRef": {"name": "ssh"}})),
+    )
+    .await;
+    for (name, _, reason, says) in &cases {
+        let status = done(&api, name).await;
+        assert_eq!(status.phase, Some(TaskPhase::Failed), "{name}: {status:#?}");
+        assert_eq!(
+            status.reason.as_deref(),
+            Some(*reason),
+            "{name}: {status:#?}"
+        );
+        let message = status.message.clone().unwrap_or_default();
+        assert!(message.contains(says), "{name}: {message}");
+    }
+    let waiting = wait_for(&api, "ssh-key", "waiting for a usable Secret", |status| {
+        status.reason.as_deref() == Some("MissingSecret")
+    })
+    .await;
+    assert!(
+        waiting
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("has no key password"),
+        "{waiting:#?}"
+    );
+    // No token, right or wrong, in any status, event, transcript or operator log line.
+    let config_maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &ns);
+    let everything = format!(
+        "{:?} {:?} {:?} {}",
+        api.list(&Default::default()).await.unwrap().items,
+        events(&env, &ns).await,
+        config_maps.list(&Default::default()).await.unwrap().items,
+        operator.logs()
+    );
+    assert!(!everything.contains(server.token()), "the token leaked");
+    assert!(!everything.contains(&wrong), "the wrong token leaked");
+    drop(operator);
+}
+
+/// The real Claude Code CLI in a cloned workspace: the scripted model looks for the git
+/// token (environment, `.git/config`, git's credential files and configuration), edits
+/// the README, and the work is pushed. The token is in none of the tool results the model
+/// read, which are the agent's own view and never redacted.
+pub async fn claude_code_edits_a_clone_and_its_work_is_pushed(env: Arc<TestEnv>) {
+    let binary = sandcastle_testkit::repo()
+        .join(".tools/bin/claude")
+        .canonicalize()
+        .expect("run scripts/setup");
+    let install = binary
+        .ancestors()
+        .find(|dir| dir.file_name().is_some_and(|name| name == "node_modules"))
+        .and_then(std::path::Path::parent)
+        .expect("an npm prefix")
+        .display()
+        .to_string();
+    let command = binary.display().to_string();
+    let server = GitServer::start();
+    let base = server.create("app", &[("README", b"one\n")]);
+    let (ns, operator, api) = setup(
+        &env,
+        "git-claude",
+        &[
+            ("SANDCASTLE_CLAUDE_COMMAND", &command),
+            ("SANDCASTLE_SANDBOXD_HOST_PATHS", &install),
+        ],
+    )
+    .await;
+    let model = ScriptedModel::start(Script::EditRepo).await;
+    put_secret(
+        &env,
+        &ns,
+        "anthropic",
+        json!({"ANTHROPIC_API_KEY": "sk-ant-git-7f3a"}),
+    )
+    .await;
+    put_secret(
+        &env,
+        &ns,
+        "repo",
+        json!({"username": USER, "password": server.token()}),
+    )
+    .await;
+    create(
+        &api,
+        "claude-edits",
+        json!({
+            "templateRef": {"name": "base"},
+            "prompt": "Rewrite the README",
+            "env": [
+                {"name": "ANTHROPIC_BASE_URL", "value": model.base_url()},
+                {"name": "CLAUDE_CODE_MAX_RETRIES", "value": "0"},
+            ],
+            "envFrom": [{"secretRef": {"name": "anthropic"}}],
+            "workspace": {"git": {"url": server.url("app"), "secretRef": {"name": "repo"}}},
+            "outputs": {"git": {"push": {}}},
+        }),
+    )
+    .await;
+    let status = done(&api, "claude-edits").await;
+    assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
+    let git = git_of(&status);
+    assert!(git.pushed, "{git:?}");
+    assert_eq!(git.base_commit.as_deref(), Some(base.as_str()));
+    let check = server.clone_over_http("app", "sandcastle/claude-edits");
+    assert_eq!(
+        std::fs::read_to_string(check.join("README")).unwrap(),
+        EDITED_README
+    );
+    let seen: Vec<String> = model
+        .requests()
+        .into_iter()
+        .filter_map(|request| request.body)
+        .flat_map(|body| body.tool_results)
+        .collect();
+    let probe = seen
+        .iter()
+        .find(|result| result.contains("[remote \"origin\"]"))
+        .unwrap_or_else(|| panic!("the model never saw the probe's output: {seen:?}"));
+    assert!(probe.contains(&server.url("app")), "{probe}");
+    for result in &seen {
+        assert!(
+            !result.contains(server.token()),
+            "the agent read the token: {result}"
+        );
+    }
+    drop(operator);
+}
