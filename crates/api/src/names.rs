@@ -7,8 +7,8 @@ pub const TASK_FINALIZER: &str = "sandcastle.dev/task-cleanup";
 /// Holds a `SandboxTemplate` until its provider's template is deleted (or retained).
 pub const TEMPLATE_FINALIZER: &str = "sandcastle.dev/template-cleanup";
 
-/// Marks a task's transcript ConfigMap, so the operator's ConfigMap watch can leave
-/// transcripts out.
+/// Marks the ConfigMaps a task's run leaves (its transcript, its patch), so the
+/// operator's ConfigMap watch can leave them out.
 pub const TRANSCRIPT_LABEL: &str = "sandcastle.dev/transcript";
 /// The task a transcript ConfigMap belongs to, by name.
 pub const TRANSCRIPT_TASK_LABEL: &str = "sandcastle.dev/task";

@@ -460,10 +460,16 @@ pub struct GitOutputs {
     /// credentials of `workspace.git.secretRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push: Option<GitPush>,
+
+    /// Keep the diff of the agent's work against the base commit (`git diff`, binary
+    /// files named only) in the ConfigMap `<task>-patch` the task owns, under `patch`,
+    /// redacted and cut to 512 KiB. Kept for a failed agent too, which is never pushed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub patch: bool,
 }
 
 /// How the agent's work is committed and pushed.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct GitPush {
     /// The branch to push to. Absent means `sandcastle/<task name>`.
@@ -723,4 +729,14 @@ pub struct GitStatus {
     /// Lines removed between `baseCommit` and `commit`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletions: Option<i64>,
+    /// The ConfigMap that keeps the diff, with `outputs.git.patch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub patch_config_map: Option<String>,
+    /// The diff's size before any cut, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_bytes: Option<i64>,
+    /// True when the ConfigMap keeps only the diff's start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub patch_truncated: bool,
 }

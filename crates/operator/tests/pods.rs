@@ -30,6 +30,7 @@ use sandcastle_e2b::config::ClientConfig;
 use sandcastle_e2b::envd_client::EnvdClient;
 use sandcastle_e2b::models::{BuildStatus, TemplateBuildRequest, TemplateBuildStart, TemplateStep};
 use sandcastle_sandboxd::{BuilderConfig, KubeConfig, KubeSandboxd};
+use sandcastle_testkit::git_server::{GitServer, USER as GIT_USER};
 use sandcastle_testkit::model::{HELLO_PY, Script, ScriptedModel};
 use sandcastle_testkit::node::Node;
 use sandcastle_testkit::scenarios;
@@ -971,6 +972,54 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
         secs(t.elapsed())
     );
 
+    // --- git on pods: a clone, and a push after the agent's leftovers are killed -------
+    // The sandbox pod shares one PID namespace among its processes, so the sweep before
+    // the push must kill the background process the agent leaves and spare envd.
+    let server = GitServer::start_on(node.ip());
+    let base = server.create("app", &[("README", b"one\n")]);
+    let git_token = server.token().to_string();
+    put_secret(
+        client,
+        "repo",
+        json!({"username": GIT_USER, "password": &git_token}),
+    )
+    .await;
+    let git = json!({
+        "templateRef": {"name": "base"},
+        "agent": {"command": {"command": ["bash", "-c",
+            "echo two >>README; (sleep 600 &); echo pushed-from-a-pod"]}},
+        "workspace": {"git": {"url": server.url("app"), "secretRef": {"name": "repo"}}},
+        "outputs": {"git": {"push": {}}},
+        "network": {"allowInternetAccess": false, "allowOut": [format!("{host}/32")]},
+        "activeDeadlineSeconds": 300,
+    });
+    let t = Instant::now();
+    create_task(client, "git-on-a-pod", git).await;
+    let done = task_succeeds(
+        node,
+        client,
+        "examples",
+        "git-on-a-pod",
+        "pushed-from-a-pod",
+    )
+    .await;
+    let git = done
+        .status
+        .and_then(|status| status.git)
+        .expect("status.git");
+    assert!(git.pushed, "{git:?}");
+    assert_eq!(git.base_commit.as_deref(), Some(base.as_str()));
+    assert_eq!(server.head("app", "sandcastle/git-on-a-pod"), git.commit);
+    let check = server.clone_over_http("app", "sandcastle/git-on-a-pod");
+    assert_eq!(
+        std::fs::read_to_string(check.join("README")).unwrap(),
+        "one\ntwo\n"
+    );
+    println!(
+        "git on a pod: cloned, the agent's leftover killed, pushed in {}",
+        secs(t.elapsed())
+    );
+
     // --- faults: the operator's tasks on pods survive what a cluster does to them ------
     let tasks: Api<AgentTask> = Api::namespaced(client.clone(), "examples");
     // Every server replica killed while a task's agent runs: the task goes on in the same
@@ -1184,8 +1233,8 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
         "kubelet restarted and apiserver down 10 s mid-run: both tasks finished in their sandboxes"
     );
 
-    // The Secret's value reached the agent's process only: no Pod, Event, template,
-    // server or operator log, nor the node's own logs hold it.
+    // The Secrets' values (the git token too) reached their processes only: no Pod,
+    // Event, template, server or operator log, nor the node's own logs hold them.
     let mut places = every::<Pod>(client, "pod").await;
     places.extend(every::<Event>(client, "event").await);
     places.extend(every::<ConfigMap>(client, "configmap").await);
@@ -1215,7 +1264,9 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
     }
     let leaks: Vec<&String> = places
         .iter()
-        .filter(|(_, text)| text.contains(&token) || text.contains(&key))
+        .filter(|(_, text)| {
+            text.contains(&token) || text.contains(&key) || text.contains(&git_token)
+        })
         .map(|(place, _)| place)
         .collect();
     assert!(leaks.is_empty(), "the task's Secret value is in {leaks:?}");

@@ -1,5 +1,5 @@
 //! A real git server for tests: `git http-backend` (Debian's git) behind lighttpd
-//! (Debian's package, which `scripts/setup` installs), over smart HTTP on 127.0.0.1 with
+//! (Debian's package, which `scripts/setup` installs), over smart HTTP on one address with
 //! basic authentication on every request, reads included. Its repositories are bare
 //! repositories in a scratch directory, filled and inspected with the git command line.
 
@@ -15,6 +15,7 @@ pub const USER: &str = "agent";
 pub struct GitServer {
     child: Child,
     dir: PathBuf,
+    ip: std::net::IpAddr,
     port: u16,
     token: String,
 }
@@ -65,8 +66,14 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 impl GitServer {
-    /// Starts a server whose one account is [`USER`] with a fresh random token.
+    /// Starts a server on 127.0.0.1 whose one account is [`USER`] with a fresh random
+    /// token.
     pub fn start() -> GitServer {
+        GitServer::start_on(std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// [`GitServer::start`] on `ip`, such as one a node's pods reach.
+    pub fn start_on(ip: std::net::IpAddr) -> GitServer {
         let mut bytes = [0u8; 12];
         getrandom::fill(&mut bytes).expect("random bytes");
         let token: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
@@ -79,7 +86,7 @@ impl GitServer {
         let repos = dir.join("repos");
         std::fs::create_dir_all(&repos).expect("the server's directory");
         // A free port, released just before lighttpd binds it.
-        let port = TcpListener::bind("127.0.0.1:0")
+        let port = TcpListener::bind((ip, 0))
             .and_then(|listener| listener.local_addr())
             .expect("a free port")
             .port();
@@ -87,7 +94,7 @@ impl GitServer {
         let config = format!(
             r#"server.modules = ("mod_alias", "mod_auth", "mod_authn_file", "mod_cgi", "mod_setenv")
 server.document-root = "{repos}"
-server.bind = "127.0.0.1"
+server.bind = "{ip}"
 server.port = {port}
 server.errorlog = "{dir}/error.log"
 alias.url = ("/git/" => "{backend}/")
@@ -113,11 +120,12 @@ auth.require = ("/git/" => ("method" => "basic", "realm" => "git", "require" => 
         let server = GitServer {
             child,
             dir,
+            ip,
             port,
             token,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((ip, port)).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "lighttpd did not listen on {port}: {}",
@@ -135,7 +143,7 @@ auth.require = ("/git/" => ("method" => "basic", "realm" => "git", "require" => 
 
     /// The URL of repository `name`, without credentials.
     pub fn url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/git/{name}.git", self.port)
+        format!("http://{}:{}/git/{name}.git", self.ip, self.port)
     }
 
     /// The bare repository `name` on the server's disk.

@@ -88,14 +88,15 @@ rmdir "$ws" 2>/dev/null
 mv "$tmp" "$ws" && git -C "$ws" rev-parse HEAD >"$marker.new" && mv "$marker.new" "$marker" &&
   rm -f "$done" && cat "$marker""#;
 
-/// `$1` workspace, `$2` base commit. Commits everything that changed, with the repository's
-/// hooks and fsmonitor off, and says `empty` or `commit <sha>` and the diff's short
-/// statistics against the base. A commit the agent made itself counts as its work. Runs
+/// `$1` workspace, `$2` base commit, `$3` where to write the diff against the base (empty:
+/// nowhere). Commits everything that changed, with the repository's hooks and fsmonitor
+/// off, and says `empty` or `commit <sha>` and the diff's short statistics against the
+/// base. A commit the agent made itself counts as its work. Runs
 /// without credentials: whatever the repository's configuration makes it run, the agent
 /// could have run itself.
 const COMMIT: &str = r#"set -u
 export GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null LC_ALL=C
-ws=$1 base=$2
+ws=$1 base=$2 patch=$3
 cd "$ws" || exit 70
 safe() { git -c core.hooksPath=/dev/null -c core.fsmonitor=false -c commit.gpgSign=false "$@"; }
 safe add -A || exit 70
@@ -104,6 +105,7 @@ if ! safe diff --cached --quiet; then
     commit -q --no-verify -m "$SANDCASTLE_GIT_MESSAGE" || exit 70
 fi
 head=$(git rev-parse HEAD) || exit 70
+if [ -n "$patch" ]; then safe diff "$base" "$head" >"$patch" || exit 70; fi
 if [ "$head" = "$base" ]; then echo empty; exit 0; fi
 echo "commit $head"
 git diff --shortstat "$base" "$head""#;
@@ -205,15 +207,28 @@ pub fn clone_step(
     )
 }
 
-/// The commit of the agent's work, without credentials.
-pub fn commit_step(push: &GitPush, workspace: &str, base: &str, task: &str, prompt: &str) -> Step {
+/// The commit of the agent's work, without credentials, and its diff at `patch` if given.
+pub fn commit_step(
+    push: Option<&GitPush>,
+    workspace: &str,
+    base: &str,
+    patch: Option<&str>,
+    task: &str,
+    prompt: &str,
+) -> Step {
+    let default = GitPush::default();
+    let push = push.unwrap_or(&default);
     let (name, email) = push.author.as_ref().map_or(
         ("Sandcastle".to_string(), "sandcastle@localhost".to_string()),
         |author| (author.name.clone(), author.email.clone()),
     );
     Step::new(
         COMMIT.to_string(),
-        vec![workspace.to_string(), base.to_string()],
+        vec![
+            workspace.to_string(),
+            base.to_string(),
+            patch.unwrap_or_default().to_string(),
+        ],
         BTreeMap::from([
             (AUTHOR_NAME.to_string(), name),
             (AUTHOR_EMAIL.to_string(), email),
@@ -312,6 +327,22 @@ pub fn parse_committed(stdout: &str) -> Option<Committed> {
         insertions,
         deletions,
     })
+}
+
+/// The most bytes of a diff a ConfigMap keeps.
+pub const PATCH_LIMIT: usize = 512 * 1024;
+
+/// Cuts a diff to at most `limit` bytes at a line's end; true when it was cut.
+pub fn cap_patch(patch: &str, limit: usize) -> (String, bool) {
+    if patch.len() <= limit {
+        return (patch.to_string(), false);
+    }
+    // Just after a newline byte is always a character boundary.
+    let cut = patch.as_bytes()[..limit]
+        .iter()
+        .rposition(|byte| *byte == b'\n')
+        .map_or(0, |end| end + 1);
+    (patch[..cut].to_string(), true)
 }
 
 /// The base commit the clone printed last.
@@ -629,8 +660,18 @@ mod tests {
     }
 
     #[test]
+    fn a_long_patch_keeps_its_start_up_to_a_line_end() {
+        assert_eq!(cap_patch("a\nb\n", 10), ("a\nb\n".to_string(), false));
+        assert_eq!(
+            cap_patch("aaaa\nbbbb\ncccc\n", 12),
+            ("aaaa\nbbbb\n".to_string(), true)
+        );
+        assert_eq!(cap_patch("ééé\n", 3), (String::new(), true));
+    }
+
+    #[test]
     fn branches_and_messages_follow_the_spec() {
-        let mut push: GitPush = serde_json::from_value(serde_json::json!({})).expect("a push");
+        let mut push = GitPush::default();
         assert_eq!(push_branch(&push, "fix-it"), "sandcastle/fix-it");
         assert_eq!(
             commit_message(&push, "fix-it", "Fix the bug"),

@@ -115,6 +115,12 @@ impl Pools {
         known.taken.retain(|id| listed.contains(id.as_str()));
     }
 
+    /// Lets the next pass look at a sandbox a claim took but could not finish: it is idle
+    /// again if the claim never reached it, or a claim no task holds if it did.
+    fn release(&self, sandbox_id: &str) {
+        self.known.lock().expect("pools").taken.remove(sandbox_id);
+    }
+
     /// The oldest idle sandbox of the pool, taken out of the pool's list.
     fn take(&self, key: &str) -> Option<Sandbox> {
         let mut known = self.known.lock().expect("pools");
@@ -151,13 +157,11 @@ pub(super) async fn claim(
     while let Some(sandbox) = ctx.pools.take(&key) {
         match take(provider, &sandbox, &owner).await {
             Ok(true) => {
-                if provider
-                    .set_timeout(&sandbox.sandbox_id, timeout)
-                    .await
-                    .is_err()
-                {
+                if let Err(error) = provider.set_timeout(&sandbox.sandbox_id, timeout).await {
                     // Claimed but its life not extended: it would end with the pool's
                     // lifetime. The pool's pass kills it as a claim its task lost.
+                    tracing::warn!(sandbox = %sandbox.sandbox_id, %error, "a claimed warm sandbox's lifetime could not be set; trying another");
+                    ctx.pools.release(&sandbox.sandbox_id);
                     continue;
                 }
                 ctx.metrics.pool_claimed(true);
@@ -165,7 +169,12 @@ pub(super) async fn claim(
                 return Some(sandbox);
             }
             // Taken by another claim, or gone: try the next one.
-            _ => continue,
+            Ok(false) => continue,
+            Err(error) => {
+                tracing::warn!(sandbox = %sandbox.sandbox_id, %error, "claiming a warm sandbox failed; trying another");
+                ctx.pools.release(&sandbox.sandbox_id);
+                continue;
+            }
         }
     }
     ctx.metrics.pool_claimed(false);

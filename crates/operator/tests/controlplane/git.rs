@@ -144,15 +144,16 @@ pub async fn the_agents_work_is_pushed_to_a_branch(env: Arc<TestEnv>) {
         spec["prompt"] = json!("Improve the README");
         spec
     };
-    create(
-        &api,
-        "pusher",
-        pushing(
-            "echo two >>README; rm old.txt; echo new >new.txt; echo edited",
-            json!({"author": {"name": "Agent Smith", "email": "smith@example.com"}}),
-        ),
-    )
-    .await;
+    let mut pusher = pushing(
+        "echo two >>README; rm old.txt; echo new >new.txt; echo edited",
+        json!({"author": {"name": "Agent Smith", "email": "smith@example.com"}}),
+    );
+    pusher["outputs"]["git"]["patch"] = json!(true);
+    create(&api, "pusher", pusher).await;
+    // A failed agent's work is kept as a patch, and never pushed.
+    let mut failing = pushing("echo change >>README; exit 3", json!({}));
+    failing["outputs"]["git"]["patch"] = json!(true);
+    create(&api, "fails", failing).await;
     // Nothing changed: nothing to push.
     create(&api, "idle", pushing("echo looked", json!({}))).await;
     // The branch the push targets moves while the agent runs.
@@ -206,6 +207,40 @@ pub async fn the_agents_work_is_pushed_to_a_branch(env: Arc<TestEnv>) {
         format!("Agent Smith <smith@example.com>\n{base}\npusher\n\nImprove the README")
     );
     assert_eq!(text(&status), "edited\n", "the agent's own result is kept");
+
+    let config_maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &ns);
+    let patch_of = |name: &'static str| {
+        let config_maps = config_maps.clone();
+        async move {
+            let config_map = config_maps
+                .get(&format!("{name}-patch"))
+                .await
+                .expect("the patch");
+            config_map
+                .data
+                .unwrap_or_default()
+                .remove("patch")
+                .unwrap_or_default()
+        }
+    };
+    assert_eq!(pushed.patch_config_map.as_deref(), Some("pusher-patch"));
+    let patch = patch_of("pusher").await;
+    for line in ["+two", "-a", "-b", "+new", "--- a/old.txt", "+++ b/new.txt"] {
+        assert!(patch.lines().any(|l| l == line), "no {line:?} in\n{patch}");
+    }
+    assert_eq!(pushed.patch_bytes, Some(patch.len() as i64));
+    assert!(!pushed.patch_truncated);
+
+    let status = done(&api, "fails").await;
+    assert_eq!(status.reason.as_deref(), Some("AgentFailed"), "{status:#?}");
+    let failed = git_of(&status);
+    assert!(!failed.pushed && failed.branch.is_none(), "{failed:?}");
+    assert!(patch_of("fails").await.lines().any(|l| l == "+change"));
+    assert_eq!(
+        server.head("app", "sandcastle/fails"),
+        None,
+        "a failed agent's work is never pushed"
+    );
 
     let status = done(&api, "idle").await;
     assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");

@@ -82,33 +82,48 @@ pub(super) async fn clone(
     Err(GitTrouble::Failed { reason, message })
 }
 
-/// Commits the agent's work and pushes it as `outputs.git.push` says: what the status
-/// records, or why the push failed (with what the status records all the same).
-pub(super) async fn push(
+/// What stopped a delivery short of an answer; the next pass delivers again.
+pub(super) enum Interrupted {
+    Provider(ProviderError),
+    Kube(Error),
+}
+
+impl From<ProviderError> for Interrupted {
+    fn from(error: ProviderError) -> Self {
+        Interrupted::Provider(error)
+    }
+}
+
+/// The file (in the recorder's directory) the commit step writes the diff to.
+const PATCH_FILE: &str = "git-patch";
+
+/// Commits the agent's work, keeps its diff when `outputs.git.patch` asks, and, for an
+/// agent that succeeded (`push_allowed`), pushes it as `outputs.git.push` says: what the
+/// status records, and why the delivery failed if it did (with what the status records
+/// all the same).
+pub(super) async fn deliver(
     task: &AgentTask,
+    ctx: &Context,
     envd: &EnvdClient,
     auth: Option<&GitAuth>,
     redactor: &Redactor,
-) -> Result<(GitStatus, Option<(TaskReason, String)>), ProviderError> {
-    let (Some(source), Some(push)) = (
+    push_allowed: bool,
+) -> Result<(GitStatus, Option<(TaskReason, String)>), Interrupted> {
+    let mut status = GitStatus::default();
+    let (Some(source), Some(outputs)) = (
         task.spec.workspace.git.as_ref(),
-        task.spec
-            .outputs
-            .git
-            .as_ref()
-            .and_then(|outputs| outputs.push.as_ref()),
+        task.spec.outputs.git.as_ref(),
     ) else {
-        return Ok((GitStatus::default(), None));
+        return Ok((status, None));
     };
-    let name = task.name_any();
-    let branch = git::push_branch(push, &name);
-    let mut status = GitStatus {
-        branch: Some(branch.clone()),
-        ..GitStatus::default()
-    };
+    let push = outputs.push.as_ref().filter(|_| push_allowed);
+    if push.is_none() && !outputs.patch {
+        return Ok((status, None));
+    }
     let failed = |status: GitStatus, reason: TaskReason, message: String| {
         Ok((status, Some((reason, message))))
     };
+    let name = task.name_any();
     let base = String::from_utf8_lossy(&envd.read_file(&run_file(CLONED_MARKER)).await?)
         .trim()
         .to_string();
@@ -116,7 +131,15 @@ pub(super) async fn push(
     let workspace = workspace(task);
     let prompt = task.spec.prompt.as_deref().unwrap_or_default();
     let within = within(task);
-    let commit = git::commit_step(push, &workspace, &base, &name, prompt);
+    let patch_file = outputs.patch.then(|| run_file(PATCH_FILE));
+    let commit = git::commit_step(
+        push,
+        &workspace,
+        &base,
+        patch_file.as_deref(),
+        &name,
+        prompt,
+    );
     let committed = match run_step(envd, commit, within).await {
         Ok(output) => match git::parse_committed(&output.stdout) {
             Some(committed) if output.success() => committed,
@@ -128,9 +151,21 @@ pub(super) async fn push(
                 return failed(status, TaskReason::GitPushFailed, message);
             }
         },
-        Err(GitTrouble::Provider(error)) => return Err(error),
+        Err(GitTrouble::Provider(error)) => return Err(Interrupted::Provider(error)),
         Err(GitTrouble::Failed { reason, message }) => return failed(status, reason, message),
     };
+    if let Some(file) = &patch_file {
+        let diff = envd.read_file(file).await?;
+        let diff = redactor.redact(&String::from_utf8_lossy(&diff));
+        let (kept, truncated) = git::cap_patch(&diff, git::PATCH_LIMIT);
+        let config_map = owned_name(task, "-patch");
+        save_owned_config_map(ctx, task, &config_map, BTreeMap::from([("patch", kept)]))
+            .await
+            .map_err(Interrupted::Kube)?;
+        status.patch_config_map = Some(config_map);
+        status.patch_bytes = Some(diff.len() as i64);
+        status.patch_truncated = truncated;
+    }
     let Committed::Commit {
         sha,
         files,
@@ -145,13 +180,18 @@ pub(super) async fn push(
     status.files_changed = Some(files);
     status.insertions = Some(insertions);
     status.deletions = Some(deletions);
+    let Some(push) = push else {
+        return Ok((status, None));
+    };
+    let branch = git::push_branch(push, &name);
+    status.branch = Some(branch.clone());
     for step in [
         git::kill_leftovers_step(),
         git::push_step(source, push, &workspace, &sha, &name, auth),
     ] {
         let output = match run_step(envd, step, within).await {
             Ok(output) => output,
-            Err(GitTrouble::Provider(error)) => return Err(error),
+            Err(GitTrouble::Provider(error)) => return Err(Interrupted::Provider(error)),
             Err(GitTrouble::Failed { reason, message }) => {
                 return failed(status, reason, message);
             }

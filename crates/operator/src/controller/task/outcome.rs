@@ -102,21 +102,22 @@ pub(super) async fn finish(
             return retry(task, ctx, provider, TaskReason::AgentIncomplete, &message).await;
         }
     };
-    // Only a successful agent's work is pushed. A pass cut off here pushes again: the
-    // commit is found made, and a push of the same commit changes nothing.
-    let wants_push = task
-        .spec
-        .outputs
-        .git
-        .as_ref()
-        .is_some_and(|outputs| outputs.push.is_some());
-    let git_status = if failure.is_none() && wants_push {
-        match git::push(task, envd, git_auth, redactor).await {
+    // Only a successful agent's work is pushed; a failed one's keeps its own reason. A
+    // pass cut off here delivers again: the commit is found made, and a push of the same
+    // commit changes nothing.
+    let git_status = if task.spec.outputs.git.is_some() {
+        let succeeded = failure.is_none();
+        match git::deliver(task, ctx, envd, git_auth, redactor, succeeded).await {
             Ok((status, trouble)) => {
-                failure = trouble;
+                if succeeded {
+                    failure = trouble;
+                }
                 Some(status)
             }
-            Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
+            Err(git::Interrupted::Provider(error)) => {
+                return envd_trouble(task, ctx, provider, &error, redactor).await;
+            }
+            Err(git::Interrupted::Kube(error)) => return Err(error),
         }
     } else {
         None
@@ -191,10 +192,15 @@ pub(super) async fn finish(
 /// a name too long to take the suffix (an object name has at most 253 characters), the
 /// name's start, a hash of the whole name and the suffix.
 pub(crate) fn transcript_name(task: &AgentTask) -> String {
-    const SUFFIX: &str = "-transcript";
+    owned_name(task, "-transcript")
+}
+
+/// The name of an object a task owns: the task's name and `suffix`, or, for a name too
+/// long to take it, the name's start, a hash of the whole name and the suffix.
+pub(super) fn owned_name(task: &AgentTask, suffix: &str) -> String {
     let name = task.name_any();
-    if name.len() + SUFFIX.len() <= 253 {
-        return format!("{name}{SUFFIX}");
+    if name.len() + suffix.len() <= 253 {
+        return format!("{name}{suffix}");
     }
     use sha2::Digest;
     let hash: String = sha2::Sha256::digest(name.as_bytes())[..8]
@@ -202,8 +208,8 @@ pub(crate) fn transcript_name(task: &AgentTask) -> String {
         .map(|byte| format!("{byte:02x}"))
         .collect();
     // Task names are ASCII, so any byte index is a character boundary.
-    let start = name[..253 - SUFFIX.len() - hash.len() - 1].trim_end_matches(['-', '.']);
-    format!("{start}-{hash}{SUFFIX}")
+    let start = name[..253 - suffix.len() - hash.len() - 1].trim_end_matches(['-', '.']);
+    format!("{start}-{hash}{suffix}")
 }
 
 /// Keeps the agent's redacted output in a ConfigMap the task owns, so it is deleted with
@@ -218,6 +224,21 @@ pub(super) async fn save_transcript(
     let keep = |bytes: &[u8], limit: usize| {
         transcript::cap(&redactor.redact(&String::from_utf8_lossy(bytes)), limit)
     };
+    let data = BTreeMap::from([
+        ("stdout", keep(stdout, transcript::TRANSCRIPT_LIMIT)),
+        ("stderr", keep(stderr, transcript::TRANSCRIPT_LIMIT / 4)),
+    ]);
+    save_owned_config_map(ctx, task, &transcript_name(task), data).await
+}
+
+/// Writes the ConfigMap `name` holding `data`, owned by the task (so it goes with it) and
+/// labelled as its transcript's is.
+pub(super) async fn save_owned_config_map(
+    ctx: &Context,
+    task: &AgentTask,
+    name: &str,
+    data: BTreeMap<&str, String>,
+) -> Result<(), Error> {
     let owner = task
         .controller_owner_ref(&())
         .expect("a stored task has a UID");
@@ -225,7 +246,7 @@ pub(super) async fn save_transcript(
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": transcript_name(task),
+            "name": name,
             "ownerReferences": [owner],
             // A label value holds at most 63 characters, a task name 253.
             "labels": if task.name_any().len() <= 63 {
@@ -234,15 +255,12 @@ pub(super) async fn save_transcript(
                 serde_json::json!({TRANSCRIPT_LABEL: "true"})
             },
         },
-        "data": {
-            "stdout": keep(stdout, transcript::TRANSCRIPT_LIMIT),
-            "stderr": keep(stderr, transcript::TRANSCRIPT_LIMIT / 4),
-        },
+        "data": data,
     });
     let api: Api<ConfigMap> =
         Api::namespaced(ctx.client.clone(), &task.namespace().unwrap_or_default());
     api.patch(
-        &transcript_name(task),
+        name,
         &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
         &kube::api::Patch::Apply(&config_map),
     )
