@@ -17,6 +17,12 @@ pub const CONDITION_POOL_READY: &str = "PoolReady";
 /// with room to add types without an API change.
 pub const MAX_CONDITIONS: u32 = 16;
 
+/// The schema of a JSON object kept as written: the apiserver checks only that it is an
+/// object.
+pub(crate) fn free_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+}
+
 /// A reference to an object in the same namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct LocalObjectReference {

@@ -150,6 +150,11 @@ reasons! {
         MissingModelCredentials,
         /// Claude Code stopped at its turn limit.
         MaxTurns,
+        /// Claude Code gave no answer matching `claudeCode.jsonSchema`
+        /// (`error_max_structured_output_retries`, or a run that ended without one).
+        StructuredOutputFailed,
+        /// Claude Code refused `claudeCode.jsonSchema`: not a valid JSON Schema.
+        InvalidJsonSchema,
         /// The agent ended without a result; retried within the backoff limit.
         AgentIncomplete,
         /// The agent's process vanished without an exit status.

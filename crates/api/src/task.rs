@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    ConfigMapKeySelector, LocalObjectReference, MAX_CONDITIONS, SecretKeySelector,
+    ConfigMapKeySelector, LocalObjectReference, MAX_CONDITIONS, SecretKeySelector, free_object,
 };
 use super::template::MAX_MESSAGE_CHARS;
 
@@ -16,6 +16,8 @@ pub const MAX_PROMPT_CHARS: u32 = 65_536;
 pub const MAX_OUTPUT_FILES: u32 = 5_000;
 /// The longest `status.result.text`, in bytes.
 pub const MAX_RESULT_TEXT_BYTES: u32 = 4_096;
+/// The largest `status.result.structuredOutput`, in bytes of JSON.
+pub const MAX_STRUCTURED_OUTPUT_BYTES: usize = 16_384;
 /// The longest path recorded in `status.files`, in characters.
 pub const MAX_OUTPUT_PATH_CHARS: u32 = 4_096;
 /// The most entries of each list in the spec (environment, files, tools, arguments).
@@ -220,6 +222,14 @@ pub struct ClaudeCodeAgent {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_SPEC_LIST_ITEMS), inner(length(max = 4096)))]
     pub extra_args: Vec<String>,
+
+    /// A JSON Schema the agent's answer must match (`--json-schema`): the CLI has the
+    /// model answer with an object it validates, which lands in
+    /// `status.result.structuredOutput`. A run that gives none fails with
+    /// `StructuredOutputFailed`; a schema the CLI refuses, with `InvalidJsonSchema`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_object")]
+    pub json_schema: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The Claude Code permission mode.
@@ -650,6 +660,14 @@ pub struct TaskResult {
     /// How many tool uses were denied by the permission mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permission_denials: Option<i64>,
+    /// The object the agent answered with under `claudeCode.jsonSchema`, redacted; absent
+    /// when larger than 16 KiB of JSON (see `structuredOutputTruncated`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_object")]
+    pub structured_output: Option<serde_json::Map<String, serde_json::Value>>,
+    /// True when the structured output was too large to keep.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub structured_output_truncated: bool,
 }
 
 /// Token usage and cost.

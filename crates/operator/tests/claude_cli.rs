@@ -9,7 +9,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use sandcastle::agent::stream_json::{FailureReason, StreamParser, Verdict};
-use sandcastle_testkit::model::{HELLO_OUTPUT, HELLO_PY, Mode, Script, ScriptedModel};
+use sandcastle_testkit::model::{
+    HELLO_OUTPUT, HELLO_PY, Mode, Script, ScriptedModel, structured_answer,
+};
 
 const API_KEY: &str = "sk-ant-scripted-dummy";
 
@@ -94,6 +96,17 @@ async fn run_claude(
     max_turns: u32,
     extra_env: &[(&str, &str)],
 ) -> Run {
+    run_claude_with(model, scratch, max_turns, extra_env, &[]).await
+}
+
+/// [`run_claude`] with further arguments.
+async fn run_claude_with(
+    model: &ScriptedModel,
+    scratch: &Scratch,
+    max_turns: u32,
+    extra_env: &[(&str, &str)],
+    extra_args: &[&str],
+) -> Run {
     let mut command = tokio::process::Command::new(claude());
     command
         .env_clear()
@@ -121,6 +134,7 @@ async fn run_claude(
             "--max-turns",
             &max_turns.to_string(),
         ])
+        .args(extra_args)
         .current_dir(scratch.work())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -434,4 +448,53 @@ async fn runs_in_an_embedded_sandbox_as_its_user() {
         "the CLI ran as the sandbox's user"
     );
     server.stop().await;
+}
+
+/// With `--json-schema` the CLI offers the model its `StructuredOutput` tool, checks the
+/// answer against the schema and prints it as `structured_output` on the result line;
+/// a schema that is no JSON Schema is refused before anything runs.
+#[tokio::test]
+async fn a_json_schema_brings_the_answer_as_structured_output() {
+    let model = ScriptedModel::start(Script::EditRepo).await;
+    let scratch = Scratch::new("structured");
+    let schema = r#"{"type":"object","properties":{"summary":{"type":"string"},"filesChanged":{"type":"integer"}},"required":["summary","filesChanged"]}"#;
+    let run = run_claude_with(&model, &scratch, 10, &[], &["--json-schema", schema]).await;
+    assert_eq!(run.code, Some(0), "{}", run.stdout);
+    assert_eq!(run.parser.verdict(), Verdict::Succeeded);
+    let outcome = run.parser.outcome().expect("a result line");
+    let answer: serde_json::Value = serde_json::from_str(
+        outcome
+            .structured_output
+            .as_deref()
+            .expect("structured output"),
+    )
+    .expect("JSON");
+    assert_eq!(answer, structured_answer());
+    assert!(
+        model
+            .requests()
+            .iter()
+            .filter_map(|request| request.body.as_ref())
+            .all(|body| body.tools.iter().any(|tool| tool == "StructuredOutput")),
+        "the CLI offers the tool on every turn"
+    );
+
+    let refused = tokio::process::Command::new(claude())
+        .env_clear()
+        .env("HOME", scratch.0.join("home"))
+        .env("ANTHROPIC_BASE_URL", model.base_url())
+        .env("ANTHROPIC_API_KEY", API_KEY)
+        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+        .args(["-p", "hi", "--output-format", "stream-json", "--verbose"])
+        .args(["--json-schema", r#"{"type":"nonsense"}"#])
+        .output()
+        .await
+        .expect("the CLI runs");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(refused.stdout.is_empty());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("--json-schema is not a valid JSON Schema"),
+        "{said}"
+    );
 }

@@ -82,6 +82,12 @@ pub fn claude_code(agent: &ClaudeCodeAgent, prompt: &str) -> Invocation {
     if let Some(system) = &agent.append_system_prompt {
         args.extend(["--append-system-prompt".into(), system.clone()]);
     }
+    if let Some(schema) = &agent.json_schema {
+        args.extend([
+            "--json-schema".into(),
+            serde_json::Value::Object(schema.clone()).to_string(),
+        ]);
+    }
     args.extend(agent.extra_args.iter().cloned());
     Invocation {
         cmd: "claude".into(),

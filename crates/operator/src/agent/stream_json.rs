@@ -72,6 +72,8 @@ pub struct Outcome {
     pub api_error: Option<ApiError>,
     /// The `errors` array, e.g. "Reached maximum number of turns (2)".
     pub errors: Vec<String>,
+    /// The object the model answered with under `--json-schema`, as the CLI printed it.
+    pub structured_output: Option<String>,
 }
 
 /// Why a finished run failed.
@@ -79,6 +81,8 @@ pub struct Outcome {
 pub enum FailureReason {
     /// The run hit `--max-turns`.
     MaxTurns,
+    /// The model gave no answer matching `--json-schema` within the CLI's retries.
+    StructuredOutput,
     /// The Messages API refused or failed; `status` is the HTTP status when there was one.
     ApiError { status: Option<u16> },
     /// The CLI found no credentials for the model and asked for none: it sent no
@@ -116,6 +120,8 @@ pub fn classify(outcome: Option<&Outcome>) -> Verdict {
         .unwrap_or_else(|| format!("agent ended with {}", outcome.subtype));
     let reason = if outcome.subtype == "error_max_turns" {
         FailureReason::MaxTurns
+    } else if outcome.subtype == "error_max_structured_output_retries" {
+        FailureReason::StructuredOutput
     } else if let Some(api) = &outcome.api_error {
         FailureReason::ApiError { status: api.status }
     } else {
@@ -312,6 +318,7 @@ struct ResultLine {
     api_error_type: Option<String>,
     #[serde(default)]
     errors: Vec<String>,
+    structured_output: Option<Box<RawValue>>,
 }
 
 impl ResultLine {
@@ -342,6 +349,11 @@ impl ResultLine {
             permission_denials: self.permission_denials.len(),
             api_error,
             errors: self.errors,
+            // `null` stays absent.
+            structured_output: self
+                .structured_output
+                .map(|raw| raw.get().to_string())
+                .filter(|raw| raw != "null"),
         }
     }
 }
@@ -418,6 +430,7 @@ mod tests {
                 permission_denials: 0,
                 api_error: None,
                 errors: vec![],
+                structured_output: None,
             }
         );
     }

@@ -11,7 +11,7 @@ use kube::api::Api;
 use sandcastle_api::{AgentTask, AgentTaskStatus, TaskPhase};
 use sandcastle_testkit::cluster::TestEnv;
 use sandcastle_testkit::git_server::{GitServer, USER};
-use sandcastle_testkit::model::{EDITED_README, Script, ScriptedModel};
+use sandcastle_testkit::model::{EDITED_README, Script, ScriptedModel, structured_answer};
 use sandcastle_testkit::operator::wait_for;
 use serde_json::{Value, json};
 
@@ -460,11 +460,25 @@ pub async fn claude_code_edits_a_clone_and_its_work_is_pushed(env: Arc<TestEnv>)
             "envFrom": [{"secretRef": {"name": "anthropic"}}],
             "workspace": {"git": {"url": server.url("app"), "secretRef": {"name": "repo"}}},
             "outputs": {"git": {"push": {}}},
+            "agent": {"claudeCode": {"jsonSchema": {
+                "type": "object",
+                "properties": {"summary": {"type": "string"}, "filesChanged": {"type": "integer"}},
+                "required": ["summary", "filesChanged"],
+            }}},
         }),
     )
     .await;
     let status = done(&api, "claude-edits").await;
     assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
+    let result = status.result.clone().expect("a result");
+    assert_eq!(
+        result
+            .structured_output
+            .clone()
+            .map(serde_json::Value::Object),
+        Some(structured_answer()),
+        "{result:?}"
+    );
     let git = git_of(&status);
     assert!(git.pushed, "{git:?}");
     assert_eq!(git.base_commit.as_deref(), Some(base.as_str()));

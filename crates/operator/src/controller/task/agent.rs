@@ -332,6 +332,15 @@ pub(super) fn agent_invocation(task: &AgentTask, ctx: &Context) -> Invocation {
     }
 }
 
+/// Whether the task's Claude Code must answer with an object (`claudeCode.jsonSchema`).
+pub(super) fn wants_structured_output(task: &AgentTask) -> bool {
+    task.spec
+        .agent
+        .as_ref()
+        .and_then(|agent| agent.claude_code.as_ref())
+        .is_some_and(|claude| claude.json_schema.is_some())
+}
+
 pub(super) fn is_claude(task: &AgentTask) -> bool {
     task.spec
         .agent

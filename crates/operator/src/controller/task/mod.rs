@@ -31,8 +31,8 @@ use sandcastle_api::names::{
     TASK_FINALIZER as FINALIZER, TRANSCRIPT_LABEL, TRANSCRIPT_TASK_LABEL,
 };
 use sandcastle_api::{
-    AgentTask, AgentTaskStatus, CONDITION_READY, GitStatus, OutputFile, Progress, SandboxTemplate,
-    TaskPhase, TaskReason, TaskResult, TemplatePhase, Usage,
+    AgentTask, AgentTaskStatus, CONDITION_READY, GitStatus, MAX_STRUCTURED_OUTPUT_BYTES,
+    OutputFile, Progress, SandboxTemplate, TaskPhase, TaskReason, TaskResult, TemplatePhase, Usage,
 };
 use sandcastle_e2b::client::{E2bClient, ListQuery, SandboxSpec};
 use sandcastle_e2b::envd::{FileType, ProcessSelector};

@@ -94,7 +94,14 @@ pub(super) async fn finish(
         usage,
         progress,
         ending,
-    } = judge(is_claude(task), exit_code, &stdout, &stderr, redactor);
+    } = judge(
+        is_claude(task),
+        wants_structured_output(task),
+        exit_code,
+        &stdout,
+        &stderr,
+        redactor,
+    );
     let mut failure = match ending {
         Ending::Succeeded => None,
         Ending::Failed { reason, message } => Some((reason, message)),
@@ -406,6 +413,7 @@ pub(crate) enum Ending {
 /// output, whose tail is the result.
 pub(crate) fn judge(
     claude: bool,
+    structured: bool,
     exit_code: i32,
     stdout: &[u8],
     stderr: &[u8],
@@ -437,6 +445,14 @@ pub(crate) fn judge(
             result.duration_ms = outcome.duration_ms.map(|ms| ms as i64);
             result.session_id = outcome.session_id.clone();
             result.permission_denials = Some(outcome.permission_denials as i64);
+            if let Some(raw) = outcome.structured_output.as_deref() {
+                let redacted = redactor.redact(raw);
+                // Redacted inside its strings, the object still parses.
+                result.structured_output = serde_json::from_str(&redacted)
+                    .ok()
+                    .filter(|_| redacted.len() <= MAX_STRUCTURED_OUTPUT_BYTES);
+                result.structured_output_truncated = result.structured_output.is_none();
+            }
             usage = Some(Usage {
                 input_tokens: outcome.usage.input_tokens as i64,
                 output_tokens: outcome.usage.output_tokens as i64,
@@ -447,7 +463,17 @@ pub(crate) fn judge(
         }
         let final_turns = parser.outcome().and_then(|outcome| outcome.num_turns);
         progress = Some(shown_progress(parser.progress(), final_turns, redactor));
-        parser.verdict()
+        let answered = parser
+            .outcome()
+            .is_some_and(|outcome| outcome.structured_output.is_some());
+        match parser.verdict() {
+            Verdict::Succeeded if structured && !answered => Verdict::Failed {
+                reason: FailureReason::StructuredOutput,
+                message: "Claude Code ended without an answer matching claudeCode.jsonSchema"
+                    .into(),
+            },
+            verdict => verdict,
+        }
     } else {
         let text = redactor.redact(&String::from_utf8_lossy(stdout));
         let chars = text.chars().count();
@@ -470,6 +496,7 @@ pub(crate) fn judge(
         Verdict::Failed { reason, message } => Ending::Failed {
             reason: match reason {
                 FailureReason::MaxTurns => TaskReason::MaxTurns,
+                FailureReason::StructuredOutput => TaskReason::StructuredOutputFailed,
                 FailureReason::ApiError { .. } => TaskReason::AgentApiError,
                 FailureReason::NotLoggedIn => TaskReason::MissingModelCredentials,
                 FailureReason::AgentError => TaskReason::AgentFailed,
@@ -485,6 +512,17 @@ pub(crate) fn judge(
         // An exit code before any output line: the CLI refused its invocation (not
         // installed, root refusing bypass mode, a bad extra argument), and a new sandbox
         // would get the same answer.
+        // The CLI checks the schema before it starts: its refusal names the flag.
+        Verdict::Incomplete
+            if structured
+                && exit_code != 0
+                && String::from_utf8_lossy(stderr).contains("--json-schema") =>
+        {
+            Ending::Failed {
+                reason: TaskReason::InvalidJsonSchema,
+                message: format!("claudeCode.jsonSchema was refused: {}", stderr_tail()),
+            }
+        }
         Verdict::Incomplete if exit_code != 0 && stdout.iter().all(u8::is_ascii_whitespace) => {
             Ending::Failed {
                 reason: TaskReason::AgentFailed,
@@ -522,7 +560,7 @@ mod tests {
     }
 
     fn ending(claude: bool, exit_code: i32, stdout: &[u8], stderr: &[u8]) -> Ending {
-        judge(claude, exit_code, stdout, stderr, &redactor()).ending
+        judge(claude, false, exit_code, stdout, stderr, &redactor()).ending
     }
 
     fn failed(reason: TaskReason, message: &str) -> Ending {
@@ -610,7 +648,7 @@ mod tests {
     #[test]
     fn a_command_result_is_the_redacted_tail_of_its_output() {
         let long = format!("hunter2{}", "x".repeat(RESULT_TAIL + 10));
-        let judged = judge(false, 0, long.as_bytes(), b"", &redactor());
+        let judged = judge(false, false, 0, long.as_bytes(), b"", &redactor());
         assert!(judged.result.truncated);
         assert_eq!(judged.result.text.chars().count(), RESULT_TAIL);
         assert!(!judged.result.text.contains("hunter2"));
@@ -620,7 +658,7 @@ mod tests {
 
     #[test]
     fn claude_code_results_carry_usage_and_cost_as_reported() {
-        let judged = judge(true, 0, SUCCESS, b"", &redactor());
+        let judged = judge(true, false, 0, SUCCESS, b"", &redactor());
         let usage = judged.usage.expect("usage");
         assert!(usage.input_tokens > 0 && usage.output_tokens > 0);
         assert!(usage.cost_usd.is_some());
@@ -630,5 +668,64 @@ mod tests {
         let progress = judged.progress.expect("progress");
         assert_eq!(progress.turns, 3, "the final count, as TURNS shows it");
         assert_eq!(usage.cost_usd.as_deref(), Some("0.0024"));
+    }
+
+    #[test]
+    fn a_json_schema_answer_lands_redacted_or_fails_the_task() {
+        let line = |extra: &str| {
+            format!(
+                "{{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":false,\"result\":\"ok\",\"num_turns\":2{extra}}}\n"
+            )
+        };
+        let answered = line(r#","structured_output":{"summary":"key hunter2","n":1.50}"#);
+        let judged = judge(true, true, 0, answered.as_bytes(), b"", &redactor());
+        assert_eq!(judged.ending, Ending::Succeeded);
+        let kept = serde_json::Value::Object(judged.result.structured_output.expect("kept"));
+        assert_eq!(
+            kept,
+            serde_json::json!({"summary": "key [redacted]", "n": 1.50})
+        );
+
+        let huge = line(&format!(
+            r#","structured_output":{{"text":"{}"}}"#,
+            "x".repeat(MAX_STRUCTURED_OUTPUT_BYTES)
+        ));
+        let judged = judge(true, true, 0, huge.as_bytes(), b"", &redactor());
+        assert!(judged.result.structured_output.is_none());
+        assert!(judged.result.structured_output_truncated);
+        assert_eq!(judged.ending, Ending::Succeeded);
+
+        let cases = [
+            (line(""), 0, "", TaskReason::StructuredOutputFailed),
+            (
+                "{\"type\":\"result\",\"subtype\":\"error_max_structured_output_retries\",\"is_error\":true,\"errors\":[\"gave up\"]}\n".to_string(),
+                1,
+                "",
+                TaskReason::StructuredOutputFailed,
+            ),
+            (
+                String::new(),
+                1,
+                "Error: --json-schema is not a valid JSON Schema: data/type must be equal to one of the allowed values",
+                TaskReason::InvalidJsonSchema,
+            ),
+        ];
+        for (stdout, code, stderr, reason) in cases {
+            match judge(
+                true,
+                true,
+                code,
+                stdout.as_bytes(),
+                stderr.as_bytes(),
+                &redactor(),
+            )
+            .ending
+            {
+                Ending::Failed { reason: got, .. } => assert_eq!(got, reason, "{stdout}{stderr}"),
+                other => panic!("{stdout}{stderr}: {other:?}"),
+            }
+        }
+        // Without a schema, the same answerless run succeeds.
+        assert_eq!(ending(true, 0, line("").as_bytes(), b""), Ending::Succeeded);
     }
 }
