@@ -169,6 +169,8 @@ reasons! {
         InvalidWorkspace,
         /// `outputs` holds a pattern that does not compile.
         InvalidOutputs,
+        /// A pattern of `outputs.artifacts` not marked optional matched no file.
+        ArtifactNotFound,
         /// `workspace.git` could not be cloned: the host did not answer, or the workspace
         /// directory is not empty.
         GitCloneFailed,

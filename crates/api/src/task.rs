@@ -450,6 +450,29 @@ pub struct Outputs {
     /// What to do with the repository of `workspace.git` once the agent succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git: Option<GitOutputs>,
+
+    /// Files of the workspace kept after the sandbox is gone, chosen by glob: their
+    /// names, sizes and SHA-256 in `status.artifacts`, their contents in the ConfigMap
+    /// `<task>-artifacts` (as many as fit 768 KiB, text with Secret values redacted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub artifacts: Vec<ArtifactPattern>,
+}
+
+/// Files to keep as artifacts.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ArtifactPattern {
+    /// A glob relative to the workspace: `*` within a directory, `**` across them, as in
+    /// `dist/*.tar.gz` or `reports/**/*.xml`.
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')")
+        .message("outputs.artifacts path must be relative to the workspace and may not contain '..'"))]
+    pub path: String,
+
+    /// When false (the default), a pattern that matches no file fails a successful
+    /// agent's task with `ArtifactNotFound`, as a missing output fails an Argo step.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
 }
 
 impl Default for Outputs {
@@ -458,6 +481,7 @@ impl Default for Outputs {
             max_files: default_max_files(),
             exclude: default_exclude(),
             git: None,
+            artifacts: Vec::new(),
         }
     }
 }
@@ -596,6 +620,16 @@ pub struct AgentTaskStatus {
     /// The repository of `workspace.git`: the commit cloned, and what was pushed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git: Option<GitStatus>,
+
+    /// The files `outputs.artifacts` chose, at most 100.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub artifacts: Vec<Artifact>,
+
+    /// The ConfigMap that keeps the artifacts' contents, under each one's `key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub artifacts_config_map: Option<String>,
 
     /// A one-word reason for the current state (the reason of the deciding condition).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -757,4 +791,30 @@ pub struct GitStatus {
     /// True when the ConfigMap keeps only the diff's start.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub patch_truncated: bool,
+}
+
+/// A file kept as an artifact.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Artifact {
+    /// Path relative to the workspace.
+    #[schemars(length(max = MAX_OUTPUT_PATH_CHARS))]
+    pub path: String,
+    /// Size in bytes.
+    pub size: i64,
+    /// SHA-256 of the file as the agent left it, in hex; absent when the sandbox has no
+    /// `sha256sum`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub sha256: Option<String>,
+    /// Its key in the artifacts ConfigMap's `binaryData`; absent when its contents were
+    /// not kept: larger than what was left of 768 KiB, or binary content holding a Secret
+    /// value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub key: Option<String>,
+    /// True when Secret values were redacted from the kept text, which then differs from
+    /// `sha256`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub redacted: bool,
 }

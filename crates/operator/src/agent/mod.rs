@@ -2,6 +2,7 @@
 //! the agent process is started and recorded, which files it changed, and keeping secret
 //! values out of everything captured from it.
 
+pub mod artifacts;
 pub mod files;
 pub mod git;
 pub mod invocation;

@@ -52,6 +52,14 @@ impl Redactor {
         self.values.is_empty()
     }
 
+    /// Whether any value (in any of its forms) occurs in `bytes`, text or not.
+    pub fn occurs_in(&self, bytes: &[u8]) -> bool {
+        self.values.iter().any(|value| {
+            let value = value.as_bytes();
+            !value.is_empty() && bytes.windows(value.len()).any(|window| window == value)
+        })
+    }
+
     pub fn redact(&self, text: &str) -> String {
         let mut redacted = text.to_string();
         for value in &self.values {

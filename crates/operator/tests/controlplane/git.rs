@@ -1,7 +1,8 @@
-//! Git workspaces against a real git server (`git http-backend` behind lighttpd, with
-//! basic authentication), reached from inside the embedded server's sandboxes: clones at
-//! a branch, a tag and a commit, the agent's work pushed and cloned back, and every
-//! failure with its reason and without the token.
+//! Workspaces and outputs. Git workspaces against a real git server (`git http-backend`
+//! behind lighttpd, with basic authentication), reached from inside the embedded server's
+//! sandboxes: clones at a branch, a tag and a commit, the agent's work pushed and cloned
+//! back, patches, every failure with its reason and without the token; structured output
+//! from the real Claude Code CLI; artifacts kept with their hashes.
 
 use std::sync::Arc;
 
@@ -504,5 +505,102 @@ pub async fn claude_code_edits_a_clone_and_its_work_is_pushed(env: Arc<TestEnv>)
             "the agent read the token: {result}"
         );
     }
+    drop(operator);
+}
+
+pub async fn artifacts_are_kept_with_their_hashes_and_without_secrets(env: Arc<TestEnv>) {
+    use sha2::Digest;
+    let (ns, operator, api) = setup(&env, "artifacts", &[]).await;
+    let token = "artifact-secret-4b1d";
+    put_secret(&env, &ns, "creds", json!({"token": token})).await;
+    let script = "mkdir -p dist && printf tarball >dist/app.tar.gz \
+                  && head -c 900000 /dev/urandom >dist/big.bin \
+                  && echo \"token $TOKEN\" >report.txt \
+                  && printf '\\377\\000%s' \"$TOKEN\" >secret.bin";
+    create(
+        &api,
+        "builds",
+        json!({
+            "templateRef": {"name": "base"},
+            "agent": {"command": {"command": ["sh", "-c", script]}},
+            "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}],
+            "outputs": {"artifacts": [
+                {"path": "dist/*"}, {"path": "*.txt"}, {"path": "*.bin"},
+                {"path": "logs/**", "optional": true},
+            ]},
+        }),
+    )
+    .await;
+    create(
+        &api,
+        "no-report",
+        json!({
+            "templateRef": {"name": "base"},
+            "agent": {"command": {"command": ["true"]}},
+            "outputs": {"artifacts": [{"path": "report.*"}]},
+        }),
+    )
+    .await;
+    let status = done(&api, "builds").await;
+    assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
+    let shown: Vec<(&str, i64, Option<&str>, bool)> = status
+        .artifacts
+        .iter()
+        .map(|a| (a.path.as_str(), a.size, a.key.as_deref(), a.redacted))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("dist/app.tar.gz", 7, Some("dist_app.tar.gz"), false),
+            ("dist/big.bin", 900_000, None, false),
+            (
+                "report.txt",
+                (token.len() + 7) as i64,
+                Some("report.txt"),
+                true
+            ),
+            ("secret.bin", (token.len() + 2) as i64, None, false),
+        ],
+        "the large one does not fit, the binary one with the secret is withheld"
+    );
+    let tarball = format!("{:x}", sha2::Sha256::digest(b"tarball"));
+    assert_eq!(
+        status.artifacts[0].sha256.as_deref(),
+        Some(tarball.as_str())
+    );
+    assert!(
+        status
+            .artifacts
+            .iter()
+            .all(|a| a.sha256.as_ref().is_some_and(|s| s.len() == 64))
+    );
+    assert_eq!(
+        status.artifacts_config_map.as_deref(),
+        Some("builds-artifacts")
+    );
+    let config_maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &ns);
+    let kept = config_maps
+        .get("builds-artifacts")
+        .await
+        .expect("the artifacts");
+    let binary = kept.binary_data.unwrap_or_default();
+    assert_eq!(binary["dist_app.tar.gz"].0, b"tarball");
+    assert_eq!(binary["report.txt"].0, b"token [redacted]\n");
+    assert_eq!(binary.len(), 2);
+
+    let status = done(&api, "no-report").await;
+    assert_eq!(
+        status.reason.as_deref(),
+        Some("ArtifactNotFound"),
+        "{status:#?}"
+    );
+    assert!(status.message.unwrap_or_default().contains("report.*"));
+
+    let everything = format!(
+        "{:?} {:?}",
+        api.list(&Default::default()).await.unwrap().items,
+        config_maps.list(&Default::default()).await.unwrap().items
+    );
+    assert!(!everything.contains(token), "the Secret's value leaked");
     drop(operator);
 }

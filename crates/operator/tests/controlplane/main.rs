@@ -67,6 +67,7 @@ fn main() -> ExitCode {
             the_agents_work_is_pushed_to_a_branch,
             git_failures_have_reasons_and_never_show_the_token,
             claude_code_edits_a_clone_and_its_work_is_pushed,
+            artifacts_are_kept_with_their_hashes_and_without_secrets,
             the_standby_takes_over_a_running_task,
             a_leader_that_loses_its_lease_stops,
             templates_name_the_provider_the_operator_lacks,

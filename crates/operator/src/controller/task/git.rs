@@ -159,7 +159,8 @@ pub(super) async fn deliver(
         let diff = redactor.redact(&String::from_utf8_lossy(&diff));
         let (kept, truncated) = git::cap_patch(&diff, git::PATCH_LIMIT);
         let config_map = owned_name(task, "-patch");
-        save_owned_config_map(ctx, task, &config_map, BTreeMap::from([("patch", kept)]))
+        let contents = serde_json::json!({"data": {"patch": kept}});
+        save_owned_config_map(ctx, task, &config_map, contents)
             .await
             .map_err(Interrupted::Kube)?;
         status.patch_config_map = Some(config_map);

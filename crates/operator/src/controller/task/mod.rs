@@ -41,6 +41,7 @@ use sandcastle_e2b::error::Error as ProviderError;
 
 mod admission;
 mod agent;
+mod artifacts;
 mod cleanup;
 mod git;
 mod memory;
@@ -131,16 +132,18 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     if is_terminal(status.phase) {
         return delete_if_expired(task, ctx, &status).await;
     }
-    // A glob the files list cannot use would throw the run's result away at the end.
-    if let Err(error) = files::exclusions(&task.spec.outputs.exclude) {
-        return write_failure(
-            ctx,
-            task,
-            TaskReason::InvalidOutputs,
-            &error.to_string(),
-            |_| {},
-        )
-        .await;
+    // A glob the files list or the artifacts cannot use would throw the run's result away
+    // at the end.
+    let patterns = files::exclusions(&task.spec.outputs.exclude)
+        .map(drop)
+        .map_err(|error| error.to_string())
+        .and_then(|()| {
+            crate::agent::artifacts::compile(&task.spec.outputs.artifacts)
+                .map(drop)
+                .map_err(|error| error.to_string())
+        });
+    if let Err(error) = patterns {
+        return write_failure(ctx, task, TaskReason::InvalidOutputs, &error, |_| {}).await;
     }
     if let Some(deadline) = deadline(task)
         && jiff::Timestamp::now() >= deadline

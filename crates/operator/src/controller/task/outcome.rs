@@ -109,6 +109,29 @@ pub(super) async fn finish(
             return retry(task, ctx, provider, TaskReason::AgentIncomplete, &message).await;
         }
     };
+    // Before the push: a successful agent whose artifacts are missing did not do what was
+    // asked, and its work is not pushed.
+    let collected = if task.spec.outputs.artifacts.is_empty() {
+        None
+    } else {
+        match artifacts::collect(task, ctx, envd, &after, redactor).await {
+            Ok(collected) => {
+                if failure.is_none()
+                    && let Some(pattern) = &collected.missing
+                {
+                    let message = format!(
+                        "outputs.artifacts pattern {pattern:?} matched no file of the workspace"
+                    );
+                    failure = Some((TaskReason::ArtifactNotFound, message));
+                }
+                Some(collected)
+            }
+            Err(git::Interrupted::Provider(error)) => {
+                return envd_trouble(task, ctx, provider, &error, redactor).await;
+            }
+            Err(git::Interrupted::Kube(error)) => return Err(error),
+        }
+    };
     // Only a successful agent's work is pushed; a failed one's keeps its own reason. A
     // pass cut off here delivers again: the commit is found made, and a push of the same
     // commit changes nothing.
@@ -160,6 +183,10 @@ pub(super) async fn finish(
         status.file_count = Some(changes.count as i64);
         if let Some(git) = &git_status {
             status.git = Some(git.clone());
+        }
+        if let Some(collected) = &collected {
+            status.artifacts = collected.artifacts.clone();
+            status.artifacts_config_map = collected.config_map.clone();
         }
         status.files_truncated = changes.truncated;
         status.completion_time = Some(now());
@@ -231,25 +258,25 @@ pub(super) async fn save_transcript(
     let keep = |bytes: &[u8], limit: usize| {
         transcript::cap(&redactor.redact(&String::from_utf8_lossy(bytes)), limit)
     };
-    let data = BTreeMap::from([
-        ("stdout", keep(stdout, transcript::TRANSCRIPT_LIMIT)),
-        ("stderr", keep(stderr, transcript::TRANSCRIPT_LIMIT / 4)),
-    ]);
+    let data = serde_json::json!({"data": {
+        "stdout": keep(stdout, transcript::TRANSCRIPT_LIMIT),
+        "stderr": keep(stderr, transcript::TRANSCRIPT_LIMIT / 4),
+    }});
     save_owned_config_map(ctx, task, &transcript_name(task), data).await
 }
 
-/// Writes the ConfigMap `name` holding `data`, owned by the task (so it goes with it) and
-/// labelled as its transcript's is.
+/// Writes the ConfigMap `name` with `contents` (its `data` and `binaryData`), owned by
+/// the task (so it goes with it) and labelled as its transcript's is.
 pub(super) async fn save_owned_config_map(
     ctx: &Context,
     task: &AgentTask,
     name: &str,
-    data: BTreeMap<&str, String>,
+    contents: serde_json::Value,
 ) -> Result<(), Error> {
     let owner = task
         .controller_owner_ref(&())
         .expect("a stored task has a UID");
-    let config_map = serde_json::json!({
+    let mut config_map = serde_json::json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
@@ -262,8 +289,12 @@ pub(super) async fn save_owned_config_map(
                 serde_json::json!({TRANSCRIPT_LABEL: "true"})
             },
         },
-        "data": data,
     });
+    if let (Some(object), serde_json::Value::Object(contents)) =
+        (config_map.as_object_mut(), contents)
+    {
+        object.extend(contents);
+    }
     let api: Api<ConfigMap> =
         Api::namespaced(ctx.client.clone(), &task.namespace().unwrap_or_default());
     api.patch(
