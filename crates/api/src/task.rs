@@ -451,6 +451,14 @@ pub struct Outputs {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git: Option<GitOutputs>,
 
+    /// Keep the diff of the agent's work (`git diff`, binary files named only) in the
+    /// ConfigMap `<task>-patch` the task owns, under `patch`, redacted and cut to
+    /// 512 KiB: against the base commit of `workspace.git`, or, without it, against the
+    /// workspace as seeded (which needs git in the template's image). Kept for a failed
+    /// agent too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub patch: bool,
+
     /// Files of the workspace kept after the sandbox is gone, chosen by glob: their
     /// names, sizes and SHA-256 in `status.artifacts`, their contents in the ConfigMap
     /// `<task>-artifacts` (as many as fit 768 KiB, text with Secret values redacted).
@@ -481,6 +489,7 @@ impl Default for Outputs {
             max_files: default_max_files(),
             exclude: default_exclude(),
             git: None,
+            patch: false,
             artifacts: Vec::new(),
         }
     }
@@ -494,12 +503,6 @@ pub struct GitOutputs {
     /// credentials of `workspace.git.secretRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push: Option<GitPush>,
-
-    /// Keep the diff of the agent's work against the base commit (`git diff`, binary
-    /// files named only) in the ConfigMap `<task>-patch` the task owns, under `patch`,
-    /// redacted and cut to 512 KiB. Kept for a failed agent too, which is never pushed.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub patch: bool,
 }
 
 /// How the agent's work is committed and pushed.
@@ -620,6 +623,10 @@ pub struct AgentTaskStatus {
     /// The repository of `workspace.git`: the commit cloned, and what was pushed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git: Option<GitStatus>,
+
+    /// The diff of the agent's work, with `outputs.patch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<PatchStatus>,
 
     /// The files `outputs.artifacts` chose, at most 100.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -781,16 +788,20 @@ pub struct GitStatus {
     /// Lines removed between `baseCommit` and `commit`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletions: Option<i64>,
-    /// The ConfigMap that keeps the diff, with `outputs.git.patch`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+}
+
+/// The diff `outputs.patch` kept.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PatchStatus {
+    /// The ConfigMap that keeps it, under `patch`.
     #[schemars(length(max = 253))]
-    pub patch_config_map: Option<String>,
-    /// The diff's size before any cut, in bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub patch_bytes: Option<i64>,
-    /// True when the ConfigMap keeps only the diff's start.
+    pub config_map: String,
+    /// Its size before any cut, in bytes.
+    pub bytes: i64,
+    /// True when the ConfigMap keeps only its start.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub patch_truncated: bool,
+    pub truncated: bool,
 }
 
 /// A file kept as an artifact.

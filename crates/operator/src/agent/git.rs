@@ -110,6 +110,20 @@ if [ "$head" = "$base" ]; then echo empty; exit 0; fi
 echo "commit $head"
 git diff --shortstat "$base" "$head""#;
 
+/// `$1` workspace, `$2` a git directory of its own. Records the workspace as seeded, so
+/// that the agent's work can be diffed against it without a repository of the task's.
+const SNAPSHOT: &str = r#"set -u
+export GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null LC_ALL=C GIT_DIR=$2 GIT_WORK_TREE=$1
+[ -e "$GIT_DIR/seeded" ] && exit 0
+rm -rf "$GIT_DIR" && mkdir -p "$1" && git init -q && git add -A &&
+  git -c user.name=Sandcastle -c user.email=sandcastle@localhost commit -q --allow-empty --no-verify -m seeded &&
+  : >"$GIT_DIR/seeded""#;
+
+/// `$1` workspace, `$2` the git directory of [`SNAPSHOT`], `$3` where to write the diff.
+const SEEDED_DIFF: &str = r#"set -u
+export GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null LC_ALL=C GIT_DIR=$2 GIT_WORK_TREE=$1
+git -c core.fsmonitor=false add -A && git -c core.fsmonitor=false diff --cached >"$3""#;
+
 /// Kills every process of the sandbox's user but this one and its parent (envd, or the
 /// runtime's own init), stopping them all first so none can fork past the kill: a
 /// process the agent left behind could otherwise read the push's environment. Builtins
@@ -234,6 +248,28 @@ pub fn commit_step(
             (AUTHOR_EMAIL.to_string(), email),
             (MESSAGE.to_string(), commit_message(push, task, prompt)),
         ]),
+    )
+}
+
+/// The record of the seeded workspace, in `git_dir`.
+pub fn snapshot_step(workspace: &str, git_dir: &str) -> Step {
+    Step::new(
+        SNAPSHOT.to_string(),
+        vec![workspace.to_string(), git_dir.to_string()],
+        BTreeMap::new(),
+    )
+}
+
+/// The diff of the workspace against [`snapshot_step`]'s record, into `patch`.
+pub fn seeded_diff_step(workspace: &str, git_dir: &str, patch: &str) -> Step {
+    Step::new(
+        SEEDED_DIFF.to_string(),
+        vec![
+            workspace.to_string(),
+            git_dir.to_string(),
+            patch.to_string(),
+        ],
+        BTreeMap::new(),
     )
 }
 

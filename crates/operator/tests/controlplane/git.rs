@@ -149,11 +149,11 @@ pub async fn the_agents_work_is_pushed_to_a_branch(env: Arc<TestEnv>) {
         "echo two >>README; rm old.txt; echo new >new.txt; echo edited",
         json!({"author": {"name": "Agent Smith", "email": "smith@example.com"}}),
     );
-    pusher["outputs"]["git"]["patch"] = json!(true);
+    pusher["outputs"]["patch"] = json!(true);
     create(&api, "pusher", pusher).await;
     // A failed agent's work is kept as a patch, and never pushed.
     let mut failing = pushing("echo change >>README; exit 3", json!({}));
-    failing["outputs"]["git"]["patch"] = json!(true);
+    failing["outputs"]["patch"] = json!(true);
     create(&api, "fails", failing).await;
     // Nothing changed: nothing to push.
     create(&api, "idle", pushing("echo looked", json!({}))).await;
@@ -224,13 +224,14 @@ pub async fn the_agents_work_is_pushed_to_a_branch(env: Arc<TestEnv>) {
                 .unwrap_or_default()
         }
     };
-    assert_eq!(pushed.patch_config_map.as_deref(), Some("pusher-patch"));
+    let kept = status.patch.clone().expect("status.patch");
+    assert_eq!(kept.config_map, "pusher-patch");
     let patch = patch_of("pusher").await;
     for line in ["+two", "-a", "-b", "+new", "--- a/old.txt", "+++ b/new.txt"] {
         assert!(patch.lines().any(|l| l == line), "no {line:?} in\n{patch}");
     }
-    assert_eq!(pushed.patch_bytes, Some(patch.len() as i64));
-    assert!(!pushed.patch_truncated);
+    assert_eq!(kept.bytes, patch.len() as i64);
+    assert!(!kept.truncated);
 
     let status = done(&api, "fails").await;
     assert_eq!(status.reason.as_deref(), Some("AgentFailed"), "{status:#?}");
@@ -531,6 +532,18 @@ pub async fn artifacts_are_kept_with_their_hashes_and_without_secrets(env: Arc<T
         }),
     )
     .await;
+    // Without a repository, the patch is against the workspace as seeded.
+    create(
+        &api,
+        "seeded-patch",
+        json!({
+            "templateRef": {"name": "base"},
+            "agent": {"command": {"command": ["sh", "-c", "echo two >a.txt && echo new >b.txt"]}},
+            "workspace": {"files": [{"path": "a.txt", "content": "one\n"}]},
+            "outputs": {"patch": true},
+        }),
+    )
+    .await;
     create(
         &api,
         "no-report",
@@ -587,6 +600,24 @@ pub async fn artifacts_are_kept_with_their_hashes_and_without_secrets(env: Arc<T
     assert_eq!(binary["dist_app.tar.gz"].0, b"tarball");
     assert_eq!(binary["report.txt"].0, b"token [redacted]\n");
     assert_eq!(binary.len(), 2);
+
+    let status = done(&api, "seeded-patch").await;
+    assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
+    assert_eq!(
+        status.patch.as_ref().map(|patch| patch.config_map.as_str()),
+        Some("seeded-patch-patch")
+    );
+    let patch = config_maps
+        .get("seeded-patch-patch")
+        .await
+        .expect("the patch")
+        .data
+        .unwrap_or_default()
+        .remove("patch")
+        .unwrap_or_default();
+    for line in ["-one", "+two", "+++ b/b.txt", "+new"] {
+        assert!(patch.lines().any(|l| l == line), "no {line:?} in\n{patch}");
+    }
 
     let status = done(&api, "no-report").await;
     assert_eq!(

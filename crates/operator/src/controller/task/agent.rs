@@ -277,6 +277,13 @@ pub(super) async fn launch(
         Err(error) => return Err(Launch::Provider(error)),
         Ok(()) => {}
     }
+    match git::snapshot(task, envd).await {
+        Ok(()) => {}
+        Err(git::GitTrouble::Failed { reason, message }) => {
+            return Err(Launch::Invalid { reason, message });
+        }
+        Err(git::GitTrouble::Provider(error)) => return Err(Launch::Provider(error)),
+    }
     let agent = agent_invocation(task, ctx);
     let mut invocation = invocation::recorded(agent, RUN_DIR);
     invocation.env.extend(inputs.env);

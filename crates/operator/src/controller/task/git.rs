@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::agent::git::{self, CLONED_MARKER, Committed, GIT_TAG, GitAuth, Step};
-use sandcastle_api::{GitSource, GitStatus};
+use sandcastle_api::{GitSource, GitStatus, PatchStatus};
 use sandcastle_e2b::envd_client::Output;
 
 /// Why a git step did not give its answer.
@@ -94,13 +94,64 @@ impl From<ProviderError> for Interrupted {
     }
 }
 
-/// The file (in the recorder's directory) the commit step writes the diff to.
+/// The file (in the recorder's directory) a diff is written to.
 const PATCH_FILE: &str = "git-patch";
+/// The git directory (in the recorder's directory) that records a seeded workspace.
+const SEED_DIR: &str = "seed.git";
 
-/// Commits the agent's work, keeps its diff when `outputs.git.patch` asks, and, for an
-/// agent that succeeded (`push_allowed`), pushes it as `outputs.git.push` says: what the
-/// status records, and why the delivery failed if it did (with what the status records
-/// all the same).
+/// What a delivery came to: what the status records, and why it failed if it did.
+pub(super) struct Delivered {
+    pub git: Option<GitStatus>,
+    pub patch: Option<PatchStatus>,
+    pub failure: Option<(TaskReason, String)>,
+}
+
+/// Records the workspace as seeded, for a task that keeps a patch without a repository:
+/// before the agent starts, after its files are written.
+pub(super) async fn snapshot(task: &AgentTask, envd: &EnvdClient) -> Result<(), GitTrouble> {
+    if !task.spec.outputs.patch || task.spec.workspace.git.is_some() {
+        return Ok(());
+    }
+    let step = git::snapshot_step(&workspace(task), &run_file(SEED_DIR));
+    let output = run_step(envd, step, within(task)).await?;
+    if output.success() {
+        return Ok(());
+    }
+    Err(GitTrouble::Failed {
+        reason: TaskReason::InvalidOutputs,
+        message: format!(
+            "outputs.patch needs git in the template's image to record the seeded workspace: {}",
+            truncate(output.stderr.trim(), 512)
+        ),
+    })
+}
+
+/// Keeps the diff git wrote to the patch file in `<task>-patch`.
+async fn save_patch(
+    task: &AgentTask,
+    ctx: &Context,
+    envd: &EnvdClient,
+    redactor: &Redactor,
+) -> Result<PatchStatus, Interrupted> {
+    let diff = envd.read_file(&run_file(PATCH_FILE)).await?;
+    let diff = redactor.redact(&String::from_utf8_lossy(&diff));
+    let (kept, truncated) = git::cap_patch(&diff, git::PATCH_LIMIT);
+    let config_map = owned_name(task, "-patch");
+    let contents = serde_json::json!({"data": {"patch": kept}});
+    save_owned_config_map(ctx, task, &config_map, contents)
+        .await
+        .map_err(Interrupted::Kube)?;
+    Ok(PatchStatus {
+        config_map,
+        bytes: diff.len() as i64,
+        truncated,
+    })
+}
+
+/// Delivers the agent's work as `outputs` asks. With `workspace.git`: commits it, keeps
+/// its diff against the base commit (`outputs.patch`), and, for an agent that succeeded
+/// (`push_allowed`), pushes it (`outputs.git.push`). Without: keeps its diff against the
+/// seeded workspace.
 pub(super) async fn deliver(
     task: &AgentTask,
     ctx: &Context,
@@ -108,21 +159,47 @@ pub(super) async fn deliver(
     auth: Option<&GitAuth>,
     redactor: &Redactor,
     push_allowed: bool,
-) -> Result<(GitStatus, Option<(TaskReason, String)>), Interrupted> {
-    let mut status = GitStatus::default();
-    let (Some(source), Some(outputs)) = (
-        task.spec.workspace.git.as_ref(),
-        task.spec.outputs.git.as_ref(),
-    ) else {
-        return Ok((status, None));
+) -> Result<Delivered, Interrupted> {
+    let mut delivered = Delivered {
+        git: None,
+        patch: None,
+        failure: None,
     };
-    let push = outputs.push.as_ref().filter(|_| push_allowed);
-    if push.is_none() && !outputs.patch {
-        return Ok((status, None));
+    let want_patch = task.spec.outputs.patch;
+    let Some(source) = task.spec.workspace.git.as_ref() else {
+        if want_patch {
+            let step =
+                git::seeded_diff_step(&workspace(task), &run_file(SEED_DIR), &run_file(PATCH_FILE));
+            match run_step(envd, step, within(task)).await {
+                Ok(output) if output.success() => {
+                    delivered.patch = Some(save_patch(task, ctx, envd, redactor).await?);
+                }
+                Ok(output) => {
+                    let message = format!(
+                        "the diff against the seeded workspace failed: {}",
+                        truncate(redactor.redact(&output.stderr).trim(), 512)
+                    );
+                    delivered.failure = Some((TaskReason::InvalidOutputs, message));
+                }
+                Err(GitTrouble::Provider(error)) => return Err(Interrupted::Provider(error)),
+                Err(GitTrouble::Failed { reason, message }) => {
+                    delivered.failure = Some((reason, message));
+                }
+            }
+        }
+        return Ok(delivered);
+    };
+    let push = task
+        .spec
+        .outputs
+        .git
+        .as_ref()
+        .and_then(|outputs| outputs.push.as_ref())
+        .filter(|_| push_allowed);
+    if push.is_none() && !want_patch {
+        return Ok(delivered);
     }
-    let failed = |status: GitStatus, reason: TaskReason, message: String| {
-        Ok((status, Some((reason, message))))
-    };
+    let mut status = GitStatus::default();
     let name = task.name_any();
     let base = String::from_utf8_lossy(&envd.read_file(&run_file(CLONED_MARKER)).await?)
         .trim()
@@ -131,7 +208,7 @@ pub(super) async fn deliver(
     let workspace = workspace(task);
     let prompt = task.spec.prompt.as_deref().unwrap_or_default();
     let within = within(task);
-    let patch_file = outputs.patch.then(|| run_file(PATCH_FILE));
+    let patch_file = want_patch.then(|| run_file(PATCH_FILE));
     let commit = git::commit_step(
         push,
         &workspace,
@@ -142,30 +219,28 @@ pub(super) async fn deliver(
     );
     let committed = match run_step(envd, commit, within).await {
         Ok(output) => match git::parse_committed(&output.stdout) {
-            Some(committed) if output.success() => committed,
+            Some(committed) if output.success() => Some(committed),
             _ => {
                 let message = format!(
                     "committing the agent's work failed: {}",
                     truncate(redactor.redact(&output.stderr).trim(), 512)
                 );
-                return failed(status, TaskReason::GitPushFailed, message);
+                delivered.failure = Some((TaskReason::GitPushFailed, message));
+                None
             }
         },
         Err(GitTrouble::Provider(error)) => return Err(Interrupted::Provider(error)),
-        Err(GitTrouble::Failed { reason, message }) => return failed(status, reason, message),
+        Err(GitTrouble::Failed { reason, message }) => {
+            delivered.failure = Some((reason, message));
+            None
+        }
     };
-    if let Some(file) = &patch_file {
-        let diff = envd.read_file(file).await?;
-        let diff = redactor.redact(&String::from_utf8_lossy(&diff));
-        let (kept, truncated) = git::cap_patch(&diff, git::PATCH_LIMIT);
-        let config_map = owned_name(task, "-patch");
-        let contents = serde_json::json!({"data": {"patch": kept}});
-        save_owned_config_map(ctx, task, &config_map, contents)
-            .await
-            .map_err(Interrupted::Kube)?;
-        status.patch_config_map = Some(config_map);
-        status.patch_bytes = Some(diff.len() as i64);
-        status.patch_truncated = truncated;
+    let Some(committed) = committed else {
+        delivered.git = Some(status);
+        return Ok(delivered);
+    };
+    if want_patch {
+        delivered.patch = Some(save_patch(task, ctx, envd, redactor).await?);
     }
     let Committed::Commit {
         sha,
@@ -175,14 +250,16 @@ pub(super) async fn deliver(
     } = committed
     else {
         // Nothing changed: nothing is pushed, and the status says so.
-        return Ok((status, None));
+        delivered.git = Some(status);
+        return Ok(delivered);
     };
     status.commit = Some(sha.clone());
     status.files_changed = Some(files);
     status.insertions = Some(insertions);
     status.deletions = Some(deletions);
     let Some(push) = push else {
-        return Ok((status, None));
+        delivered.git = Some(status);
+        return Ok(delivered);
     };
     let branch = git::push_branch(push, &name);
     status.branch = Some(branch.clone());
@@ -194,19 +271,21 @@ pub(super) async fn deliver(
             Ok(output) => output,
             Err(GitTrouble::Provider(error)) => return Err(Interrupted::Provider(error)),
             Err(GitTrouble::Failed { reason, message }) => {
-                return failed(status, reason, message);
+                delivered.failure = Some((reason, message));
+                break;
             }
         };
         if !output.success() {
-            let (reason, message) = git::push_failure(
+            delivered.failure = Some(git::push_failure(
                 &source.url,
                 &branch,
                 output.exit_code,
                 &redactor.redact(&output.stderr),
-            );
-            return failed(status, reason, message);
+            ));
+            break;
         }
     }
-    status.pushed = true;
-    Ok((status, None))
+    status.pushed = delivered.failure.is_none();
+    delivered.git = Some(status);
+    Ok(delivered)
 }

@@ -135,23 +135,17 @@ pub(super) async fn finish(
     // Only a successful agent's work is pushed; a failed one's keeps its own reason. A
     // pass cut off here delivers again: the commit is found made, and a push of the same
     // commit changes nothing.
-    let git_status = if task.spec.outputs.git.is_some() {
-        let succeeded = failure.is_none();
-        match git::deliver(task, ctx, envd, git_auth, redactor, succeeded).await {
-            Ok((status, trouble)) => {
-                if succeeded {
-                    failure = trouble;
-                }
-                Some(status)
-            }
-            Err(git::Interrupted::Provider(error)) => {
-                return envd_trouble(task, ctx, provider, &error, redactor).await;
-            }
-            Err(git::Interrupted::Kube(error)) => return Err(error),
+    let succeeded = failure.is_none();
+    let delivered = match git::deliver(task, ctx, envd, git_auth, redactor, succeeded).await {
+        Ok(delivered) => delivered,
+        Err(git::Interrupted::Provider(error)) => {
+            return envd_trouble(task, ctx, provider, &error, redactor).await;
         }
-    } else {
-        None
+        Err(git::Interrupted::Kube(error)) => return Err(error),
     };
+    if succeeded {
+        failure = delivered.failure.clone();
+    }
     // An agent that printed nothing leaves no transcript: an empty ConfigMap would cost a
     // write and an object per task and tell nobody anything.
     if !(stdout.is_empty() && stderr.is_empty()) {
@@ -181,9 +175,10 @@ pub(super) async fn finish(
             })
             .collect();
         status.file_count = Some(changes.count as i64);
-        if let Some(git) = &git_status {
+        if let Some(git) = &delivered.git {
             status.git = Some(git.clone());
         }
+        status.patch = delivered.patch.clone();
         if let Some(collected) = &collected {
             status.artifacts = collected.artifacts.clone();
             status.artifacts_config_map = collected.config_map.clone();
