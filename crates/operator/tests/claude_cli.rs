@@ -479,6 +479,25 @@ async fn a_json_schema_brings_the_answer_as_structured_output() {
         "the CLI offers the tool on every turn"
     );
 
+    // An answer the schema never accepts: the CLI asks again, then gives up.
+    model.set_mode(Mode::WrongStructuredOutput);
+    let scratch = Scratch::new("structured-wrong");
+    let run = run_claude_with(&model, &scratch, 20, &[], &["--json-schema", schema]).await;
+    let outcome = run.parser.outcome().expect("a result line");
+    assert_eq!(
+        outcome.subtype, "error_max_structured_output_retries",
+        "{}",
+        run.stdout
+    );
+    assert!(outcome.structured_output.is_none());
+    assert!(matches!(
+        run.parser.verdict(),
+        Verdict::Failed {
+            reason: FailureReason::StructuredOutput,
+            ..
+        }
+    ));
+
     let refused = tokio::process::Command::new(claude())
         .env_clear()
         .env("HOME", scratch.0.join("home"))

@@ -35,6 +35,9 @@ pub enum Mode {
     /// final text, after `pad` characters of filler (to put the value across a cut of
     /// the text), so tests can check that what leaves the agent gets redacted.
     EchoSecret { marker: String, pad: usize },
+    /// Every turn answers through the CLI's `StructuredOutput` tool with an object no
+    /// schema that requires a property accepts, so the CLI gives up on its retries.
+    WrongStructuredOutput,
 }
 
 /// The conversation the model plays in [`Mode::Ok`].
@@ -237,6 +240,9 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
             )]
         }
         Mode::EchoSecret { marker, pad } => echo_secret(&Conversation::of(&body), &marker, pad),
+        Mode::WrongStructuredOutput => {
+            vec![Block::Tool("StructuredOutput", json!({"unexpected": true}))]
+        }
     };
     let model = body
         .get("model")
