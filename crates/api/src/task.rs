@@ -808,7 +808,7 @@ pub struct PatchStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Artifact {
-    /// Path relative to the workspace.
+    /// Path relative to the workspace, cut to 200 bytes.
     #[schemars(length(max = MAX_OUTPUT_PATH_CHARS))]
     pub path: String,
     /// Size in bytes.

@@ -286,6 +286,10 @@ async fn warm_task_burst(
     burst: usize,
     round: usize,
 ) -> Row {
+    // The pool's status is written as a pass ends, so right after a burst it still shows
+    // the pool from before the burst's claims: two pass intervals let the last burst's
+    // tasks end and a pass that began after them write what is left.
+    tokio::time::sleep(Duration::from_secs(10)).await;
     pool_full(client, pool).await;
     let claims = || async {
         operator

@@ -12,6 +12,9 @@ use super::redact::Redactor;
 
 /// The most artifacts a task records.
 pub const MAX_ARTIFACTS: usize = 100;
+/// The longest artifact path and ConfigMap key the status shows, in bytes: with the
+/// hash, a hundred artifacts stay well within the status's 64 KiB.
+pub const MAX_ARTIFACT_NAME_BYTES: usize = 200;
 /// The most bytes of artifacts one ConfigMap keeps: a ConfigMap holds at most 1 MiB, and
 /// the rest leaves room for its keys and metadata.
 pub const KEPT_LIMIT: u64 = 768 * 1024;
@@ -115,7 +118,7 @@ pub fn key_for(path: &str, used: &mut HashSet<String>) -> String {
     if base.chars().all(|c| c == '.') {
         base = format!("_{base}");
     }
-    base.truncate(240);
+    base.truncate(MAX_ARTIFACT_NAME_BYTES - 8);
     let mut key = base.clone();
     let mut n = 1;
     while !used.insert(key.clone()) {
@@ -257,7 +260,7 @@ mod tests {
             "dist_app_v1.tar.gz.2"
         );
         assert_eq!(key_for("..", &mut used), "_..");
-        assert!(key_for(&"x".repeat(300), &mut used).len() <= 253);
+        assert!(key_for(&"x".repeat(300), &mut used).len() <= MAX_ARTIFACT_NAME_BYTES);
     }
 
     #[test]

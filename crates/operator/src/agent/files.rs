@@ -40,10 +40,15 @@ pub const CUT_MARKER: &str = "…";
 /// `path` as the status lists it: at most [`MAX_SHOWN_PATH_BYTES`], cut on a character
 /// boundary and ended with [`CUT_MARKER`] when longer.
 pub fn shown_path(path: &str) -> String {
-    if path.len() <= MAX_SHOWN_PATH_BYTES {
+    cut_path(path, MAX_SHOWN_PATH_BYTES)
+}
+
+/// `path` cut to at most `limit` bytes as [`shown_path`] cuts it.
+pub fn cut_path(path: &str, limit: usize) -> String {
+    if path.len() <= limit {
         return path.to_string();
     }
-    let mut end = MAX_SHOWN_PATH_BYTES - CUT_MARKER.len();
+    let mut end = limit - CUT_MARKER.len();
     while !path.is_char_boundary(end) {
         end -= 1;
     }

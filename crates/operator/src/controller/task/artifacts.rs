@@ -60,7 +60,7 @@ pub(super) async fn collect(
     {
         let mut artifact = Artifact {
             // Redacted before it is cut, as for `status.files`.
-            path: files::shown_path(&redactor.redact(path)),
+            path: files::cut_path(&redactor.redact(path), artifacts::MAX_ARTIFACT_NAME_BYTES),
             size: *size as i64,
             sha256: sums.as_ref().map(|sums| sums[index].clone()),
             key: None,
