@@ -543,6 +543,20 @@ pub(super) async fn keep(
         }
         _ => Vec::new(),
     };
+    // A template deleted while this pass created was drained without what it created:
+    // those go now, or they would live out their lifetime. Asked of the apiserver, not
+    // the cache, which may not show the deletion yet.
+    let created = if !created.is_empty() && being_deleted(ctx, template).await {
+        futures::future::join_all(
+            created
+                .iter()
+                .map(|sandbox| provider.kill_sandbox(&sandbox.sandbox_id)),
+        )
+        .await;
+        Vec::new()
+    } else {
+        created
+    };
     // Rolled: an outdated sandbox goes as a fresh one takes its place, so a rebuild
     // replaces the pool in steps, and whatever is left goes once the fresh ones are
     // enough. Outdated ones serve no new task, so a busy pool rolls all the same.
@@ -598,6 +612,20 @@ pub(super) async fn keep(
         claimed,
         build_id: status.build_id.clone(),
     }))
+}
+
+/// Whether the template is gone or going, as the apiserver says now; an error says no,
+/// and leaves what this pass made to the next look.
+async fn being_deleted(ctx: &Context, template: &SandboxTemplate) -> bool {
+    let templates: kube::Api<SandboxTemplate> = kube::Api::namespaced(
+        ctx.client.clone(),
+        &template.namespace().unwrap_or_default(),
+    );
+    match templates.get_opt(&template.name_any()).await {
+        Ok(Some(now)) => now.metadata.deletion_timestamp.is_some(),
+        Ok(None) => true,
+        Err(_) => false,
+    }
 }
 
 /// What envd needs to reach a listed sandbox.
