@@ -16,7 +16,7 @@ use sandcastle_testkit::model::{EDITED_README, Script, ScriptedModel, structured
 use sandcastle_testkit::operator::wait_for;
 use serde_json::{Value, json};
 
-use super::tasks::{create, events, finished, put_secret, setup};
+use super::tasks::{claude_settings, create, events, finished, put_secret, setup};
 
 /// A command task on `base` cloning `git` into its workspace.
 fn task(git: Value, script: &str) -> Value {
@@ -411,29 +411,13 @@ pub async fn git_failures_have_reasons_and_never_show_the_token(env: Arc<TestEnv
 /// the README, and the work is pushed. The token is in none of the tool results the model
 /// read, which are the agent's own view and never redacted.
 pub async fn claude_code_edits_a_clone_and_its_work_is_pushed(env: Arc<TestEnv>) {
-    let binary = sandcastle_testkit::repo()
-        .join(".tools/bin/claude")
-        .canonicalize()
-        .expect("run scripts/setup");
-    let install = binary
-        .ancestors()
-        .find(|dir| dir.file_name().is_some_and(|name| name == "node_modules"))
-        .and_then(std::path::Path::parent)
-        .expect("an npm prefix")
-        .display()
-        .to_string();
-    let command = binary.display().to_string();
     let server = GitServer::start();
     let base = server.create("app", &[("README", b"one\n")]);
-    let (ns, operator, api) = setup(
-        &env,
-        "git-claude",
-        &[
-            ("SANDCASTLE_CLAUDE_COMMAND", &command),
-            ("SANDCASTLE_SANDBOXD_HOST_PATHS", &install),
-        ],
-    )
-    .await;
+    let settings = claude_settings();
+    let settings = settings
+        .each_ref()
+        .map(|(key, value)| (*key, value.as_str()));
+    let (ns, operator, api) = setup(&env, "git-claude", &settings).await;
     let model = ScriptedModel::start(Script::EditRepo).await;
     put_secret(
         &env,

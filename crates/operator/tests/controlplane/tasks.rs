@@ -413,7 +413,9 @@ pub async fn deadlines_and_deletion_kill_the_sandbox(env: Arc<TestEnv>) {
     );
 }
 
-pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestEnv>) {
+/// The operator settings that run the pinned Claude Code CLI (from `scripts/setup`) in
+/// the embedded server's sandboxes: its command, and its install mounted there.
+pub(crate) fn claude_settings() -> [(&'static str, String); 2] {
     let binary = repo()
         .join(".tools/bin/claude")
         .canonicalize()
@@ -425,16 +427,18 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
         .expect("an npm prefix")
         .display()
         .to_string();
-    let command = binary.display().to_string();
-    let (ns, operator, api) = setup(
-        &env,
-        "claude",
-        &[
-            ("SANDCASTLE_CLAUDE_COMMAND", &command),
-            ("SANDCASTLE_SANDBOXD_HOST_PATHS", &install),
-        ],
-    )
-    .await;
+    [
+        ("SANDCASTLE_CLAUDE_COMMAND", binary.display().to_string()),
+        ("SANDCASTLE_SANDBOXD_HOST_PATHS", install),
+    ]
+}
+
+pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestEnv>) {
+    let settings = claude_settings();
+    let settings = settings
+        .each_ref()
+        .map(|(key, value)| (*key, value.as_str()));
+    let (ns, operator, api) = setup(&env, "claude", &settings).await;
     let model = ScriptedModel::start(Script::WriteAndRun).await;
     let key = "sk-ant-task-key-5e1c";
     put_secret(&env, &ns, "anthropic", json!({"ANTHROPIC_API_KEY": key})).await;
