@@ -16,7 +16,15 @@ use sandcastle_testkit::model::{EDITED_README, Script, ScriptedModel, structured
 use sandcastle_testkit::operator::wait_for;
 use serde_json::{Value, json};
 
-use super::tasks::{claude_settings, create, events, finished, put_secret, setup};
+use super::tasks::{
+    claude_settings, create, events, finished, put_secret, setup, waits_for_its_secret,
+};
+
+/// The Secret `repo` with the server's account, as `workspace.git.secretRef` takes it.
+async fn put_repo_secret(env: &TestEnv, ns: &str, server: &GitServer) {
+    let account = json!({"username": USER, "password": server.token()});
+    put_secret(env, ns, "repo", account).await;
+}
 
 /// A command task on `base` cloning `git` into its workspace.
 fn task(git: Value, script: &str) -> Value {
@@ -54,13 +62,7 @@ pub async fn a_git_workspace_is_cloned_at_a_branch_a_tag_or_a_commit(env: Arc<Te
     let dev = server.advance("app", "dev", &[("README", b"two\n")], "on dev");
     let main = server.advance("app", "main", &[("README", b"three\n")], "on main");
     let (ns, operator, api) = setup(&env, "git-clone", &[]).await;
-    put_secret(
-        &env,
-        &ns,
-        "repo",
-        json!({"username": USER, "password": server.token()}),
-    )
-    .await;
+    put_repo_secret(&env, &ns, &server).await;
     let source = |git_ref: Option<&str>, depth: Option<i32>| json!({"url": server.url("app"), "ref": git_ref, "depth": depth, "secretRef": {"name": "repo"}});
     let show = "cat README; git rev-parse HEAD; git rev-list --count HEAD";
     let cases = [
@@ -131,13 +133,7 @@ pub async fn the_agents_work_is_pushed_to_a_branch(env: Arc<TestEnv>) {
     let server = GitServer::start();
     let base = server.create("app", &[("README", b"one\n"), ("old.txt", b"a\nb\n")]);
     let (ns, operator, api) = setup(&env, "git-push", &[]).await;
-    put_secret(
-        &env,
-        &ns,
-        "repo",
-        json!({"password": server.token(), "username": USER}),
-    )
-    .await;
+    put_repo_secret(&env, &ns, &server).await;
     let git = json!({"url": server.url("app"), "ref": "main", "secretRef": {"name": "repo"}});
     let pushing = |script: &str, push: Value| {
         let mut spec = task(git.clone(), script);
@@ -291,13 +287,7 @@ pub async fn git_failures_have_reasons_and_never_show_the_token(env: Arc<TestEnv
     server.create("big", &[("noise.bin", &noise)]);
     let (ns, operator, api) = setup(&env, "git-fail", &[]).await;
     let wrong = format!("{}-wrong", server.token());
-    put_secret(
-        &env,
-        &ns,
-        "repo",
-        json!({"username": USER, "password": server.token()}),
-    )
-    .await;
+    put_repo_secret(&env, &ns, &server).await;
     put_secret(
         &env,
         &ns,
@@ -380,18 +370,7 @@ pub async fn git_failures_have_reasons_and_never_show_the_token(env: Arc<TestEnv
         let message = status.message.clone().unwrap_or_default();
         assert!(message.contains(says), "{name}: {message}");
     }
-    let waiting = wait_for(&api, "ssh-key", "waiting for a usable Secret", |status| {
-        status.reason.as_deref() == Some("MissingSecret")
-    })
-    .await;
-    assert!(
-        waiting
-            .message
-            .as_deref()
-            .unwrap_or_default()
-            .contains("has no key password"),
-        "{waiting:#?}"
-    );
+    waits_for_its_secret(&api, "ssh-key", "has no key password").await;
     // No token, right or wrong, in any status, event, transcript or operator log line.
     let config_maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &ns);
     let everything = format!(
@@ -426,13 +405,7 @@ pub async fn claude_code_edits_a_clone_and_its_work_is_pushed(env: Arc<TestEnv>)
         json!({"ANTHROPIC_API_KEY": "sk-ant-git-7f3a"}),
     )
     .await;
-    put_secret(
-        &env,
-        &ns,
-        "repo",
-        json!({"username": USER, "password": server.token()}),
-    )
-    .await;
+    put_repo_secret(&env, &ns, &server).await;
     create(
         &api,
         "claude-edits",

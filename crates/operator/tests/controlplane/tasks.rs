@@ -258,17 +258,7 @@ pub async fn a_task_waits_for_its_secret_and_never_shows_the_value(env: Arc<Test
         "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}],
     }))
     .await;
-    let waiting = wait_for(&api, "needs-key", "waiting", |status| {
-        status.reason.as_deref() == Some("MissingSecret")
-    })
-    .await;
-    assert!(
-        waiting
-            .message
-            .as_deref()
-            .unwrap_or_default()
-            .contains("creds")
-    );
+    let waiting = waits_for_its_secret(&api, "needs-key", "creds").await;
     assert_eq!(
         waiting.sandbox_id, None,
         "nothing starts without the Secret"
@@ -313,6 +303,21 @@ pub async fn a_task_waits_for_its_secret_and_never_shows_the_value(env: Arc<Test
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(operator);
+}
+
+/// Waits until the task waits in `MissingSecret` with a message that `says` something.
+pub(crate) async fn waits_for_its_secret(
+    api: &Api<AgentTask>,
+    name: &str,
+    says: &str,
+) -> AgentTaskStatus {
+    let waiting = wait_for(api, name, "waiting for its Secret", |status| {
+        status.reason.as_deref() == Some("MissingSecret")
+    })
+    .await;
+    let message = waiting.message.as_deref().unwrap_or_default();
+    assert!(message.contains(says), "{name}: {message}");
+    waiting
 }
 
 /// The agent's stdout as the task's transcript ConfigMap keeps it.
