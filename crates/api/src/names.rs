@@ -23,6 +23,16 @@ pub const SANDBOX_TASK_NAME: &str = "sandcastle.dev/task-name";
 /// only sandboxes that carry its own instance.
 pub const SANDBOX_OPERATOR: &str = "sandcastle.dev/operator";
 
+/// Sandbox metadata: what made the sandbox when it was not a task's (`mcp`: the MCP
+/// server's `run_code`).
+pub const SANDBOX_MADE_BY: &str = "sandcastle.dev/made-by";
+/// The value of [`SANDBOX_MADE_BY`] on the MCP server's sandboxes.
+pub const MADE_BY_MCP: &str = "mcp";
+/// Sandbox metadata: the Lease (`namespace/name`) the MCP server that made the sandbox
+/// renews while it lives; the orphan sweep kills the sandbox once the Lease is gone or
+/// has run out.
+pub const SANDBOX_MCP_LEASE: &str = "sandcastle.dev/mcp-lease";
+
 /// The field manager of every write the operator makes but one (below).
 pub const FIELD_MANAGER: &str = "sandcastle";
 

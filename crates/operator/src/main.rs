@@ -50,6 +50,85 @@ enum Command {
     /// Run the E2B-compatible sandbox server with its kubernetes runtime: every sandbox a
     /// Pod in one namespace, any number of replicas.
     SandboxdKubernetes(Box<KubeSandboxdArgs>),
+    /// Run the MCP server: run_code (Python, JavaScript, bash) in sandboxes, with
+    /// contexts that keep state, and AgentTasks as tools. Over stdio (for a desktop
+    /// client) or streamable HTTP (in a cluster).
+    Mcp(Box<McpArgs>),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum McpTransport {
+    Stdio,
+    Http,
+}
+
+#[derive(clap::Args)]
+struct McpArgs {
+    #[arg(
+        long,
+        env = "SANDCASTLE_MCP_TRANSPORT",
+        value_enum,
+        default_value = "stdio"
+    )]
+    transport: McpTransport,
+    /// Where streamable HTTP listens; the endpoint is /mcp.
+    #[arg(long, env = "SANDCASTLE_MCP_LISTEN", default_value = "127.0.0.1:8090")]
+    listen: std::net::SocketAddr,
+    /// Host names clients may address the HTTP server by, beyond loopback (the Service's
+    /// name in a cluster); the Host header is checked against them, against DNS rebinding.
+    #[arg(long, env = "SANDCASTLE_MCP_ALLOWED_HOSTS", value_delimiter = ',')]
+    allowed_host: Vec<String>,
+    /// Require `Authorization: Bearer <token>` on HTTP requests.
+    #[arg(long, env = "SANDCASTLE_MCP_BEARER_TOKEN", hide_env_values = true)]
+    bearer_token: Option<String>,
+    /// The template (ID or name on the provider) run_code's sandboxes start from.
+    #[arg(long, env = "SANDCASTLE_MCP_TEMPLATE", default_value = "base")]
+    template: String,
+    /// The most sandboxes alive at once.
+    #[arg(long, env = "SANDCASTLE_MCP_MAX_SANDBOXES", default_value_t = 4)]
+    max_sandboxes: usize,
+    /// Calls and contexts sharing one sandbox before another is made.
+    #[arg(long, env = "SANDCASTLE_MCP_PER_SANDBOX", default_value_t = 8)]
+    per_sandbox: usize,
+    /// Seconds a sandbox nobody uses is kept.
+    #[arg(
+        long,
+        env = "SANDCASTLE_MCP_SANDBOX_IDLE_SECONDS",
+        default_value_t = 300
+    )]
+    sandbox_idle_seconds: u64,
+    /// The lifetime given to each sandbox on its provider and renewed while the server
+    /// lives: the longest a sandbox outlives a crashed server that no sweep covers.
+    #[arg(
+        long,
+        env = "SANDCASTLE_MCP_SANDBOX_LIFETIME_SECONDS",
+        default_value_t = 300
+    )]
+    sandbox_lifetime_seconds: u64,
+    #[arg(long, env = "SANDCASTLE_MCP_MAX_CONTEXTS", default_value_t = 32)]
+    max_contexts: usize,
+    /// Seconds an unused context keeps its interpreter.
+    #[arg(
+        long,
+        env = "SANDCASTLE_MCP_CONTEXT_IDLE_SECONDS",
+        default_value_t = 1800
+    )]
+    context_idle_seconds: u64,
+    /// The namespace of the task tools and of the server's Lease.
+    #[arg(long, env = "SANDCASTLE_MCP_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// This server's name in its Lease; the host name and process ID when unset.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Do without a cluster: no task tools, and no Lease for the orphan sweep.
+    #[arg(long)]
+    no_kubernetes: bool,
+    #[arg(long, env = "SANDCASTLE_LOG", default_value = "info")]
+    log: String,
+    #[command(flatten)]
+    provider: ProviderArgs,
+    #[command(flatten)]
+    embedded: EmbeddedArgs,
 }
 
 #[derive(clap::Args)]
@@ -157,6 +236,7 @@ async fn main() -> ExitCode {
             sandboxd(config, &log).await
         }
         Command::SandboxdKubernetes(args) => sandboxd_kubernetes(*args).await,
+        Command::Mcp(args) => mcp(*args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -223,6 +303,72 @@ async fn sandboxd_kubernetes(args: KubeSandboxdArgs) -> Result<(), BoxError> {
     let _ = terminated().await;
     server.stop().await;
     Ok(())
+}
+
+async fn mcp(args: McpArgs) -> Result<(), BoxError> {
+    // stdout is the protocol on stdio: everything else goes to stderr.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log)?)
+        .init();
+    let metrics = Arc::new(sandcastle::metrics::Metrics::new());
+    let (provider, embedded) = match args.provider.provider {
+        ProviderKind::Embedded => {
+            let (client, server) = start_embedded(args.embedded, &metrics).await?;
+            (client, Some(server))
+        }
+        ProviderKind::E2b => (
+            e2b_provider(args.provider, &metrics)?.ok_or("the e2b provider needs E2B_API_KEY")?,
+            None,
+        ),
+    };
+    let kube = if args.no_kubernetes {
+        None
+    } else {
+        match kube::Client::try_default().await {
+            Ok(client) => Some(client),
+            Err(error) => {
+                tracing::warn!(%error, "no Kubernetes cluster: the task tools are off");
+                None
+            }
+        }
+    };
+    let identity = args
+        .identity
+        .unwrap_or_else(default_identity)
+        .to_ascii_lowercase()
+        .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-");
+    let settings = sandcastle_mcp::server::Settings {
+        pool: sandcastle_mcp::sandboxes::PoolSettings {
+            template: args.template,
+            max_sandboxes: args.max_sandboxes.max(1),
+            per_sandbox: args.per_sandbox.max(1),
+            idle_timeout: std::time::Duration::from_secs(args.sandbox_idle_seconds),
+            lifetime: std::time::Duration::from_secs(args.sandbox_lifetime_seconds.max(30)),
+            wait: std::time::Duration::from_secs(60),
+            metadata: Default::default(),
+        },
+        max_contexts: args.max_contexts,
+        context_idle_timeout: std::time::Duration::from_secs(args.context_idle_seconds),
+        namespace: args.namespace,
+        identity,
+    };
+    let transport = match args.transport {
+        McpTransport::Stdio => sandcastle_mcp::server::Transport::Stdio,
+        McpTransport::Http => sandcastle_mcp::server::Transport::Http {
+            listen: args.listen,
+            allowed_hosts: args.allowed_host,
+            bearer_token: args.bearer_token,
+        },
+    };
+    let stop = async {
+        let _ = terminated().await;
+    };
+    let served = sandcastle_mcp::server::serve(provider, kube, settings, transport, stop).await;
+    if let Some(server) = embedded {
+        server.stop().await;
+    }
+    served.map_err(|error| error.to_string().into())
 }
 
 #[derive(clap::Args)]
