@@ -186,7 +186,7 @@ pub struct Agent {
 }
 
 /// Settings of the Claude Code CLI.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ClaudeCodeAgent {
     /// The model (`--model`). Absent means the CLI's default.
@@ -230,6 +230,99 @@ pub struct ClaudeCodeAgent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_object")]
     pub json_schema: Option<serde_json::Map<String, serde_json::Value>>,
+
+    /// MCP servers the agent may use, passed with `--mcp-config` and
+    /// `--strict-mcp-config` (so no other MCP configuration in the sandbox adds any). Their
+    /// tools are named `mcp__<name>__<tool>`; list them in `allowedTools` where the
+    /// permission mode asks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_MCP_SERVERS))]
+    #[x_kube(validation = Rule::new("self.all(s, self.exists_one(t, t.name == s.name))")
+        .message("each MCP server needs a name of its own"))]
+    pub mcp_servers: Vec<McpServer>,
+}
+
+/// The most MCP servers one task gives its agent.
+pub const MAX_MCP_SERVERS: u32 = 16;
+
+/// An MCP server for the agent: a command it starts in the sandbox (stdio), or a server
+/// it reaches over HTTP.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.command) != has(self.url)")
+        .message("each MCP server sets exactly one of command (started in the sandbox) or url (reached over HTTP)"),
+    validation = Rule::new("!has(self.headers) || has(self.url)")
+        .message("headers are for an MCP server with a url"),
+    validation = Rule::new("!has(self.env) || has(self.command)")
+        .message("env is for an MCP server with a command"),
+    validation = Rule::new("!has(self.transport) || has(self.url)")
+        .message("transport is for an MCP server with a url")
+)]
+pub struct McpServer {
+    /// The server's name, in its tools' names: letters, digits, `_` and `-`.
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_-]+$')")
+        .message("an MCP server's name takes letters, digits, '_' and '-'"))]
+    pub name: String,
+
+    /// The program and its arguments, started by the agent in the sandbox (stdio).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_SPEC_LIST_ITEMS), inner(length(min = 1, max = 4096)))]
+    pub command: Option<Vec<String>>,
+
+    /// The command's environment, literal or from Secrets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_SPEC_LIST_ITEMS))]
+    pub env: Vec<EnvVar>,
+
+    /// The server's URL (`http://` or `https://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')")
+        .message("an MCP server's url starts with http:// or https://"))]
+    pub url: Option<String>,
+
+    /// `http` (streamable HTTP, the default) or `sse` (the older HTTP+SSE transport).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<McpTransport>,
+
+    /// Headers of every request to the server, literal or from Secrets (an
+    /// `Authorization` token, say); values from Secrets are redacted like any other.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub headers: Vec<McpHeader>,
+}
+
+/// How the agent talks to an MCP server it reaches by URL.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum McpTransport {
+    #[default]
+    Http,
+    Sse,
+}
+
+/// A header of the requests to an MCP server. Exactly one of `value` and `valueFrom`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.value) != has(self.valueFrom)")
+    .message("each header must set exactly one of value or valueFrom"))]
+pub struct McpHeader {
+    /// The header's name.
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9!#$%&*+.^_|~-]+$')")
+        .message("a header name takes letters, digits and !#$%&*+.^_|~-"))]
+    pub name: String,
+
+    /// A literal value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16_384))]
+    pub value: Option<String>,
+
+    /// A value read from a Secret when the task starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<EnvVarSource>,
 }
 
 /// The Claude Code permission mode.

@@ -170,6 +170,8 @@ pub struct Collector {
     mark: Vec<u8>,
     stdout: Stream,
     stderr: Stream,
+    /// The mark and what followed it, while the answer's line is not whole.
+    pending: Option<Vec<u8>>,
     answer: Option<Result<Answer, String>>,
     stderr_done: bool,
 }
@@ -180,6 +182,7 @@ impl Collector {
             mark: format!("\u{1e}{token}\u{1e}").into_bytes(),
             stdout: Stream::default(),
             stderr: Stream::default(),
+            pending: None,
             answer: None,
             stderr_done: false,
         }
@@ -189,20 +192,24 @@ impl Collector {
         if self.answer.is_some() {
             return;
         }
-        self.stdout.push(data);
-        let Some(found) = self.stdout.take_from(&self.mark) else {
-            return;
-        };
-        let line = &found[self.mark.len()..];
-        match line.iter().position(|&byte| byte == b'\n') {
-            Some(end) => {
-                self.answer = Some(
-                    serde_json::from_slice::<Answer>(&line[..end])
-                        .map_err(|error| format!("the interpreter's answer is not JSON: {error}")),
-                );
+        match &mut self.pending {
+            // The mark has come; what follows is the answer's line, until its newline.
+            Some(pending) => pending.extend_from_slice(data),
+            None => {
+                self.stdout.push(data);
+                match self.stdout.take_from(&self.mark) {
+                    Some(found) => self.pending = Some(found),
+                    None => return,
+                }
             }
-            // The answer's line is not whole yet: put it back for the next chunk.
-            None => self.stdout.tail = found,
+        }
+        let pending = self.pending.as_deref().unwrap_or_default();
+        let line = &pending[self.mark.len()..];
+        if let Some(end) = line.iter().position(|&byte| byte == b'\n') {
+            self.answer = Some(
+                serde_json::from_slice::<Answer>(&line[..end])
+                    .map_err(|error| format!("the interpreter's answer is not JSON: {error}")),
+            );
         }
     }
 

@@ -116,7 +116,7 @@ impl Pool {
         loop {
             let freed = self.freed.notified();
             enum Next {
-                Take(String, EnvdClient),
+                Take(Box<(String, EnvdClient)>),
                 Create,
                 Wait,
             }
@@ -132,8 +132,9 @@ impl Pool {
                     .min_by_key(|slot| slot.users);
                 if let Some(slot) = best {
                     slot.users += 1;
-                    let (id, envd) = slot.sandbox.clone().expect("filtered on a made sandbox");
-                    Next::Take(id, envd)
+                    Next::Take(Box::new(
+                        slot.sandbox.clone().expect("filtered on a made sandbox"),
+                    ))
                 } else if state.slots.len() < self.settings.max_sandboxes {
                     let now = Instant::now();
                     state.slots.push(Slot {
@@ -148,7 +149,8 @@ impl Pool {
                 }
             };
             match next {
-                Next::Take(sandbox_id, envd) => {
+                Next::Take(taken) => {
+                    let (sandbox_id, envd) = *taken;
                     return Ok(Lease {
                         pool: self.clone(),
                         sandbox_id,

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use sandcastle_api::{ClaudeCodeAgent, CommandAgent, PermissionMode};
+use sandcastle_api::{ClaudeCodeAgent, CommandAgent, McpServer, McpTransport, PermissionMode};
 
 /// Where the recording wrapper writes, inside the sandbox.
 pub const RUN_DIR: &str = "/tmp/sandcastle-run";
@@ -88,6 +88,13 @@ pub fn claude_code(agent: &ClaudeCodeAgent, prompt: &str) -> Invocation {
             serde_json::Value::Object(schema.clone()).to_string(),
         ]);
     }
+    if !agent.mcp_servers.is_empty() {
+        args.extend([
+            "--mcp-config".into(),
+            mcp_config(&agent.mcp_servers).to_string(),
+            "--strict-mcp-config".into(),
+        ]);
+    }
     args.extend(agent.extra_args.iter().cloned());
     Invocation {
         cmd: "claude".into(),
@@ -97,6 +104,81 @@ pub fn claude_code(agent: &ClaudeCodeAgent, prompt: &str) -> Invocation {
             .map(|(key, value)| (key.to_string(), value.to_string()))
             .collect(),
     }
+}
+
+/// Which list of an MCP server a value from a Secret belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum McpValue {
+    Env,
+    Header,
+}
+
+/// The agent's environment variable that carries a Secret's value for an MCP server: the
+/// configuration on the command line names it (`${...}`, which the CLI expands), so the
+/// value itself is never in an argument any process listing shows.
+pub fn mcp_secret_variable(server: usize, value: McpValue, index: usize) -> String {
+    let list = match value {
+        McpValue::Env => "ENV",
+        McpValue::Header => "HEADER",
+    };
+    format!("SANDCASTLE_MCP_{server}_{list}_{index}")
+}
+
+/// The `--mcp-config` document for the task's MCP servers.
+pub fn mcp_config(servers: &[McpServer]) -> serde_json::Value {
+    let value_of = |literal: &Option<String>, server: usize, list: McpValue, index: usize| {
+        literal
+            .clone()
+            .unwrap_or_else(|| format!("${{{}}}", mcp_secret_variable(server, list, index)))
+    };
+    let mut config = serde_json::Map::new();
+    for (i, server) in servers.iter().enumerate() {
+        let entry = match (&server.command, &server.url) {
+            (Some(command), _) => {
+                let env: serde_json::Map<String, serde_json::Value> = server
+                    .env
+                    .iter()
+                    .enumerate()
+                    .map(|(j, var)| {
+                        (
+                            var.name.clone(),
+                            value_of(&var.value, i, McpValue::Env, j).into(),
+                        )
+                    })
+                    .collect();
+                serde_json::json!({
+                    "type": "stdio",
+                    "command": command.first().cloned().unwrap_or_default(),
+                    "args": command.iter().skip(1).collect::<Vec<_>>(),
+                    "env": env,
+                })
+            }
+            (None, url) => {
+                let headers: serde_json::Map<String, serde_json::Value> = server
+                    .headers
+                    .iter()
+                    .enumerate()
+                    .map(|(j, header)| {
+                        (
+                            header.name.clone(),
+                            value_of(&header.value, i, McpValue::Header, j).into(),
+                        )
+                    })
+                    .collect();
+                let transport = match server.transport.unwrap_or_default() {
+                    McpTransport::Http => "http",
+                    McpTransport::Sse => "sse",
+                };
+                serde_json::json!({
+                    "type": transport,
+                    "url": url.clone().unwrap_or_default(),
+                    "headers": headers,
+                })
+            }
+        };
+        config.insert(server.name.clone(), entry);
+    }
+    serde_json::json!({ "mcpServers": config })
 }
 
 /// A plain command; the prompt, if any, arrives in [`PROMPT_VARIABLE`].
@@ -180,6 +262,46 @@ mod tests {
             "1"
         );
         assert!(!invocation.env.contains_key("IS_SANDBOX"));
+    }
+
+    #[test]
+    fn mcp_servers_go_in_a_strict_config_that_names_secret_values_by_variable() {
+        let servers: Vec<McpServer> = serde_json::from_value(serde_json::json!([
+            {"name": "tools", "command": ["python3", "-m", "tools", "--stdio"],
+             "env": [{"name": "MODE", "value": "ro"},
+                     {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
+            {"name": "remote", "url": "https://mcp.example.com/mcp",
+             "headers": [{"name": "X-Team", "value": "blue"},
+                         {"name": "Authorization", "valueFrom": {"secretKeyRef": {"name": "s", "key": "auth"}}}]},
+            {"name": "old", "url": "http://legacy:8080/sse", "transport": "sse"}
+        ]))
+        .unwrap();
+        let config = mcp_config(&servers);
+        assert_eq!(
+            config,
+            serde_json::json!({"mcpServers": {
+                "tools": {"type": "stdio", "command": "python3", "args": ["-m", "tools", "--stdio"],
+                          "env": {"MODE": "ro", "TOKEN": "${SANDCASTLE_MCP_0_ENV_1}"}},
+                "remote": {"type": "http", "url": "https://mcp.example.com/mcp",
+                           "headers": {"X-Team": "blue", "Authorization": "${SANDCASTLE_MCP_1_HEADER_1}"}},
+                "old": {"type": "sse", "url": "http://legacy:8080/sse", "headers": {}}
+            }})
+        );
+        let with_servers = ClaudeCodeAgent {
+            mcp_servers: servers,
+            extra_args: vec!["--last".into()],
+            ..agent()
+        };
+        let args = claude_code(&with_servers, "go").args;
+        let at = args.iter().position(|arg| arg == "--mcp-config").unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&args[at + 1]).unwrap(),
+            config
+        );
+        assert_eq!(args[at + 2], "--strict-mcp-config");
+        assert_eq!(args.last().unwrap(), "--last", "extra args still come last");
+        let without = claude_code(&agent(), "go").args;
+        assert!(!without.iter().any(|arg| arg.contains("mcp")));
     }
 
     #[test]

@@ -128,6 +128,7 @@ async fn sweep_providers(ctx: &Context) -> Vec<E2bClient> {
 }
 
 async fn sweep_provider(ctx: &Context, provider: &E2bClient) {
+    sweep_mcp_sandboxes(ctx, provider).await;
     let query = ListQuery {
         metadata: BTreeMap::from([(OPERATOR.to_string(), ctx.instance.clone())]),
         ..ListQuery::default()
@@ -159,6 +160,102 @@ async fn sweep_provider(ctx: &Context, provider: &E2bClient) {
         if owned.is_none() || finished {
             tracing::info!(sandbox = %sandbox.sandbox_id, %namespace, %name, finished, "killing an orphaned sandbox");
             let _ = provider.kill_sandbox(&sandbox.sandbox_id).await;
+        }
+    }
+}
+
+/// Kills the sandboxes of MCP servers that are gone: each names the Lease its server
+/// renews, and a Lease that is missing or ran out (by more than its own duration, for the
+/// clocks' sake) means the server crashed without killing them. A sandbox that names no
+/// Lease (a server without a cluster) is left to its own lifetime on the provider.
+async fn sweep_mcp_sandboxes(ctx: &Context, provider: &E2bClient) {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use sandcastle_api::names::{MADE_BY_MCP, SANDBOX_MADE_BY, SANDBOX_MCP_LEASE};
+    let query = ListQuery {
+        metadata: BTreeMap::from([(SANDBOX_MADE_BY.to_string(), MADE_BY_MCP.to_string())]),
+        ..ListQuery::default()
+    };
+    let Ok(sandboxes) = provider.list_sandboxes(&query).await else {
+        return;
+    };
+    for sandbox in sandboxes {
+        let metadata = sandbox.metadata.clone().unwrap_or_default();
+        let Some((namespace, name)) = metadata
+            .get(SANDBOX_MCP_LEASE)
+            .and_then(|lease| lease.split_once('/'))
+        else {
+            continue;
+        };
+        if !ctx.scope.covers(namespace) {
+            continue;
+        }
+        let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), namespace);
+        let lease = match leases.get_opt(name).await {
+            Ok(found) => found,
+            Err(_) => continue,
+        };
+        if mcp_server_lives(lease.as_ref(), jiff::Timestamp::now()) {
+            continue;
+        }
+        tracing::info!(sandbox = %sandbox.sandbox_id, lease = %format!("{namespace}/{name}"), "killing a sandbox of a vanished MCP server");
+        let _ = provider.kill_sandbox(&sandbox.sandbox_id).await;
+    }
+}
+
+/// Whether the MCP server holding `lease` still renews it.
+fn mcp_server_lives(
+    lease: Option<&k8s_openapi::api::coordination::v1::Lease>,
+    now: jiff::Timestamp,
+) -> bool {
+    let Some(spec) = lease.and_then(|lease| lease.spec.as_ref()) else {
+        return false;
+    };
+    let (Some(renewed), Some(seconds)) = (&spec.renew_time, spec.lease_duration_seconds) else {
+        return false;
+    };
+    let expires = renewed.0 + jiff::SignedDuration::from_secs(2 * i64::from(seconds.max(1)));
+    now < expires
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+
+    fn lease(renewed: Option<jiff::Timestamp>, seconds: Option<i32>) -> Lease {
+        Lease {
+            spec: Some(LeaseSpec {
+                renew_time: renewed.map(MicroTime),
+                lease_duration_seconds: seconds,
+                ..LeaseSpec::default()
+            }),
+            ..Lease::default()
+        }
+    }
+
+    #[test]
+    fn an_mcp_server_lives_while_its_lease_is_renewed() {
+        let now: jiff::Timestamp = "2026-12-06T05:00:00Z".parse().unwrap();
+        let ago = |seconds: i64| now - jiff::SignedDuration::from_secs(seconds);
+        let cases = [
+            ("no Lease", None, false),
+            (
+                "renewed just now",
+                Some(lease(Some(ago(1)), Some(30))),
+                true,
+            ),
+            (
+                "late within twice its duration",
+                Some(lease(Some(ago(59)), Some(30))),
+                true,
+            ),
+            ("run out", Some(lease(Some(ago(61)), Some(30))), false),
+            ("never renewed", Some(lease(None, Some(30))), false),
+            ("no duration", Some(lease(Some(ago(1)), None)), false),
+        ];
+        for (case, lease, lives) in cases {
+            assert_eq!(mcp_server_lives(lease.as_ref(), now), lives, "{case}");
         }
     }
 }

@@ -2,6 +2,7 @@
 //! environment built.
 
 use super::*;
+use crate::agent::invocation::McpValue;
 
 /// Why a task's environment cannot be built yet. Names the Secret and key, never a value.
 #[derive(Debug, thiserror::Error)]
@@ -60,30 +61,41 @@ pub(super) async fn resolve_env(
             env.insert(variable.name.clone(), value.clone());
             continue;
         }
-        let Some(source) = &variable.value_from else {
-            continue;
-        };
-        let selector = &source.secret_key_ref;
-        let secret = fetch(&secrets, &mut cache, &selector.name).await?;
-        let value = secret
-            .as_ref()
-            .and_then(|secret| secret.data.as_ref())
-            .and_then(|data| data.get(&selector.key))
-            .map(|value| String::from_utf8_lossy(&value.0).into_owned());
-        match value {
-            Some(value) => {
+        if let Some(source) = &variable.value_from
+            && let Some(value) = read_key(&secrets, &mut cache, &source.secret_key_ref).await?
+        {
+            values.push(value.clone());
+            env.insert(variable.name.clone(), value);
+        }
+    }
+    // Values of MCP servers' env and headers from Secrets travel in variables of the
+    // agent's own, which the CLI's configuration names.
+    let servers = task
+        .spec
+        .agent
+        .as_ref()
+        .and_then(|agent| agent.claude_code.as_ref())
+        .map(|claude| claude.mcp_servers.as_slice())
+        .unwrap_or_default();
+    for (i, server) in servers.iter().enumerate() {
+        let sources = server
+            .env
+            .iter()
+            .map(|var| (McpValue::Env, &var.value_from))
+            .enumerate()
+            .chain(
+                server
+                    .headers
+                    .iter()
+                    .map(|header| (McpValue::Header, &header.value_from))
+                    .enumerate(),
+            );
+        for (j, (list, source)) in sources {
+            if let Some(source) = source
+                && let Some(value) = read_key(&secrets, &mut cache, &source.secret_key_ref).await?
+            {
                 values.push(value.clone());
-                env.insert(variable.name.clone(), value);
-            }
-            None if selector.optional => {}
-            None if secret.is_none() => {
-                return Err(EnvError::MissingSecret(selector.name.clone()));
-            }
-            None => {
-                return Err(EnvError::MissingKey {
-                    name: selector.name.clone(),
-                    key: selector.key.clone(),
-                });
+                env.insert(invocation::mcp_secret_variable(i, list, j), value);
             }
         }
     }
@@ -112,6 +124,29 @@ pub(super) async fn resolve_env(
         None => None,
     };
     Ok((Inputs { env, git }, values))
+}
+
+/// A Secret's key, `None` when the selector is optional and the key or Secret is missing.
+async fn read_key(
+    secrets: &Api<Secret>,
+    cache: &mut BTreeMap<String, Option<Secret>>,
+    selector: &sandcastle_api::SecretKeySelector,
+) -> Result<Option<String>, EnvError> {
+    let secret = fetch(secrets, cache, &selector.name).await?;
+    let value = secret
+        .as_ref()
+        .and_then(|secret| secret.data.as_ref())
+        .and_then(|data| data.get(&selector.key))
+        .map(|value| String::from_utf8_lossy(&value.0).into_owned());
+    match value {
+        Some(value) => Ok(Some(value)),
+        None if selector.optional => Ok(None),
+        None if secret.is_none() => Err(EnvError::MissingSecret(selector.name.clone())),
+        None => Err(EnvError::MissingKey {
+            name: selector.name.clone(),
+            key: selector.key.clone(),
+        }),
+    }
 }
 
 pub(super) async fn fetch(
