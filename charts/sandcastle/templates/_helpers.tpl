@@ -132,3 +132,27 @@ helm.sh/chart: {{ include "sandcastle.chart" . }}
 {{- define "sandcastle.sandboxd.host" -}}
 {{- printf "%s.%s.svc" (include "sandcastle.sandboxd.fullname" .) .Release.Namespace -}}
 {{- end -}}
+
+{{/* The MCP server (mcp.enabled): labels of its own, so neither the operator's
+     Deployment, PodDisruptionBudget nor NetworkPolicy selects its pods. */}}
+{{- define "sandcastle.mcp.fullname" -}}
+{{- printf "%s-mcp" (include "sandcastle.fullname" . | trunc 59 | trimSuffix "-") -}}
+{{- end -}}
+
+{{- define "sandcastle.mcp.selectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-mcp" (include "sandcastle.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "sandcastle.mcp.labels" -}}
+{{ include "sandcastle.mcp.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: sandcastle
+app.kubernetes.io/component: mcp-server
+helm.sh/chart: {{ include "sandcastle.chart" . }}
+{{- end -}}
+
+{{- define "sandcastle.mcp.namespace" -}}
+{{- default .Release.Namespace .Values.mcp.namespace -}}
+{{- end -}}

@@ -51,9 +51,10 @@ impl Language {
 pub fn check_call(code: &str, timeout_seconds: Option<u64>) -> Result<(), String> {
     if code.len() > MAX_CODE_BYTES {
         return Err(format!(
-            "the code is {} bytes; run_code takes at most {MAX_CODE_BYTES}: write large \
-             inputs to a file from smaller calls",
-            code.len()
+            "the code is {} bytes; run_code takes at most {} KiB ({MAX_CODE_BYTES} bytes): \
+             write large inputs to a file from smaller calls",
+            code.len(),
+            MAX_CODE_BYTES / 1024
         ));
     }
     match timeout_seconds {

@@ -11,22 +11,38 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
-/// How long the Lease holds unrenewed; it is renewed every third of it.
+/// How long the Lease holds unrenewed by default; it is renewed every third of it.
 pub const LEASE_SECONDS: i32 = 30;
+
+const LABEL_SELECTOR: &str = "app.kubernetes.io/component=mcp-server";
+
+/// Whether the server holding `lease` still renews it: its last renewal is less than
+/// twice its duration ago (the slack is for clocks). The orphan sweep judges the same way.
+pub fn holder_lives(lease: &Lease, now: jiff::Timestamp) -> bool {
+    let Some(spec) = lease.spec.as_ref() else {
+        return false;
+    };
+    let (Some(renewed), Some(seconds)) = (&spec.renew_time, spec.lease_duration_seconds) else {
+        return false;
+    };
+    now < renewed.0 + jiff::SignedDuration::from_secs(2 * i64::from(seconds.max(1)))
+}
 
 #[derive(Clone)]
 pub struct Liveness {
     api: Api<Lease>,
     pub namespace: String,
     pub name: String,
+    seconds: i32,
 }
 
 impl Liveness {
-    pub fn new(client: kube::Client, namespace: &str, identity: &str) -> Liveness {
+    pub fn new(client: kube::Client, namespace: &str, identity: &str, seconds: i32) -> Liveness {
         Liveness {
             api: Api::namespaced(client, namespace),
             namespace: namespace.to_string(),
             name: format!("sandcastle-mcp-{identity}"),
+            seconds: seconds.max(3),
         }
     }
 
@@ -51,7 +67,7 @@ impl Liveness {
             },
             spec: Some(LeaseSpec {
                 holder_identity: Some(self.name.clone()),
-                lease_duration_seconds: Some(LEASE_SECONDS),
+                lease_duration_seconds: Some(self.seconds),
                 renew_time: Some(now),
                 ..Default::default()
             }),
@@ -68,11 +84,37 @@ impl Liveness {
 
     /// Renews the Lease until the future is dropped.
     pub async fn keep(&self) {
-        let mut ticks = tokio::time::interval(Duration::from_secs((LEASE_SECONDS / 3) as u64));
+        let mut ticks = tokio::time::interval(Duration::from_secs((self.seconds / 3) as u64));
         loop {
             ticks.tick().await;
             if let Err(error) = self.renew().await {
                 tracing::warn!(%error, lease = %self.name, "renewing the MCP server's Lease");
+            }
+        }
+    }
+
+    /// Deletes the Leases of servers that stopped renewing them (crashed) longer ago than
+    /// the orphan sweep waits: their sandboxes are the sweep's either way, and the Leases
+    /// would otherwise stay forever.
+    pub async fn delete_expired(&self) {
+        let listed = self
+            .api
+            .list(&kube::api::ListParams::default().labels(LABEL_SELECTOR))
+            .await;
+        let Ok(leases) = listed else {
+            return;
+        };
+        let now = jiff::Timestamp::now();
+        for lease in leases.items {
+            if holder_lives(&lease, now) {
+                continue;
+            }
+            if let Some(name) = lease.metadata.name.as_deref() {
+                tracing::info!(
+                    lease = name,
+                    "deleting the Lease of an MCP server that is gone"
+                );
+                let _ = self.api.delete(name, &DeleteParams::default()).await;
             }
         }
     }

@@ -36,6 +36,9 @@ pub struct Settings {
     pub namespace: String,
     /// This server's name in its Lease.
     pub identity: String,
+    /// How long its Lease holds unrenewed: how soon the sweep may take the sandboxes of
+    /// a server that crashed.
+    pub lease_seconds: i32,
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -48,9 +51,14 @@ pub async fn serve(
     transport: Transport,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), BoxError> {
-    let liveness = kube
-        .clone()
-        .map(|client| Liveness::new(client, &settings.namespace, &settings.identity));
+    let liveness = kube.clone().map(|client| {
+        Liveness::new(
+            client,
+            &settings.namespace,
+            &settings.identity,
+            settings.lease_seconds,
+        )
+    });
     settings
         .pool
         .metadata
@@ -59,6 +67,7 @@ pub async fn serve(
         // The Lease exists before any sandbox names it, so the sweep never sees a
         // sandbox of a live server without it.
         liveness.renew().await?;
+        liveness.delete_expired().await;
         settings
             .pool
             .metadata

@@ -70,7 +70,11 @@ pub fn progress_line(summary: &TaskSummary) -> String {
         summary.name,
         summary.phase.as_deref().unwrap_or("Pending")
     );
-    if let Some(reason) = &summary.reason {
+    if let Some(reason) = summary
+        .reason
+        .as_ref()
+        .filter(|reason| Some(*reason) != summary.phase.as_ref())
+    {
         line.push_str(&format!(" ({reason})"));
     }
     if let Some(turns) = summary.turns_so_far {
@@ -321,6 +325,12 @@ mod tests {
         assert_eq!(
             progress_line(&summary),
             "t: Running, 2 turns, last tool Bash"
+        );
+        summary.phase = Some("Succeeded".into());
+        summary.reason = Some("Succeeded".into());
+        assert_eq!(
+            progress_line(&summary),
+            "t: Succeeded, 2 turns, last tool Bash"
         );
         summary.phase = Some("Failed".into());
         summary.reason = Some("DeadlineExceeded".into());

@@ -120,6 +120,10 @@ struct McpArgs {
     /// This server's name in its Lease; the host name and process ID when unset.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// How long the server's Lease holds unrenewed: once it has run out, the operator's
+    /// orphan sweep kills the sandboxes of a server that crashed.
+    #[arg(long, env = "SANDCASTLE_MCP_LEASE_SECONDS", default_value_t = sandcastle_mcp::liveness::LEASE_SECONDS)]
+    lease_seconds: i32,
     /// Do without a cluster: no task tools, and no Lease for the orphan sweep.
     #[arg(long)]
     no_kubernetes: bool,
@@ -352,6 +356,7 @@ async fn mcp(args: McpArgs) -> Result<(), BoxError> {
         context_idle_timeout: std::time::Duration::from_secs(args.context_idle_seconds),
         namespace: args.namespace,
         identity,
+        lease_seconds: args.lease_seconds,
     };
     let transport = match args.transport {
         McpTransport::Stdio => sandcastle_mcp::server::Transport::Stdio,

@@ -50,7 +50,15 @@ pub enum Script {
     /// `StructuredOutput` tool with [`structured_answer`] when it offers one
     /// (`--json-schema`), or with "done".
     EditRepo,
+    /// Call [`MCP_TOOL`] (`run_code` of an MCP server named `sandcastle`) with
+    /// [`MCP_CODE`], then answer "done".
+    CallMcpTool,
 }
+
+/// The tool [`Script::CallMcpTool`] calls.
+pub const MCP_TOOL: &str = "mcp__sandcastle__run_code";
+/// The code it asks `run_code` to run; its answer holds 42.
+pub const MCP_CODE: &str = "print(6 * 7)";
 
 /// What [`Script::EditRepo`] runs to look for git credentials.
 pub const CREDENTIAL_PROBE: &str =
@@ -231,6 +239,13 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         Mode::Ok => match shared.script {
             Script::WriteAndRun => write_and_run(&Conversation::of(&body)),
             Script::EditRepo => edit_repo(&Conversation::of(&body), &summarize(&body).tools),
+            Script::CallMcpTool => {
+                if Conversation::of(&body).used(MCP_TOOL) {
+                    vec![Block::Text("done".into())]
+                } else {
+                    vec![Block::Tool(MCP_TOOL, json!({"code": MCP_CODE}))]
+                }
+            }
         },
         Mode::LoopToolCalls => {
             let n = Conversation::of(&body).tool_uses.len() + 1;

@@ -146,6 +146,23 @@ impl Operator {
         API_KEY
     }
 
+    /// The arguments that point another `sandcastle` command (`mcp`, say) at this
+    /// operator's embedded server, as an E2B provider.
+    pub fn provider_args(&self) -> Vec<String> {
+        [
+            "--provider",
+            "e2b",
+            "--e2b-api-url",
+            &self.api_url,
+            "--e2b-sandbox-url",
+            &self.sandbox_url,
+            "--e2b-api-key",
+            API_KEY,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
     /// Kills the operator without warning (SIGKILL) and starts it again on the same state.
     pub fn crash_and_restart(&mut self) {
         let _ = self.child.kill();

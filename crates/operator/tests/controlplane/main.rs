@@ -5,6 +5,7 @@
 //! after the last test even when tests fail); each test works in its own namespace.
 
 mod git;
+mod mcp;
 mod operations;
 mod tasks;
 mod templates;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use git::*;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use mcp::*;
 use operations::*;
 use sandcastle_api::{AgentTask, SandboxTemplate};
 use sandcastle_testkit::cases;
@@ -72,6 +74,9 @@ fn main() -> ExitCode {
             a_leader_that_loses_its_lease_stops,
             templates_name_the_provider_the_operator_lacks,
             the_charts_rbac_is_enough_and_no_more,
+            mcp_clients_run_code_and_tasks,
+            an_mcp_server_leaves_no_sandbox_behind,
+            claude_code_calls_a_tool_of_an_mcp_server_from_its_spec,
         ],
     )
 }

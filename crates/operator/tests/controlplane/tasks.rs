@@ -321,7 +321,7 @@ pub(crate) async fn waits_for_its_secret(
 }
 
 /// The agent's stdout as the task's transcript ConfigMap keeps it.
-async fn transcript(env: &TestEnv, ns: &str, task: &str) -> String {
+pub(crate) async fn transcript(env: &TestEnv, ns: &str, task: &str) -> String {
     let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(env.client.clone(), ns);
     let config_map = api
         .get(&format!("{task}-transcript"))

@@ -202,19 +202,12 @@ async fn sweep_mcp_sandboxes(ctx: &Context, provider: &E2bClient) {
     }
 }
 
-/// Whether the MCP server holding `lease` still renews it.
+/// Whether the MCP server holding `lease` still renews it; no Lease means it is gone.
 fn mcp_server_lives(
     lease: Option<&k8s_openapi::api::coordination::v1::Lease>,
     now: jiff::Timestamp,
 ) -> bool {
-    let Some(spec) = lease.and_then(|lease| lease.spec.as_ref()) else {
-        return false;
-    };
-    let (Some(renewed), Some(seconds)) = (&spec.renew_time, spec.lease_duration_seconds) else {
-        return false;
-    };
-    let expires = renewed.0 + jiff::SignedDuration::from_secs(2 * i64::from(seconds.max(1)));
-    now < expires
+    lease.is_some_and(|lease| sandcastle_mcp::liveness::holder_lives(lease, now))
 }
 
 #[cfg(test)]
