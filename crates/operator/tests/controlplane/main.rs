@@ -77,6 +77,7 @@ fn main() -> ExitCode {
             mcp_clients_run_code_and_tasks,
             an_mcp_server_leaves_no_sandbox_behind,
             claude_code_calls_a_tool_of_an_mcp_server_from_its_spec,
+            the_mcp_servers_rbac_is_enough,
         ],
     )
 }

@@ -18,6 +18,7 @@ use sandcastle_testkit::operator::{Operator, wait_for};
 use sandcastle_testkit::repo;
 use serde_json::json;
 
+use crate::operations::{kubeconfig_with_token, render_chart};
 use crate::tasks::{claude_settings, create, finished, put_secret, setup, transcript};
 
 /// How many tests the Python suite holds, parametrized ones counted once per transport.
@@ -52,10 +53,15 @@ fn mcp_args(operator: &Operator, ns: &str) -> Vec<String> {
     args
 }
 
-pub async fn mcp_clients_run_code_and_tasks(env: Arc<TestEnv>) {
-    // The sweep is slow here, so what the servers leave is what they failed to kill.
-    let (ns, operator, _api) =
-        setup(&env, "mcp", &[("SANDCASTLE_SWEEP_ORPHANS_EVERY", "3600")]).await;
+/// Runs the Python suite (or the tests `-k` selects) against servers started with `args`
+/// and `kubeconfig`, and checks that it passed `expected` tests.
+async fn run_python_suite(
+    kubeconfig: &std::path::Path,
+    ns: &str,
+    args: &[String],
+    select: Option<&str>,
+    expected: usize,
+) {
     let python = repo().join(".venv/bin/python");
     assert!(
         python.is_file(),
@@ -63,7 +69,8 @@ pub async fn mcp_clients_run_code_and_tasks(env: Arc<TestEnv>) {
         python.display()
     );
     let scratch = sandcastle_testkit::scratch_dir().join(format!("mcp-pytest-{ns}"));
-    let output = tokio::process::Command::new(&python)
+    let mut pytest = tokio::process::Command::new(&python);
+    pytest
         .args([
             "-m",
             "pytest",
@@ -77,15 +84,14 @@ pub async fn mcp_clients_run_code_and_tasks(env: Arc<TestEnv>) {
         .arg(repo().join("crates/operator/tests/mcp_clients"))
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("SANDCASTLE_BIN", sandcastle_testkit::operator_binary())
-        .env(
-            "SANDCASTLE_MCP_ARGS",
-            serde_json::to_string(&mcp_args(&operator, &ns)).unwrap(),
-        )
-        .env("SANDCASTLE_MCP_NAMESPACE", &ns)
-        .env("KUBECONFIG", env.kubeconfig_path())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(600), output)
+        .env("SANDCASTLE_MCP_ARGS", serde_json::to_string(args).unwrap())
+        .env("SANDCASTLE_MCP_NAMESPACE", ns)
+        .env("KUBECONFIG", kubeconfig)
+        .kill_on_drop(true);
+    if let Some(select) = select {
+        pytest.args(["-k", select]);
+    }
+    let output = tokio::time::timeout(Duration::from_secs(600), pytest.output())
         .await
         .expect("the MCP client suite finished within 10 minutes")
         .expect("pytest runs");
@@ -96,9 +102,17 @@ pub async fn mcp_clients_run_code_and_tasks(env: Arc<TestEnv>) {
         "the MCP client suite failed:\n{stdout}\n{stderr}"
     );
     assert!(
-        stdout.contains(&format!("{PYTHON_TESTS} passed")),
-        "expected {PYTHON_TESTS} tests to pass:\n{stdout}"
+        stdout.contains(&format!("{expected} passed")),
+        "expected {expected} tests to pass:\n{stdout}"
     );
+}
+
+pub async fn mcp_clients_run_code_and_tasks(env: Arc<TestEnv>) {
+    // The sweep is slow here, so what the servers leave is what they failed to kill.
+    let (ns, operator, _api) =
+        setup(&env, "mcp", &[("SANDCASTLE_SWEEP_ORPHANS_EVERY", "3600")]).await;
+    let args = mcp_args(&operator, &ns);
+    run_python_suite(env.kubeconfig_path(), &ns, &args, None, PYTHON_TESTS).await;
     let left = mcp_sandboxes(&operator.provider()).await;
     assert!(
         left.is_empty(),
@@ -404,4 +418,83 @@ pub async fn claude_code_calls_a_tool_of_an_mcp_server_from_its_spec(env: Arc<Te
     }
     drop(server);
     drop(operator);
+}
+
+/// The chart's MCP Deployment, its arguments and environment as rendered, run with
+/// nothing but a token of the chart's ServiceAccount for it: the task tools, the server's
+/// Lease, and the task tests of the Python suite pass under its Role.
+pub async fn the_mcp_servers_rbac_is_enough(env: Arc<TestEnv>) {
+    let (ns, operator, _api) = setup(&env, "mcp-rbac", &[]).await;
+    let rendered = render_chart(
+        &ns,
+        &ns,
+        &[
+            "--set",
+            "crds.enabled=false",
+            "--set",
+            "mcp.enabled=true",
+            "--set",
+            &format!("mcp.namespace={ns}"),
+        ],
+    );
+    let mcp_objects: Vec<serde_json::Value> = rendered
+        .iter()
+        .filter(|object| {
+            object["metadata"]["labels"]["app.kubernetes.io/component"] == "mcp-server"
+        })
+        .cloned()
+        .collect();
+    let rbac: Vec<&serde_json::Value> = mcp_objects
+        .iter()
+        .filter(|object| {
+            ["ServiceAccount", "Role", "RoleBinding"]
+                .contains(&object["kind"].as_str().unwrap_or_default())
+                && !object["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .ends_with("-sweep")
+        })
+        .collect();
+    assert_eq!(rbac.len(), 3, "{rbac:#?}");
+    let manifest = sandcastle_testkit::scratch_dir().join(format!("{ns}-mcp-rbac.yaml"));
+    let text: String = rbac
+        .iter()
+        .map(|object| format!("---\n{}", serde_yaml::to_string(object).expect("YAML")))
+        .collect();
+    std::fs::write(&manifest, text).expect("write manifest");
+    env.kubectl_ok(&["apply", "-n", &ns, "-f", &manifest.display().to_string()]);
+    let account = rbac
+        .iter()
+        .find(|object| object["kind"] == "ServiceAccount")
+        .and_then(|object| object["metadata"]["name"].as_str())
+        .expect("a ServiceAccount");
+    let token = env
+        .kubectl_ok(&["create", "token", account, "-n", &ns, "--duration", "1h"])
+        .trim()
+        .to_string();
+    let kubeconfig = sandcastle_testkit::scratch_dir().join(format!("{ns}-mcp-kubeconfig"));
+    kubeconfig_with_token(&env, &token, &kubeconfig);
+    let deployment = mcp_objects
+        .iter()
+        .find(|object| object["kind"] == "Deployment")
+        .expect("the MCP Deployment");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    // The rendered arguments, but for the transport and address (the suite picks those)
+    // and the provider (the operator's embedded server stands in for the release's).
+    let mut args: Vec<String> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(|arg| arg.as_str())
+        .filter(|arg| {
+            !["mcp", "--transport=", "--listen=", "--provider=", "--e2b-"]
+                .iter()
+                .any(|prefix| arg.starts_with(prefix))
+        })
+        .map(String::from)
+        .collect();
+    assert!(args.contains(&format!("--namespace={ns}")), "{args:?}");
+    args.extend(operator.provider_args());
+    run_python_suite(&kubeconfig, &ns, &args, Some("task"), 3).await;
+    assert_eq!(mcp_leases(&env, &ns).await, Vec::<String>::new());
 }

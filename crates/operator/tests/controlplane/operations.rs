@@ -197,7 +197,7 @@ pub async fn a_leader_that_loses_its_lease_stops(env: Arc<TestEnv>) {
 }
 
 /// The objects of `helm template` for the chart with these extra arguments.
-fn render_chart(release: &str, ns: &str, extra: &[&str]) -> Vec<Value> {
+pub(crate) fn render_chart(release: &str, ns: &str, extra: &[&str]) -> Vec<Value> {
     let out =
         std::process::Command::new(sandcastle_testkit::localcluster::tools_bin_dir().join("helm"))
             .args(["template", release])
@@ -216,7 +216,7 @@ fn render_chart(release: &str, ns: &str, extra: &[&str]) -> Vec<Value> {
 }
 
 /// A kubeconfig like the admin's, authenticating with `token` instead.
-fn kubeconfig_with_token(env: &TestEnv, token: &str, path: &std::path::Path) {
+pub(crate) fn kubeconfig_with_token(env: &TestEnv, token: &str, path: &std::path::Path) {
     let admin = std::fs::read_to_string(env.kubeconfig_path()).expect("kubeconfig");
     let mut config: Value = serde_yaml::from_str(&admin).expect("kubeconfig YAML");
     for user in config["users"].as_array_mut().expect("users") {
