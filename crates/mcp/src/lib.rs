@@ -37,13 +37,16 @@ pub struct RunCodeRequest {
     /// `python` (the default), `javascript` or `bash`. With a context, its language
     /// (and may be left out).
     #[serde(default)]
+    #[schemars(with = "String")]
     pub language: Option<String>,
     /// A context from `create_context`: the code sees what earlier calls in it defined.
     /// Without one, the call runs in an interpreter of its own.
     #[serde(default)]
+    #[schemars(with = "String")]
     pub context: Option<String>,
     /// Seconds before the code is interrupted (default 60); a context keeps its state.
     #[serde(default)]
+    #[schemars(with = "u64")]
     pub timeout_seconds: Option<u64>,
 }
 
@@ -51,6 +54,7 @@ pub struct RunCodeRequest {
 pub struct CreateContextRequest {
     /// `python` (the default), `javascript` or `bash`.
     #[serde(default)]
+    #[schemars(with = "String")]
     pub language: Option<String>,
 }
 
@@ -72,6 +76,7 @@ pub struct CreateTaskRequest {
     pub template: String,
     /// What Claude Code is asked to do.
     #[serde(default)]
+    #[schemars(with = "String")]
     pub prompt: Option<String>,
     /// Run this command instead of Claude Code (it gets the prompt in SANDCASTLE_PROMPT).
     #[serde(default)]
@@ -82,18 +87,23 @@ pub struct CreateTaskRequest {
     pub secrets: Vec<String>,
     /// The server's namespace when absent.
     #[serde(default)]
+    #[schemars(with = "String")]
     pub namespace: Option<String>,
     /// A name; one is generated (`mcp-…`) when absent.
     #[serde(default)]
+    #[schemars(with = "String")]
     pub name: Option<String>,
     /// The task's activeDeadlineSeconds.
     #[serde(default)]
+    #[schemars(with = "i64")]
     pub active_deadline_seconds: Option<i64>,
     /// Wait for the task to finish, with progress notifications (default true).
     #[serde(default)]
+    #[schemars(with = "bool")]
     pub wait: Option<bool>,
     /// How long to wait, in seconds (default 3600); the task goes on if the wait ends.
     #[serde(default)]
+    #[schemars(with = "u64")]
     pub wait_seconds: Option<u64>,
 }
 
@@ -102,6 +112,7 @@ pub struct GetTaskRequest {
     pub name: String,
     /// The server's namespace when absent.
     #[serde(default)]
+    #[schemars(with = "String")]
     pub namespace: Option<String>,
 }
 
@@ -109,9 +120,11 @@ pub struct GetTaskRequest {
 pub struct ListTasksRequest {
     /// The server's namespace when absent.
     #[serde(default)]
+    #[schemars(with = "String")]
     pub namespace: Option<String>,
     /// At most this many (default 100).
     #[serde(default)]
+    #[schemars(with = "u32")]
     pub limit: Option<u32>,
 }
 

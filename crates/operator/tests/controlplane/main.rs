@@ -78,6 +78,7 @@ fn main() -> ExitCode {
             an_mcp_server_leaves_no_sandbox_behind,
             claude_code_calls_a_tool_of_an_mcp_server_from_its_spec,
             the_mcp_servers_rbac_is_enough,
+            the_mcp_inspector_drives_the_server,
         ],
     )
 }

@@ -498,3 +498,82 @@ pub async fn the_mcp_servers_rbac_is_enough(env: Arc<TestEnv>) {
     run_python_suite(&kubeconfig, &ns, &args, Some("task"), 3).await;
     assert_eq!(mcp_leases(&env, &ns).await, Vec::<String>::new());
 }
+
+/// The MCP Inspector's CLI (`npm`, pinned) as a second client, against the HTTP server:
+/// it finds no portability problem in the tool schemas (`--strict`), and a context keeps
+/// state across its separate invocations.
+pub async fn the_mcp_inspector_drives_the_server(env: Arc<TestEnv>) {
+    let (ns, operator, _api) = setup(&env, "mcp-inspector", &[]).await;
+    let cli =
+        repo().join("crates/operator/tests/mcp_clients/inspector/node_modules/.bin/mcp-inspector");
+    assert!(
+        cli.exists(),
+        "{} is missing: run scripts/setup to install the MCP Inspector",
+        cli.display()
+    );
+    let port = free_port();
+    let server = start_http_server(&env, &operator, &ns, port);
+    wait_healthy(port).await;
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let inspect = |args: &[&str]| {
+        let output = Command::new(&cli)
+            .args(["--cli", &url])
+            .args(args)
+            .output()
+            .expect("the Inspector runs");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.code(), stdout, stderr)
+    };
+    let call = |tool: &str, arguments: &[&str]| {
+        let mut args = vec!["--method", "tools/call", "--tool-name", tool];
+        if !arguments.is_empty() {
+            args.push("--tool-arg");
+            args.extend(arguments);
+        }
+        let (code, stdout, stderr) = inspect(&args);
+        assert_eq!(code, Some(0), "{tool} {arguments:?}: {stdout}\n{stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout)
+            .unwrap_or_else(|error| panic!("{tool}: {error}: {stdout}"))
+    };
+
+    let (code, stdout, stderr) = inspect(&["--method", "tools/list", "--strict"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        !stderr.contains("Warning"),
+        "schema portability problems: {stderr}"
+    );
+    let listed: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(
+        listed["tools"].as_array().map(Vec::len),
+        Some(7),
+        "{listed}"
+    );
+
+    let context = call("create_context", &["language=python"]);
+    let id = context["structuredContent"]["id"]
+        .as_str()
+        .expect("an id")
+        .to_string();
+    let context_arg = format!("context={id}");
+    call("run_code", &["code=answer = 20", &context_arg]);
+    let answer = call("run_code", &["code=answer * 2 + 2", &context_arg]);
+    assert_eq!(
+        answer["structuredContent"]["result"]["text"], "42",
+        "{answer}"
+    );
+    let refused = inspect(&[
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "run_code",
+        "--tool-arg",
+        "code=print(1)",
+        "language=cobol",
+    ]);
+    // The Inspector exits 5 on a tool error.
+    assert_eq!(refused.0, Some(5), "{refused:?}");
+    assert!(refused.1.contains("unknown language"), "{refused:?}");
+    drop(server);
+    drop(operator);
+}
