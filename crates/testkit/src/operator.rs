@@ -297,7 +297,7 @@ impl<K> Watched for K where
 /// the object, so it sees every state the object passes through, however briefly (a
 /// finished task a short TTL deletes at once); an object deleted before it got there
 /// fails the wait at once, saying so, instead of reading as an empty status until the
-/// time runs out.
+/// time runs out; so does one the watch does not find when it starts or restarts.
 pub async fn wait_for<K>(
     api: &kube::Api<K>,
     name: &str,
@@ -326,15 +326,26 @@ where
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut events = std::pin::pin!(watcher::watcher(api.clone(), config));
     let mut last = None;
+    // Whether the listing that (re)starts the watch found the object: one that lists
+    // nothing means it is gone (or was never made), which no later event would say.
+    let mut listed = false;
     let watched = tokio::time::timeout(wait, async {
         while let Some(event) = events.next().await {
             match event {
                 Ok(Event::Apply(object) | Event::InitApply(object)) => {
+                    listed = true;
                     let status = object.status().cloned().unwrap_or_default();
                     if done(&status) {
                         return Ok(status);
                     }
                     last = Some(status);
+                }
+                Ok(Event::Init) => listed = false,
+                Ok(Event::InitDone) if !listed => {
+                    return Err(format!(
+                        "{name}: does not exist (deleted before it was {what}, or never \
+                         created); last seen: {last:#?}"
+                    ));
                 }
                 Ok(Event::Delete(object)) => {
                     return Err(format!(
@@ -343,7 +354,7 @@ where
                     ));
                 }
                 // The watch restarts by itself after an error; the timeout bounds it all.
-                Ok(Event::Init | Event::InitDone) | Err(_) => {}
+                Ok(Event::InitDone) | Err(_) => {}
             }
         }
         Err(format!("{name}: the watch ended before it was {what}"))

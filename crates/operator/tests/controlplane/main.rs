@@ -56,6 +56,7 @@ fn main() -> ExitCode {
             a_template_deleted_behind_the_operators_back_is_rebuilt,
             builds_wait_for_a_slot_and_for_their_config_map,
             a_command_task_reports_its_files_and_frees_its_sandbox,
+            waiting_on_a_task_that_is_gone_fails_at_once,
             a_task_waits_for_its_secret_and_never_shows_the_value,
             deadlines_and_deletion_kill_the_sandbox,
             claude_code_runs_for_real_against_the_scripted_model,

@@ -1253,3 +1253,37 @@ pub async fn a_rebuild_rolls_the_warm_pool_while_tasks_claim(env: Arc<TestEnv>) 
     }
     println!("tasks by build during the roll: {builds:?}");
 }
+
+/// The test kit's wait tells "gone" from "not yet": waiting on a task that no longer
+/// exists (a TTL took it before the wait began) fails at once and says so, rather than
+/// reading as an empty status for the whole wait.
+pub async fn waiting_on_a_task_that_is_gone_fails_at_once(env: Arc<TestEnv>) {
+    let ns = env.namespace("gone").await;
+    let api: Api<AgentTask> = Api::namespaced(env.client.clone(), &ns);
+    create(
+        &api,
+        "short-lived",
+        json!({"templateRef": {"name": "base"}, "prompt": "hi"}),
+    )
+    .await;
+    api.delete("short-lived", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let started = Instant::now();
+    let waited = tokio::spawn(async move {
+        wait_for(&api, "short-lived", "finished", finished).await;
+    })
+    .await;
+    let failure = waited.expect_err("the wait fails");
+    let message = failure
+        .into_panic()
+        .downcast::<String>()
+        .map(|message| *message)
+        .unwrap_or_default();
+    assert!(message.contains("does not exist"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "it failed only after {:?}",
+        started.elapsed()
+    );
+}
