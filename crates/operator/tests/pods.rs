@@ -761,7 +761,21 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
         format!("sandboxd.builder.namespace={BUILDS}"),
         // The sweep has something to do within the test.
         "operator.sweepOrphansEvery=10".into(),
+        "mcp.enabled=true".into(),
+        "mcp.namespace=examples".into(),
+        "mcp.bearerTokenSecretRef.name=mcp-token".into(),
     ];
+    // The MCP server's Role and tasks live in `examples`, and its token in the release's.
+    namespace(client, "examples", "baseline").await;
+    let mcp_token = format!("mcp-token-{}", std::process::id());
+    let token_secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "mcp-token"}, "stringData": {"token": mcp_token},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), RELEASE_NS)
+        .create(&PostParams::default(), &token_secret)
+        .await
+        .expect("the MCP token's Secret");
     let mut args = vec![
         "install".to_owned(),
         "sc".into(),
@@ -800,7 +814,6 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
     assert_eq!(servers.items.len(), 2, "two sandbox server replicas");
 
     // --- the examples, through the operator and the server ------------------------------
-    namespace(client, "examples", "baseline").await;
     let examples = sandcastle_testkit::repo().join("examples");
     kubectl(&[
         "apply",
@@ -821,6 +834,8 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
         "python template built by kaniko, Ready after {}",
         secs(t.elapsed())
     );
+
+    mcp_on_pods(node, client, &mcp_token).await;
 
     let token = format!("pod-secret-{}", std::process::id());
     put_secret(client, "creds", json!({"token": token})).await;
@@ -1352,5 +1367,93 @@ async fn chart_on_pods(node: &Node, client: &kube::Client, operator_image: &str,
     for ns in [AGENTS, BUILDS] {
         let rbac = kubectl(&["get", "-n", ns, "roles,rolebindings", "-o", "name"]);
         assert_eq!(rbac.trim(), "", "helm uninstall left RBAC in {ns}");
+    }
+}
+
+/// The chart's MCP server, a pod of the release: the official Python SDK reaches it (with
+/// its bearer token, and the Service's name as Host) and runs code in sandbox pods, keeps
+/// a context, and runs a task with progress; deleting its pod (SIGTERM) kills the
+/// sandbox pods it made.
+async fn mcp_on_pods(node: &Node, client: &kube::Client, token: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NS);
+    let servers = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=sandcastle-mcp"))
+        .await
+        .expect("the MCP server's pods");
+    assert_eq!(servers.items.len(), 1, "one MCP server replica");
+    let server = &servers.items[0];
+    let ip = server
+        .status
+        .as_ref()
+        .and_then(|status| status.pod_ip.clone())
+        .expect("the MCP pod's IP");
+    let sandbox_pods: Api<Pod> = Api::namespaced(client.clone(), AGENTS);
+    let before = names(sandbox_pods.list(&ListParams::default()).await.unwrap().items);
+    let script = format!(
+        r#"
+import anyio, httpx2
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+async def main():
+    headers = {{"Host": "sc-sandcastle-mcp.{RELEASE_NS}", "Authorization": "Bearer {token}"}}
+    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(300)) as http:
+        async with streamable_http_client("http://{ip}:8090/mcp", http_client=http) as streams:
+            async with ClientSession(streams[0], streams[1]) as session:
+                await session.initialize()
+                first = await session.call_tool("run_code", {{"code": "import platform\nplatform.system()"}})
+                assert first.structured_content["result"]["text"] == "'Linux'", first
+                js = await session.call_tool("run_code", {{"code": "process.version.startsWith('v')", "language": "javascript"}})
+                assert js.structured_content["result"]["text"] == "true", js
+                context = (await session.call_tool("create_context", {{}})).structured_content["id"]
+                await session.call_tool("run_code", {{"code": "kept = 21", "context": context}})
+                again = await session.call_tool("run_code", {{"code": "kept * 2", "context": context}})
+                assert again.structured_content["result"]["text"] == "42", again
+                heard = []
+                async def progress(value, total, message):
+                    heard.append(message)
+                task = await session.call_tool("create_task", {{"template": "base", "name": "from-mcp",
+                    "command": ["sh", "-c", "echo made by mcp"]}}, progress_callback=progress)
+                assert task.structured_content["phase"] == "Succeeded", task
+                assert heard and heard[-1].endswith("Succeeded"), heard
+                print("mcp on pods: ok")
+anyio.run(main)
+"#
+    );
+    let t = Instant::now();
+    let output = tokio::process::Command::new(sandcastle_testkit::repo().join(".venv/bin/python"))
+        .args(["-c", &script])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("the client runs");
+    assert!(
+        output.status.success(),
+        "the MCP client against the chart's server failed:\n{}\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        diagnose(node)
+    );
+    let during = names(sandbox_pods.list(&ListParams::default()).await.unwrap().items);
+    let made: Vec<&String> = during.iter().filter(|pod| !before.contains(pod)).collect();
+    assert!(!made.is_empty(), "the MCP server made no sandbox pod");
+    println!(
+        "MCP server in the chart: run_code in both languages, a context and a task with progress in {}",
+        secs(t.elapsed())
+    );
+    let name = server.metadata.name.clone().expect("a name");
+    pods.delete(&name, &Default::default()).await.expect("delete the MCP pod");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let now = names(sandbox_pods.list(&ListParams::default()).await.unwrap().items);
+        let left: Vec<&&String> = made.iter().filter(|pod| now.contains(**pod)).collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the MCP server's sandbox pods outlived it: {left:?}\n{}",
+            diagnose(node)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

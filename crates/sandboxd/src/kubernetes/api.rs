@@ -125,6 +125,13 @@ async fn create_sandbox(
     if body.template_id.is_empty() {
         return Err(error(StatusCode::BAD_REQUEST, "templateID is required"));
     }
+    if body.auto_pause == Some(true) {
+        // Pausing at the timeout would be a kill that the client believes kept its state.
+        return Err(error(
+            StatusCode::NOT_IMPLEMENTED,
+            "lifecycle onTimeout: pause (autoPause) is not supported by the kubernetes runtime: a pod cannot be paused with its state kept; use onTimeout: kill with a longer timeout, or the local runtime",
+        ));
+    }
     let env_vars = body.env_vars.clone().unwrap_or_default();
     if let Some(name) = env_vars.keys().find(|k| k.is_empty() || k.contains('=')) {
         return Err(error(

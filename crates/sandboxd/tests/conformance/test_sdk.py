@@ -468,6 +468,9 @@ def test_sandbox_lifecycle_auto_pause_resume():
     if ON_PODS:
         with pytest.raises(SandboxException, match="not supported by the kubernetes runtime"):
             Sandbox.create(timeout=60).pause()
+        # A sandbox asked to pause at its timeout would lose its state there: refused.
+        with pytest.raises(SandboxException, match="onTimeout: pause .* not supported by the kubernetes runtime"):
+            Sandbox.create(timeout=60, lifecycle={"on_timeout": "pause"})
         return
     sbx = Sandbox.create(timeout=2, lifecycle={"on_timeout": "pause", "auto_resume": True})
     try:

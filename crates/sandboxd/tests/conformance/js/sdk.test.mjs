@@ -591,6 +591,12 @@ scenario('sandbox_pause_resume', async () => {
 scenario('sandbox_lifecycle_auto_pause_resume', async () => {
   if (ON_PODS) {
     await withSandbox({ timeoutMs: 60_000 }, assertPauseUnsupported)
+    // A sandbox asked to pause at its timeout would lose its state there: refused.
+    const refused = await rejectsWith(
+      Sandbox.create({ timeoutMs: 60_000, lifecycle: { onTimeout: 'pause' } }),
+      SandboxError,
+    )
+    assert.match(refused.message, /onTimeout: pause .* not supported by the kubernetes runtime/)
     return
   }
   await withSandbox(
