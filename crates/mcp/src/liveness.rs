@@ -34,6 +34,9 @@ pub struct Liveness {
     pub namespace: String,
     pub name: String,
     seconds: i32,
+    /// The server's own Pod (name and UID) when it runs in one: the Lease is owned by it,
+    /// so the garbage collector deletes it with the Pod even when the server could not.
+    owner: Option<(String, String)>,
 }
 
 impl Liveness {
@@ -43,7 +46,14 @@ impl Liveness {
             namespace: namespace.to_string(),
             name: format!("sandcastle-mcp-{identity}"),
             seconds: seconds.max(3),
+            owner: None,
         }
+    }
+
+    /// Has the Lease owned by the server's Pod, which must be in the Lease's namespace.
+    pub fn owned_by_pod(mut self, name: String, uid: String) -> Liveness {
+        self.owner = Some((name, uid));
+        self
     }
 
     /// What the sandboxes carry to name this Lease.
@@ -63,6 +73,17 @@ impl Liveness {
                     )]
                     .into(),
                 ),
+                owner_references: self.owner.as_ref().map(|(name, uid)| {
+                    vec![
+                        k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                            api_version: "v1".into(),
+                            kind: "Pod".into(),
+                            name: name.clone(),
+                            uid: uid.clone(),
+                            ..Default::default()
+                        },
+                    ]
+                }),
                 ..Default::default()
             },
             spec: Some(LeaseSpec {

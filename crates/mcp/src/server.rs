@@ -32,13 +32,17 @@ pub struct Settings {
     pub pool: PoolSettings,
     pub max_contexts: usize,
     pub context_idle_timeout: Duration,
-    /// The namespace of the task tools and of the server's Lease.
+    /// The namespace of the task tools.
     pub namespace: String,
+    /// The namespace of the server's Lease: its own Pod's, so the Pod can own it.
+    pub lease_namespace: String,
     /// This server's name in its Lease.
     pub identity: String,
     /// How long its Lease holds unrenewed: how soon the sweep may take the sandboxes of
     /// a server that crashed.
     pub lease_seconds: i32,
+    /// The server's Pod (name, UID), which then owns the Lease.
+    pub pod: Option<(String, String)>,
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -52,12 +56,16 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), BoxError> {
     let liveness = kube.clone().map(|client| {
-        Liveness::new(
+        let liveness = Liveness::new(
             client,
-            &settings.namespace,
+            &settings.lease_namespace,
             &settings.identity,
             settings.lease_seconds,
-        )
+        );
+        match settings.pod.clone() {
+            Some((name, uid)) => liveness.owned_by_pod(name, uid),
+            None => liveness,
+        }
     });
     settings
         .pool

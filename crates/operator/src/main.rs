@@ -114,9 +114,13 @@ struct McpArgs {
         default_value_t = 1800
     )]
     context_idle_seconds: u64,
-    /// The namespace of the task tools and of the server's Lease.
+    /// The namespace of the task tools.
     #[arg(long, env = "SANDCASTLE_MCP_NAMESPACE", default_value = "default")]
     namespace: String,
+    /// The namespace of the server's Lease (its liveness for the orphan sweep); --namespace
+    /// when unset. In a pod, the pod's own, so the pod can own the Lease.
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
     /// This server's name in its Lease; the host name and process ID when unset.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -124,6 +128,10 @@ struct McpArgs {
     /// orphan sweep kills the sandboxes of a server that crashed.
     #[arg(long, env = "SANDCASTLE_MCP_LEASE_SECONDS", default_value_t = sandcastle_mcp::liveness::LEASE_SECONDS)]
     lease_seconds: i32,
+    /// The UID of the server's Pod (the downward API's metadata.uid): with the Pod's name
+    /// (POD_NAME), the Pod then owns the server's Lease, which goes with it.
+    #[arg(long, env = "POD_UID")]
+    pod_uid: Option<String>,
     /// Do without a cluster: no task tools, and no Lease for the orphan sweep.
     #[arg(long)]
     no_kubernetes: bool,
@@ -337,6 +345,7 @@ async fn mcp(args: McpArgs) -> Result<(), BoxError> {
             }
         }
     };
+    let pod = args.identity.clone().zip(args.pod_uid);
     let identity = args
         .identity
         .unwrap_or_else(default_identity)
@@ -354,9 +363,13 @@ async fn mcp(args: McpArgs) -> Result<(), BoxError> {
         },
         max_contexts: args.max_contexts,
         context_idle_timeout: std::time::Duration::from_secs(args.context_idle_seconds),
+        lease_namespace: args
+            .lease_namespace
+            .unwrap_or_else(|| args.namespace.clone()),
         namespace: args.namespace,
         identity,
         lease_seconds: args.lease_seconds,
+        pod,
     };
     let transport = match args.transport {
         McpTransport::Stdio => sandcastle_mcp::server::Transport::Stdio,

@@ -1388,7 +1388,13 @@ async fn mcp_on_pods(node: &Node, client: &kube::Client, token: &str) {
         .and_then(|status| status.pod_ip.clone())
         .expect("the MCP pod's IP");
     let sandbox_pods: Api<Pod> = Api::namespaced(client.clone(), AGENTS);
-    let before = names(sandbox_pods.list(&ListParams::default()).await.unwrap().items);
+    let before = names(
+        sandbox_pods
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items,
+    );
     let script = format!(
         r#"
 import anyio, httpx2
@@ -1433,7 +1439,13 @@ anyio.run(main)
         String::from_utf8_lossy(&output.stderr),
         diagnose(node)
     );
-    let during = names(sandbox_pods.list(&ListParams::default()).await.unwrap().items);
+    let during = names(
+        sandbox_pods
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items,
+    );
     let made: Vec<&String> = during.iter().filter(|pod| !before.contains(pod)).collect();
     assert!(!made.is_empty(), "the MCP server made no sandbox pod");
     println!(
@@ -1441,10 +1453,42 @@ anyio.run(main)
         secs(t.elapsed())
     );
     let name = server.metadata.name.clone().expect("a name");
-    pods.delete(&name, &Default::default()).await.expect("delete the MCP pod");
+    // The server's Lease is its pod's, so it cannot outlive the pod.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), RELEASE_NS);
+    let mcp_leases = || async {
+        leases
+            .list(&ListParams::default().labels("app.kubernetes.io/component=mcp-server"))
+            .await
+            .expect("leases")
+            .items
+    };
+    let held = mcp_leases().await;
+    assert_eq!(held.len(), 1, "{held:#?}");
+    let owner = held[0]
+        .metadata
+        .owner_references
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(
+        owner
+            .first()
+            .map(|owner| (owner.kind.as_str(), owner.uid.as_str())),
+        Some(("Pod", server.metadata.uid.as_deref().unwrap_or_default())),
+        "{owner:?}"
+    );
+    pods.delete(&name, &Default::default())
+        .await
+        .expect("delete the MCP pod");
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let now = names(sandbox_pods.list(&ListParams::default()).await.unwrap().items);
+        let now = names(
+            sandbox_pods
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items,
+        );
         let left: Vec<&&String> = made.iter().filter(|pod| now.contains(**pod)).collect();
         if left.is_empty() {
             break;
@@ -1456,4 +1500,10 @@ anyio.run(main)
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let gone = mcp_leases().await;
+    assert!(
+        gone.iter()
+            .all(|lease| lease.metadata.name != held[0].metadata.name),
+        "the deleted pod's Lease is left: {gone:#?}"
+    );
 }

@@ -455,7 +455,8 @@ pub async fn the_mcp_servers_rbac_is_enough(env: Arc<TestEnv>) {
                     .ends_with("-sweep")
         })
         .collect();
-    assert_eq!(rbac.len(), 3, "{rbac:#?}");
+    // The ServiceAccount, and a Role and RoleBinding each for the tasks and the Lease.
+    assert_eq!(rbac.len(), 5, "{rbac:#?}");
     let manifest = sandcastle_testkit::scratch_dir().join(format!("{ns}-mcp-rbac.yaml"));
     let text: String = rbac
         .iter()

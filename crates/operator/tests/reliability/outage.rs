@@ -73,7 +73,12 @@ pub async fn an_apiserver_outage_loses_nothing(_shared: Arc<TestEnv>) {
     let recovered = restarted.elapsed();
     // A task that vanished is not open either: count them all.
     let present = tasks(&api).await.len();
-    assert_eq!(present, count, "{} of {count} tasks vanished", count - present);
+    assert_eq!(
+        present,
+        count,
+        "{} of {count} tasks vanished",
+        count - present
+    );
     let leaked = provider.settle(Duration::from_secs(30)).await;
     let exited = operator.exit_within(Duration::ZERO).await;
     let lost: Vec<String> = tasks(&api).await.iter().filter_map(misreport).collect();

@@ -64,7 +64,12 @@ pub async fn a_failing_provider_ends_every_task_cleanly(env: Arc<TestEnv>) {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     // A task that vanished would read as finished above: count them all.
-    assert_eq!(all.len(), count, "{} of {count} tasks vanished", count - all.len());
+    assert_eq!(
+        all.len(),
+        count,
+        "{} of {count} tasks vanished",
+        count - all.len()
+    );
     let injected = provider.server.faults().injected();
     provider.server.faults().clear();
     let leaked = provider.settle(Duration::from_secs(30)).await;
