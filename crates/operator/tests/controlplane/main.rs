@@ -59,6 +59,7 @@ fn main() -> ExitCode {
             waiting_on_a_task_that_is_gone_fails_at_once,
             a_task_waits_for_its_secret_and_never_shows_the_value,
             deadlines_and_deletion_kill_the_sandbox,
+            a_waiting_task_fails_at_its_deadline,
             claude_code_runs_for_real_against_the_scripted_model,
             a_restart_reattaches_and_a_lost_sandbox_is_retried,
             sandboxes_of_vanished_tasks_are_swept,

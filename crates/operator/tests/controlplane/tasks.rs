@@ -1287,3 +1287,46 @@ pub async fn waiting_on_a_task_that_is_gone_fails_at_once(env: Arc<TestEnv>) {
         started.elapsed()
     );
 }
+
+/// A task that waits (for a Secret, for a template) fails at its deadline, not at the next
+/// look of its wait, which comes 5 to 10 s apart.
+pub async fn a_waiting_task_fails_at_its_deadline(env: Arc<TestEnv>) {
+    let (_ns, operator, api) = setup(&env, "wait-deadline", &[]).await;
+    let waits = [
+        (
+            "no-secret",
+            json!({
+                "templateRef": {"name": "base"},
+                "agent": {"command": {"command": ["true"]}},
+                "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "never", "key": "k"}}}],
+                "activeDeadlineSeconds": 2,
+            }),
+        ),
+        (
+            "no-template",
+            json!({
+                "templateRef": {"name": "never"},
+                "agent": {"command": {"command": ["true"]}},
+                "activeDeadlineSeconds": 2,
+            }),
+        ),
+    ];
+    let started = Instant::now();
+    for (name, spec) in &waits {
+        create(&api, name, spec.clone()).await;
+    }
+    for (name, _) in &waits {
+        let status = wait_for(&api, name, "finished", finished).await;
+        assert_eq!(
+            status.reason.as_deref(),
+            Some("DeadlineExceeded"),
+            "{name}: {status:#?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(4500),
+            "{name} failed {:?} after its creation, against a deadline of 2 s",
+            started.elapsed()
+        );
+    }
+    drop(operator);
+}

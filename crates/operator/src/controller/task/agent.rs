@@ -131,7 +131,7 @@ async fn sandbox_paused(task: &AgentTask, ctx: &Context) -> Result<Action, Error
         )
         .await;
     }
-    Ok(Action::requeue(PAUSED_POLL))
+    Ok(Action::requeue(until_deadline(task, PAUSED_POLL)))
 }
 
 pub(super) fn workspace(task: &AgentTask) -> String {

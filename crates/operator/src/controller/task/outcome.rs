@@ -391,7 +391,7 @@ pub(super) async fn retry(
     }
     publish_event(ctx, task, EventType::Warning, reason, message.to_string()).await;
     let backoff = Duration::from_secs(2u64.saturating_pow(attempts.clamp(0, 6) as u32));
-    Ok(Action::requeue(backoff))
+    Ok(Action::requeue(until_deadline(task, backoff)))
 }
 
 pub(super) async fn sandbox_lost(

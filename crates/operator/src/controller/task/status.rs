@@ -128,7 +128,8 @@ pub(super) async fn write_waiting(
             publish_event(ctx, task, type_, reason, message.to_string()).await;
         }
     }
-    Ok(Action::requeue(again))
+    // A waiting task still fails at its deadline, not at the next look.
+    Ok(Action::requeue(until_deadline(task, again)))
 }
 
 /// The events of an attempt's steps, each published once. kube's `Recorder` keeps every
