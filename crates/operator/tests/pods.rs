@@ -148,6 +148,39 @@ async fn steps() {
     );
     println!("SDK suite on pods in {}", secs(t.elapsed()));
 
+    // The official JavaScript SDK, the same scenarios, on the same server.
+    let t = Instant::now();
+    let js_tmp = node.dir().join("js-suite-tmp");
+    std::fs::create_dir_all(&js_tmp).expect("the JavaScript suite's temp dir");
+    let suite = tokio::process::Command::new("node")
+        .args(["--test-reporter=spec", "tests/conformance/js/sdk.test.mjs"])
+        .current_dir(sandcastle_testkit::repo().join("crates/sandboxd"))
+        .env("E2B_API_URL", server.api_url())
+        .env("E2B_SANDBOX_URL", server.sandbox_url())
+        .env("E2B_API_KEY", API_KEY)
+        .env("SANDCASTLE_RUNTIME", "kubernetes")
+        .env("TMPDIR", &js_tmp)
+        .env_remove("E2B_DEBUG")
+        .env_remove("E2B_DOMAIN")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(900), suite)
+        .await
+        .expect("the JavaScript suite ends within 15 minutes")
+        .expect("node runs (scripts/setup installs the SDK)");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    println!("{printed}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "the JavaScript SDK suite failed on pods"
+    );
+    let passed = format!("pass {}", scenarios + 1);
+    assert!(
+        printed.contains(&passed) && printed.contains("fail 0"),
+        "every scenario ran and passed in JavaScript: wanted {passed:?}"
+    );
+    println!("JavaScript SDK suite on pods in {}", secs(t.elapsed()));
+
     // --- this project's client, through the same shared scenarios ----------------------
     let target = scenarios::Target::new(ClientConfig::with_urls(
         server.api_url(),
