@@ -8,14 +8,66 @@ use std::time::Duration;
 
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::Store;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use sandcastle_api::{AgentTask, TaskPhase};
+
+/// `sandcastle_agent_cost_usd_total`, summed in whole nano-dollars: the costs are
+/// decimals (the CLI's, cut to 9 places), and a float sum of them would show digits no
+/// task reported (five tasks at 0.0024 are 0.011999999999999999 as floats).
+#[derive(Debug, Default)]
+struct Cost {
+    nanodollars: AtomicU64,
+}
+
+impl Collector for Cost {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let total = self.nanodollars.load(std::sync::atomic::Ordering::Relaxed);
+        // Exact for any total below 2^53 nano-dollars (9 million dollars).
+        let counter = ConstCounter::new(total as f64 / 1e9);
+        let metric = encoder.encode_descriptor(
+            "sandcastle_agent_cost_usd",
+            "Cost in US dollars the agents reported",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric)
+    }
+}
+
+/// A non-negative decimal number of dollars as whole nano-dollars; places beyond the
+/// ninth are dropped. `None` for anything else.
+fn nanodollars(text: &str) -> Option<u64> {
+    let (whole, fraction) = text.trim().split_once('.').unwrap_or((text.trim(), ""));
+    if whole.is_empty() && fraction.is_empty()
+        || !whole
+            .bytes()
+            .chain(fraction.bytes())
+            .all(|byte| byte.is_ascii_digit())
+    {
+        return None;
+    }
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
+    let mut places: String = fraction.chars().take(9).collect();
+    while places.len() < 9 {
+        places.push('0');
+    }
+    whole
+        .checked_mul(1_000_000_000)?
+        .checked_add(places.parse().ok()?)
+}
 
 /// What the `/metrics` endpoint answers with.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -77,7 +129,7 @@ pub struct Metrics {
     task_duration: HistogramFamily<OutcomeLabels>,
     sandbox_create: Histogram,
     tokens: Family<TokenLabels, Counter>,
-    cost: Counter<f64, AtomicU64>,
+    cost: Arc<Cost>,
     provider_requests: Family<CodeLabels, Counter>,
     leader: Gauge,
     pool_claims: Family<ClaimLabels, Counter>,
@@ -153,12 +205,8 @@ impl Metrics {
             "Model tokens the agents reported, by kind",
             tokens.clone(),
         );
-        let cost = Counter::default();
-        registry.register(
-            "sandcastle_agent_cost_usd",
-            "Cost in US dollars the agents reported",
-            cost.clone(),
-        );
+        let cost = Arc::new(Cost::default());
+        registry.register_collector(Box::new(cost.clone()));
         let provider_requests = Family::default();
         registry.register(
             "sandcastle_provider_requests",
@@ -260,14 +308,10 @@ impl Metrics {
                 .get_or_create(&TokenLabels { kind })
                 .inc_by(count.max(0) as u64);
         }
-        if let Some(cost) = usage
-            .cost_usd
-            .as_deref()
-            .and_then(|cost| cost.parse::<f64>().ok())
-            && cost.is_finite()
-            && cost > 0.0
-        {
-            self.cost.inc_by(cost);
+        if let Some(nanos) = usage.cost_usd.as_deref().and_then(nanodollars) {
+            self.cost
+                .nanodollars
+                .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -327,6 +371,42 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn costs_are_read_as_exact_decimals() {
+        let cases = [
+            ("0.0024", Some(2_400_000)),
+            ("1", Some(1_000_000_000)),
+            ("12.5", Some(12_500_000_000)),
+            (".5", Some(500_000_000)),
+            ("0.0000000019", Some(1)),
+            ("0", Some(0)),
+            ("-1", None),
+            ("1e-3", None),
+            ("", None),
+            (".", None),
+            ("abc", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(nanodollars(text), expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn the_cost_total_is_the_sum_of_the_decimals() {
+        let metrics = Metrics::new();
+        let usage: sandcastle_api::Usage =
+            serde_json::from_value(serde_json::json!({"costUSD": "0.0024"})).unwrap();
+        for _ in 0..5 {
+            metrics.task_finished(true, Duration::from_secs(1), Some(&usage));
+        }
+        let text = metrics.encode();
+        assert!(
+            text.lines()
+                .any(|line| line == "sandcastle_agent_cost_usd_total 0.012"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn series_carry_controller_runtime_names_and_count_what_they_see() {
