@@ -9,6 +9,8 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_RECONCILING: &str = "Reconciling";
 /// kstatus: `True` when the operator cannot make progress until something changes.
 pub const CONDITION_STALLED: &str = "Stalled";
+/// A task's verdict once it ended: `True` when it succeeded, `False` when it failed.
+pub const CONDITION_SUCCEEDED: &str = "Succeeded";
 /// A template's warm pool: `True` while it holds its size of idle sandboxes of the
 /// current build. Absent on a template without a pool.
 pub const CONDITION_POOL_READY: &str = "PoolReady";

@@ -176,7 +176,7 @@ async fn write_blocked(
             ctx,
             template,
             EventType::Warning,
-            blocked.reason.as_str(),
+            blocked.reason,
             blocked.message.clone(),
         )
         .await;
@@ -196,14 +196,14 @@ async fn publish_event(
     ctx: &Context,
     template: &SandboxTemplate,
     type_: EventType,
-    reason: &str,
+    reason: TemplateReason,
     note: String,
 ) {
     let event = Event {
         type_,
-        reason: reason.into(),
+        reason: reason.as_str().into(),
         note: Some(truncate(&note, 1000)),
-        action: reason.into(),
+        action: reason.as_str().into(),
         secondary: None,
     };
     if let Err(error) = super::publish_event(
@@ -214,7 +214,7 @@ async fn publish_event(
     )
     .await
     {
-        tracing::warn!(%error, reason, "cannot publish event");
+        tracing::warn!(%error, %reason, "cannot publish event");
     }
 }
 
@@ -411,7 +411,14 @@ async fn adopt(template: &SandboxTemplate, ctx: &Context) -> Outcome {
     })?;
     if !adopted_before {
         let note = format!("adopted template {id}");
-        publish_event(ctx, template, EventType::Normal, "Adopted", note).await;
+        publish_event(
+            ctx,
+            template,
+            EventType::Normal,
+            TemplateReason::Adopted,
+            note,
+        )
+        .await;
     }
     Ok(Action::await_change())
 }
@@ -452,7 +459,7 @@ async fn build(template: &SandboxTemplate, ctx: &Context) -> Outcome {
                     ctx,
                     template,
                     EventType::Warning,
-                    TemplateReason::TemplateVanished.as_str(),
+                    TemplateReason::TemplateVanished,
                     message,
                 )
                 .await;
@@ -543,7 +550,14 @@ async fn start(
         .await
         .map_err(kube_failure)?;
         if !queued_before {
-            publish_event(ctx, template, EventType::Normal, "Queued", message).await;
+            publish_event(
+                ctx,
+                template,
+                EventType::Normal,
+                TemplateReason::Queued,
+                message,
+            )
+            .await;
         }
         return Ok(Action::requeue(QUEUE_INTERVAL));
     }
@@ -596,7 +610,14 @@ async fn start(
     .await
     .map_err(kube_failure)?;
     ctx.builds.forget_logs(&requested.build_id);
-    publish_event(ctx, template, EventType::Normal, "BuildStarted", message).await;
+    publish_event(
+        ctx,
+        template,
+        EventType::Normal,
+        TemplateReason::BuildStarted,
+        message,
+    )
+    .await;
     launch(provider, &requested.template_id, &requested.build_id, &plan).await?;
     Ok(Action::requeue(FOLLOW_INTERVAL))
 }
@@ -659,7 +680,7 @@ async fn write_timed_out(
         ctx,
         template,
         EventType::Warning,
-        TemplateReason::BuildTimedOut.as_str(),
+        TemplateReason::BuildTimedOut,
         message,
     )
     .await;
@@ -767,7 +788,14 @@ async fn follow(
             )
             .await
             .map_err(kube_failure)?;
-            publish_event(ctx, template, EventType::Normal, "BuildSucceeded", message).await;
+            publish_event(
+                ctx,
+                template,
+                EventType::Normal,
+                TemplateReason::BuildSucceeded,
+                message,
+            )
+            .await;
             Ok(Action::await_change())
         }
         BuildStatus::Error => {
@@ -796,7 +824,14 @@ async fn follow(
             )
             .await
             .map_err(kube_failure)?;
-            publish_event(ctx, template, EventType::Warning, "BuildFailed", message).await;
+            publish_event(
+                ctx,
+                template,
+                EventType::Warning,
+                TemplateReason::BuildFailed,
+                message,
+            )
+            .await;
             Ok(Action::await_change())
         }
     }
@@ -841,7 +876,7 @@ async fn cleanup(template: &SandboxTemplate, ctx: &Context) -> Result<Action, Er
                 ctx,
                 template,
                 EventType::Normal,
-                TemplateReason::Deleted.as_str(),
+                TemplateReason::Deleted,
                 format!("template {template_id} deleted from the provider"),
             )
             .await;

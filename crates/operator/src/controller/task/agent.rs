@@ -27,7 +27,7 @@ pub(super) async fn run(
         Ok(processes) => processes
             .iter()
             .any(|process| process.tag.as_deref() == Some(AGENT_TAG)),
-        Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
+        Err(error) => return write_envd_trouble(task, ctx, provider, &error, redactor).await,
     };
     if running {
         return follow(task, ctx, envd, redactor).await;
@@ -41,12 +41,12 @@ pub(super) async fn run(
             }
         }
         Err(error) if error.is_not_found() => {}
-        Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
+        Err(error) => return write_envd_trouble(task, ctx, provider, &error, redactor).await,
     }
     match envd.exists(&run_file(STARTED_MARKER)).await {
         // Started, gone, and no exit recorded: the agent was killed from outside.
         Ok(true) => {
-            retry(
+            write_retry(
                 task,
                 ctx,
                 provider,
@@ -56,12 +56,12 @@ pub(super) async fn run(
             .await
         }
         Ok(false) => start(task, ctx, provider, envd, inputs, redactor).await,
-        Err(error) => envd_trouble(task, ctx, provider, &error, redactor).await,
+        Err(error) => write_envd_trouble(task, ctx, provider, &error, redactor).await,
     }
 }
 
 /// An envd call failed: the sandbox is gone, or the provider is in trouble for now.
-pub(super) async fn envd_trouble(
+pub(super) async fn write_envd_trouble(
     task: &AgentTask,
     ctx: &Context,
     provider: &E2bClient,
@@ -70,11 +70,11 @@ pub(super) async fn envd_trouble(
 ) -> Result<Action, Error> {
     if error.is_sandbox_gone() {
         if is_paused(task, provider).await {
-            return sandbox_paused(task, ctx).await;
+            return write_sandbox_paused(task, ctx).await;
         }
-        return sandbox_lost(task, ctx, provider).await;
+        return write_sandbox_lost(task, ctx, provider).await;
     }
-    provider_trouble(
+    write_provider_trouble(
         ctx,
         task,
         &redactor.redact(&error.to_string()),
@@ -101,7 +101,7 @@ async fn is_paused(task: &AgentTask, provider: &E2bClient) -> bool {
 
 /// Someone paused the task's sandbox: the task waits for it to be resumed rather than
 /// throwing away the agent's work, and says so. Its deadline still counts.
-async fn sandbox_paused(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
+async fn write_sandbox_paused(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     let already = task
         .status
         .as_ref()
@@ -163,7 +163,9 @@ pub(super) async fn start(
         Err(Launch::Invalid { reason, message }) => {
             write_failure_and_kill(ctx, task, reason, &message).await
         }
-        Err(Launch::Provider(error)) => envd_trouble(task, ctx, provider, &error, redactor).await,
+        Err(Launch::Provider(error)) => {
+            write_envd_trouble(task, ctx, provider, &error, redactor).await
+        }
         Err(Launch::Kube(error)) => Err(Error::Kube(error)),
     }
 }

@@ -31,8 +31,9 @@ use sandcastle_api::names::{
     TASK_FINALIZER as FINALIZER, TRANSCRIPT_LABEL, TRANSCRIPT_TASK_LABEL,
 };
 use sandcastle_api::{
-    AgentTask, AgentTaskStatus, CONDITION_READY, GitStatus, MAX_STRUCTURED_OUTPUT_BYTES,
-    OutputFile, Progress, SandboxTemplate, TaskPhase, TaskReason, TaskResult, TemplatePhase, Usage,
+    AgentTask, AgentTaskStatus, CONDITION_READY, CONDITION_SUCCEEDED, GitStatus,
+    MAX_STRUCTURED_OUTPUT_BYTES, OutputFile, Progress, SandboxTemplate, TaskPhase, TaskReason,
+    TaskResult, TemplatePhase, Usage,
 };
 use sandcastle_e2b::client::{E2bClient, ListQuery, SandboxSpec};
 use sandcastle_e2b::envd::{FileType, ProcessSelector};
@@ -75,7 +76,6 @@ const RESULT_TAIL: usize = 4096;
 /// Progress is written at most this often.
 const PROGRESS_INTERVAL: i64 = 5;
 const BEFORE_LISTING: &str = "before.json";
-const CONDITION_SUCCEEDED: &str = "Succeeded";
 
 pub async fn reconcile(task: Arc<AgentTask>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = task.namespace().unwrap_or_default();
@@ -167,7 +167,7 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     // rebuilt or deleted meanwhile must not stop the agent it already runs.
     let held = status.sandbox_id.is_some();
     if ready.is_none() && !held {
-        return wait_for_template(ctx, task, template).await;
+        return write_waiting_for_template(ctx, task, template).await;
     }
     let (inputs, secret_values) = match resolve_env(ctx, task).await {
         Ok(resolved) => resolved,
@@ -198,17 +198,17 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     let provider = match provider {
         Ok(provider) => provider,
         Err(message) => {
-            return provider_trouble(ctx, task, &message, WAIT_INTERVAL * 3).await;
+            return write_provider_trouble(ctx, task, &message, WAIT_INTERVAL * 3).await;
         }
     };
     let Some(sandbox_id) = status.sandbox_id.clone() else {
         let Some(template_status) = ready else {
-            return wait_for_template(ctx, task, template).await;
+            return write_waiting_for_template(ctx, task, template).await;
         };
         let tasks = ctx.caches.tasks().await?;
         let slot = match admit(ctx, task, &tasks) {
             Ok(slot) => slot,
-            Err(refusal) => return queue(ctx, task, refusal.to_string()).await,
+            Err(refusal) => return write_queued(ctx, task, refusal.to_string()).await,
         };
         return provision(
             task,
@@ -224,10 +224,10 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
     let detail = match provider.get_sandbox(&sandbox_id).await {
         Ok(detail) => detail,
         Err(error) if error.is_not_found() => {
-            return sandbox_lost(task, ctx, &provider).await;
+            return write_sandbox_lost(task, ctx, &provider).await;
         }
         Err(error) => {
-            return provider_trouble(
+            return write_provider_trouble(
                 ctx,
                 task,
                 &redactor.redact(&error.to_string()),
@@ -241,7 +241,7 @@ async fn apply(task: &AgentTask, ctx: &Context) -> Result<Action, Error> {
 }
 
 /// Over the caps: the task waits in the Queued phase, saying why.
-async fn queue(ctx: &Context, task: &AgentTask, message: String) -> Result<Action, Error> {
+async fn write_queued(ctx: &Context, task: &AgentTask, message: String) -> Result<Action, Error> {
     let status = staged(
         task,
         TaskPhase::Queued,

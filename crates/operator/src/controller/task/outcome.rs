@@ -73,7 +73,7 @@ pub(super) async fn finish(
     .await;
     let (stdout, stderr, before, after) = match outcome {
         Ok(outcome) => outcome,
-        Err(error) => return envd_trouble(task, ctx, provider, &error, redactor).await,
+        Err(error) => return write_envd_trouble(task, ctx, provider, &error, redactor).await,
     };
     let outputs = &task.spec.outputs;
     let changes = match files::exclusions(&outputs.exclude) {
@@ -106,7 +106,7 @@ pub(super) async fn finish(
         Ending::Succeeded => None,
         Ending::Failed { reason, message } => Some((reason, message)),
         Ending::Retry { message } => {
-            return retry(task, ctx, provider, TaskReason::AgentIncomplete, &message).await;
+            return write_retry(task, ctx, provider, TaskReason::AgentIncomplete, &message).await;
         }
     };
     // Before the push: a successful agent whose artifacts are missing did not do what was
@@ -127,7 +127,7 @@ pub(super) async fn finish(
                 Some(collected)
             }
             Err(git::Interrupted::Provider(error)) => {
-                return envd_trouble(task, ctx, provider, &error, redactor).await;
+                return write_envd_trouble(task, ctx, provider, &error, redactor).await;
             }
             Err(git::Interrupted::Kube(error)) => return Err(error),
         }
@@ -139,7 +139,7 @@ pub(super) async fn finish(
     let delivered = match git::deliver(task, ctx, envd, git_auth, redactor, succeeded).await {
         Ok(delivered) => delivered,
         Err(git::Interrupted::Provider(error)) => {
-            return envd_trouble(task, ctx, provider, &error, redactor).await;
+            return write_envd_trouble(task, ctx, provider, &error, redactor).await;
         }
         Err(git::Interrupted::Kube(error)) => return Err(error),
     };
@@ -351,7 +351,7 @@ pub(super) fn count_finished(ctx: &Context, status: &AgentTaskStatus) {
 
 /// An infrastructure failure: a new attempt in a new sandbox while `backoffLimit` allows,
 /// the old sandbox killed first; otherwise Failed.
-pub(super) async fn retry(
+pub(super) async fn write_retry(
     task: &AgentTask,
     ctx: &Context,
     provider: &E2bClient,
@@ -365,7 +365,7 @@ pub(super) async fn retry(
         && let Err(error) = provider.kill_sandbox(id).await
         && !error.is_not_found()
     {
-        return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL).await;
+        return write_provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL).await;
     }
     let attempts = status.attempts.unwrap_or(1);
     if attempts > task.spec.backoff_limit {
@@ -394,12 +394,12 @@ pub(super) async fn retry(
     Ok(Action::requeue(until_deadline(task, backoff)))
 }
 
-pub(super) async fn sandbox_lost(
+pub(super) async fn write_sandbox_lost(
     task: &AgentTask,
     ctx: &Context,
     provider: &E2bClient,
 ) -> Result<Action, Error> {
-    retry(
+    write_retry(
         task,
         ctx,
         provider,

@@ -10,7 +10,7 @@ pub(super) fn was_refused(task: &AgentTask) -> bool {
 /// The finalizer could not be added. A refusal (RBAC, an admission policy) is the
 /// cluster's setup, not the task's: the task waits with the apiserver's words until the
 /// deadline, and no sandbox is made for it meanwhile. Anything else is retried.
-pub(super) async fn finalizer_trouble(
+pub(super) async fn write_finalizer_trouble(
     ctx: &Context,
     task: &AgentTask,
     error: Error,
@@ -90,7 +90,8 @@ pub(super) async fn provision(
         match provider.list_sandboxes(&query).await {
             Ok(found) => found.into_iter().next().map(|sandbox| sandbox.sandbox_id),
             Err(error) => {
-                return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3).await;
+                return write_provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3)
+                    .await;
             }
         }
     };
@@ -119,7 +120,7 @@ pub(super) async fn provision(
             }
             Err(error) => {
                 let _ = provider.kill_sandbox(&sandbox_id).await;
-                return finalizer_trouble(ctx, task, error).await;
+                return write_finalizer_trouble(ctx, task, error).await;
             }
         };
         slot.keep();
@@ -131,7 +132,7 @@ pub(super) async fn provision(
         match finalized(ctx, task).await {
             Ok(task) => task,
             Err(error) => {
-                return finalizer_trouble(ctx, task, error).await;
+                return write_finalizer_trouble(ctx, task, error).await;
             }
         }
     } else {
@@ -166,7 +167,7 @@ pub(super) async fn provision(
             if let Ok(sandbox) = &created {
                 let _ = provider.kill_sandbox(&sandbox.sandbox_id).await;
             }
-            return finalizer_trouble(ctx, task, error).await;
+            return write_finalizer_trouble(ctx, task, error).await;
         }
     };
     let task = task.as_ref();
@@ -195,7 +196,7 @@ pub(super) async fn provision(
             return write_failure(ctx, task, TaskReason::ProviderRejected, &message, |_| {}).await;
         }
         Err(error) => {
-            return provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3).await;
+            return write_provider_trouble(ctx, task, &error.to_string(), WAIT_INTERVAL * 3).await;
         }
     };
     slot.keep();

@@ -170,7 +170,7 @@ pub(super) async fn fetch(
 
 /// Waits for the task's template, saying why it is not Ready so the task alone shows what
 /// to fix.
-pub(super) async fn wait_for_template(
+pub(super) async fn write_waiting_for_template(
     ctx: &Context,
     task: &AgentTask,
     template: Option<SandboxTemplate>,

@@ -94,7 +94,7 @@ pub(super) fn is_stale(ctx: &Context, task: &AgentTask) -> bool {
 }
 
 /// The provider could not be reached or answered with an error: wait and look again.
-pub(super) async fn provider_trouble(
+pub(super) async fn write_provider_trouble(
     ctx: &Context,
     task: &AgentTask,
     message: &str,
