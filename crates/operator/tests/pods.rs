@@ -109,26 +109,12 @@ async fn steps() {
         python.display()
     );
     let t = Instant::now();
-    let suite = tokio::process::Command::new(&python)
+    let mut pytest = tokio::process::Command::new(&python);
+    pytest
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
         .arg("tests/conformance")
-        .current_dir(sandcastle_testkit::repo().join("crates/sandboxd"))
-        .env("E2B_API_URL", server.api_url())
-        .env("E2B_SANDBOX_URL", server.sandbox_url())
-        .env("E2B_API_KEY", API_KEY)
-        .env("SANDCASTLE_RUNTIME", "kubernetes")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env_remove("E2B_DEBUG")
-        .env_remove("E2B_DOMAIN")
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(900), suite)
-        .await
-        .expect("the suite ends within 15 minutes")
-        .expect("pytest runs");
-    let printed = String::from_utf8_lossy(&output.stdout);
-    println!("{printed}{}", String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "the SDK suite failed on pods");
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let printed = run_sdk_suite("the Python SDK suite", &server, pytest).await;
     let conformance = sandcastle_testkit::repo().join("crates/sandboxd/tests/conformance");
     let scenarios: usize = ["scenarios.txt", "sdk_scenarios.txt"]
         .iter()
@@ -152,28 +138,11 @@ async fn steps() {
     let t = Instant::now();
     let js_tmp = node.dir().join("js-suite-tmp");
     std::fs::create_dir_all(&js_tmp).expect("the JavaScript suite's temp dir");
-    let suite = tokio::process::Command::new("node")
+    let mut node_suite = tokio::process::Command::new("node");
+    node_suite
         .args(["--test-reporter=spec", "tests/conformance/js/sdk.test.mjs"])
-        .current_dir(sandcastle_testkit::repo().join("crates/sandboxd"))
-        .env("E2B_API_URL", server.api_url())
-        .env("E2B_SANDBOX_URL", server.sandbox_url())
-        .env("E2B_API_KEY", API_KEY)
-        .env("SANDCASTLE_RUNTIME", "kubernetes")
-        .env("TMPDIR", &js_tmp)
-        .env_remove("E2B_DEBUG")
-        .env_remove("E2B_DOMAIN")
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(900), suite)
-        .await
-        .expect("the JavaScript suite ends within 15 minutes")
-        .expect("node runs (scripts/setup installs the SDK)");
-    let printed = String::from_utf8_lossy(&output.stdout);
-    println!("{printed}{}", String::from_utf8_lossy(&output.stderr));
-    assert!(
-        output.status.success(),
-        "the JavaScript SDK suite failed on pods"
-    );
+        .env("TMPDIR", &js_tmp);
+    let printed = run_sdk_suite("the JavaScript SDK suite", &server, node_suite).await;
     let passed = format!("pass {}", scenarios + 1);
     assert!(
         printed.contains(&passed) && printed.contains("fail 0"),
@@ -1539,4 +1508,31 @@ anyio.run(main)
             .all(|lease| lease.metadata.name != held[0].metadata.name),
         "the deleted pod's Lease is left: {gone:#?}"
     );
+}
+
+/// Runs an official SDK's conformance suite from crates/sandboxd against `server`, told
+/// it runs on pods; fails unless it passed, and answers what it printed.
+async fn run_sdk_suite(
+    what: &str,
+    server: &KubeSandboxd,
+    mut suite: tokio::process::Command,
+) -> String {
+    let run = suite
+        .current_dir(sandcastle_testkit::repo().join("crates/sandboxd"))
+        .env("E2B_API_URL", server.api_url())
+        .env("E2B_SANDBOX_URL", server.sandbox_url())
+        .env("E2B_API_KEY", API_KEY)
+        .env("SANDCASTLE_RUNTIME", "kubernetes")
+        .env_remove("E2B_DEBUG")
+        .env_remove("E2B_DOMAIN")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(900), run)
+        .await
+        .unwrap_or_else(|_| panic!("{what} ends within 15 minutes"))
+        .unwrap_or_else(|error| panic!("{what} runs (scripts/setup installs it): {error}"));
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    println!("{printed}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{what} failed on pods");
+    printed
 }
