@@ -11,7 +11,7 @@ use crate::interpreter::{DRIVER_DIR, Interpreter};
 use crate::sandboxes::{Lease, Pool};
 
 #[derive(Debug, thiserror::Error)]
-pub enum CodeError {
+pub enum RunError {
     #[error(transparent)]
     Pool(#[from] crate::sandboxes::PoolError),
     #[error(transparent)]
@@ -70,9 +70,9 @@ impl Runner {
         &self.pool
     }
 
-    pub async fn create_context(&self, language: Language) -> Result<ContextInfo, CodeError> {
+    pub async fn create_context(&self, language: Language) -> Result<ContextInfo, RunError> {
         if self.contexts.lock().expect("contexts lock").len() >= self.max_contexts {
-            return Err(CodeError::TooManyContexts(self.max_contexts));
+            return Err(RunError::TooManyContexts(self.max_contexts));
         }
         let lease = self.pool.acquire().await?;
         let id = format!("ctx-{:016x}", rand::random::<u64>());
@@ -98,13 +98,13 @@ impl Runner {
         Ok(info)
     }
 
-    pub async fn delete_context(&self, id: &str) -> Result<(), CodeError> {
+    pub async fn delete_context(&self, id: &str) -> Result<(), RunError> {
         let context = self
             .contexts
             .lock()
             .expect("contexts lock")
             .remove(id)
-            .ok_or_else(|| CodeError::UnknownContext(id.to_string()))?;
+            .ok_or_else(|| RunError::UnknownContext(id.to_string()))?;
         let mut context = context.lock().await;
         end(&mut context).await;
         Ok(())
@@ -139,7 +139,7 @@ impl Runner {
         language: Option<Language>,
         context: Option<&str>,
         timeout: Duration,
-    ) -> Result<Execution, CodeError> {
+    ) -> Result<Execution, RunError> {
         let Some(id) = context else {
             return self
                 .run_alone(code, language.unwrap_or(Language::Python), timeout)
@@ -151,13 +151,13 @@ impl Runner {
             .expect("contexts lock")
             .get(id)
             .cloned()
-            .ok_or_else(|| CodeError::UnknownContext(id.to_string()))?;
+            .ok_or_else(|| RunError::UnknownContext(id.to_string()))?;
         let mut context = context.lock().await;
         let has = context.interpreter.language();
         if let Some(asked) = language
             && asked != has
         {
-            return Err(CodeError::WrongLanguage {
+            return Err(RunError::WrongLanguage {
                 id: id.to_string(),
                 has: has.as_str(),
                 asked: asked.as_str(),
@@ -179,7 +179,7 @@ impl Runner {
         code: &str,
         language: Language,
         timeout: Duration,
-    ) -> Result<Execution, CodeError> {
+    ) -> Result<Execution, RunError> {
         let lease = self.pool.acquire().await?;
         let cwd = format!("{DRIVER_DIR}/call-{:016x}", rand::random::<u64>());
         let mut interpreter = Interpreter::start(lease.envd().clone(), language, &cwd).await?;
@@ -214,18 +214,10 @@ impl Runner {
         }
     }
 
-    /// Ends every context (the sandboxes go with the pool).
-    pub async fn end_all(&self) {
-        let all: Vec<Arc<tokio::sync::Mutex<Context>>> = self
-            .contexts
-            .lock()
-            .expect("contexts lock")
-            .drain()
-            .map(|(_, context)| context)
-            .collect();
-        for context in all {
-            end(&mut *context.lock().await).await;
-        }
+    /// Forgets every context, at shutdown: killing the pool's sandboxes ends their
+    /// interpreters, so none is stopped one by one first.
+    pub fn forget_all(&self) {
+        self.contexts.lock().expect("contexts lock").clear();
     }
 }
 

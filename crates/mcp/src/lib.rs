@@ -158,13 +158,8 @@ impl SandcastleMcp {
         })
     }
 
-    fn namespace(&self, asked: Option<String>) -> Result<String, String> {
-        Ok(asked.unwrap_or_else(|| {
-            self.tasks
-                .as_ref()
-                .map(|tasks| tasks.default_namespace.clone())
-                .unwrap_or_default()
-        }))
+    fn namespace(tasks: &Tasks, asked: Option<String>) -> String {
+        asked.unwrap_or_else(|| tasks.default_namespace.clone())
     }
 }
 
@@ -243,7 +238,7 @@ impl SandcastleMcp {
         peer: Peer<RoleServer>,
     ) -> Result<Json<TaskSummary>, String> {
         let tasks = self.tasks()?;
-        let namespace = self.namespace(request.namespace)?;
+        let namespace = Self::namespace(tasks, request.namespace);
         let created = tasks
             .create(&NewTask {
                 namespace: namespace.clone(),
@@ -285,7 +280,7 @@ impl SandcastleMcp {
         Parameters(request): Parameters<GetTaskRequest>,
     ) -> Result<Json<TaskSummary>, String> {
         let tasks = self.tasks()?;
-        let namespace = self.namespace(request.namespace)?;
+        let namespace = Self::namespace(tasks, request.namespace);
         tasks
             .get(&namespace, &request.name)
             .await
@@ -298,7 +293,7 @@ impl SandcastleMcp {
         Parameters(request): Parameters<ListTasksRequest>,
     ) -> Result<Json<TaskList>, String> {
         let tasks = self.tasks()?;
-        let namespace = self.namespace(request.namespace)?;
+        let namespace = Self::namespace(tasks, request.namespace);
         tasks
             .list(&namespace, request.limit.unwrap_or(100).clamp(1, 500))
             .await

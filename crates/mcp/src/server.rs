@@ -109,7 +109,7 @@ pub async fn serve(
         keeping.abort();
     }
     let (sandboxes, _) = pool.occupancy();
-    runner.end_all().await;
+    runner.forget_all();
     pool.kill_all().await;
     if let Some(liveness) = &liveness {
         liveness.release().await;

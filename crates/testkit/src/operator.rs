@@ -105,6 +105,20 @@ impl Operator {
         })
     }
 
+    /// The series' value once it is `wanted`, or its last value after 5 s. The operator
+    /// counts a finished task just after writing its status, so a test that saw the
+    /// status may look a moment before the count.
+    pub async fn metric_reaching(&self, series: &str, wanted: f64) -> Option<f64> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let value = self.metric(series).await;
+            if value == Some(wanted) || std::time::Instant::now() >= deadline {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// How the operator exited, if it did within `wait`.
     pub async fn exit_within(&mut self, wait: Duration) -> Option<std::process::ExitStatus> {
         let deadline = std::time::Instant::now() + wait;

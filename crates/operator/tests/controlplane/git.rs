@@ -17,7 +17,7 @@ use sandcastle_testkit::operator::wait_for;
 use serde_json::{Value, json};
 
 use super::tasks::{
-    claude_settings, create, events, finished, put_secret, setup, waits_for_its_secret,
+    claude_settings, claude_spec, create, events, finished, put_secret, setup, waits_for_its_secret,
 };
 
 /// The Secret `repo` with the server's account, as `workspace.git.secretRef` takes it.
@@ -409,22 +409,19 @@ pub async fn claude_code_edits_a_clone_and_its_work_is_pushed(env: Arc<TestEnv>)
     create(
         &api,
         "claude-edits",
-        json!({
-            "templateRef": {"name": "base"},
-            "prompt": "Rewrite the README",
-            "env": [
-                {"name": "ANTHROPIC_BASE_URL", "value": model.base_url()},
-                {"name": "CLAUDE_CODE_MAX_RETRIES", "value": "0"},
-            ],
-            "envFrom": [{"secretRef": {"name": "anthropic"}}],
-            "workspace": {"git": {"url": server.url("app"), "secretRef": {"name": "repo"}}},
-            "outputs": {"git": {"push": {}}},
-            "agent": {"claudeCode": {"jsonSchema": {
-                "type": "object",
-                "properties": {"summary": {"type": "string"}, "filesChanged": {"type": "integer"}},
-                "required": ["summary", "filesChanged"],
-            }}},
-        }),
+        claude_spec(
+            &model,
+            "Rewrite the README",
+            json!({
+                "workspace": {"git": {"url": server.url("app"), "secretRef": {"name": "repo"}}},
+                "outputs": {"git": {"push": {}}},
+                "agent": {"claudeCode": {"jsonSchema": {
+                    "type": "object",
+                    "properties": {"summary": {"type": "string"}, "filesChanged": {"type": "integer"}},
+                    "required": ["summary", "filesChanged"],
+                }}},
+            }),
+        ),
     )
     .await;
     let status = done(&api, "claude-edits").await;

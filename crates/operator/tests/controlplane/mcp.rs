@@ -19,7 +19,7 @@ use sandcastle_testkit::repo;
 use serde_json::json;
 
 use crate::operations::{kubeconfig_with_token, render_chart};
-use crate::tasks::{claude_settings, create, finished, put_secret, setup, transcript};
+use crate::tasks::{claude_settings, claude_spec, create, finished, put_secret, setup, transcript};
 
 /// How many tests the Python suite holds, parametrized ones counted once per transport.
 const PYTHON_TESTS: usize = 17;
@@ -322,23 +322,18 @@ pub async fn claude_code_calls_a_tool_of_an_mcp_server_from_its_spec(env: Arc<Te
     )
     .await;
     let spec = |header: serde_json::Value| {
-        json!({
-            "templateRef": {"name": "base"},
-            "prompt": "Work out six times seven with the sandbox",
-            "env": [
-                {"name": "ANTHROPIC_BASE_URL", "value": model.base_url()},
-                {"name": "CLAUDE_CODE_MAX_RETRIES", "value": "0"},
-            ],
-            "envFrom": [{"secretRef": {"name": "anthropic"}}],
-            "agent": {"claudeCode": {
+        claude_spec(
+            &model,
+            "Work out six times seven with the sandbox",
+            json!({"agent": {"claudeCode": {
                 "allowedTools": ["mcp__sandcastle__run_code"],
                 "mcpServers": [{
                     "name": "sandcastle",
                     "url": format!("http://127.0.0.1:{port}/mcp"),
                     "headers": [header],
                 }],
-            }},
-        })
+            }}}),
+        )
     };
     create(
         &api,

@@ -438,6 +438,28 @@ pub(crate) fn claude_settings() -> [(&'static str, String); 2] {
     ]
 }
 
+/// A Claude Code task on `base` that reaches the scripted `model` with the key of the
+/// Secret `anthropic`, with `extra` fields added to (or replacing) the spec's.
+pub(crate) fn claude_spec(
+    model: &ScriptedModel,
+    prompt: &str,
+    extra: serde_json::Value,
+) -> serde_json::Value {
+    let mut spec = json!({
+        "templateRef": {"name": "base"},
+        "prompt": prompt,
+        "env": [
+            {"name": "ANTHROPIC_BASE_URL", "value": model.base_url()},
+            {"name": "CLAUDE_CODE_MAX_RETRIES", "value": "0"},
+        ],
+        "envFrom": [{"secretRef": {"name": "anthropic"}}],
+    });
+    spec.as_object_mut()
+        .expect("an object")
+        .extend(extra.as_object().expect("an object").clone());
+    spec
+}
+
 pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestEnv>) {
     let settings = claude_settings();
     let settings = settings
@@ -447,21 +469,7 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
     let model = ScriptedModel::start(Script::WriteAndRun).await;
     let key = "sk-ant-task-key-5e1c";
     put_secret(&env, &ns, "anthropic", json!({"ANTHROPIC_API_KEY": key})).await;
-    let spec = |extra: serde_json::Value| {
-        let mut spec = json!({
-            "templateRef": {"name": "base"},
-            "prompt": "Create hello.py and run it",
-            "env": [
-                {"name": "ANTHROPIC_BASE_URL", "value": model.base_url()},
-                {"name": "CLAUDE_CODE_MAX_RETRIES", "value": "0"},
-            ],
-            "envFrom": [{"secretRef": {"name": "anthropic"}}],
-        });
-        spec.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        spec
-    };
+    let spec = |extra: serde_json::Value| claude_spec(&model, "Create hello.py and run it", extra);
     create(&api, "hello", spec(json!({}))).await;
     let status = wait_for(&api, "hello", "finished", finished).await;
     assert_eq!(status.phase, Some(TaskPhase::Succeeded), "{status:#?}");
@@ -483,15 +491,21 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
             .is_none_or(|digits| digits.len() <= 9),
         "cost {cost_text}"
     );
+    let input_tokens = usage.input_tokens as f64;
     assert_eq!(
         operator
-            .metric(r#"sandcastle_agent_tokens_total{kind="input"}"#)
+            .metric_reaching(
+                r#"sandcastle_agent_tokens_total{kind="input"}"#,
+                input_tokens
+            )
             .await,
-        Some(usage.input_tokens as f64),
+        Some(input_tokens),
         "the reported tokens are counted"
     );
     let cost: f64 = usage.cost_usd.as_deref().unwrap().parse().unwrap();
-    let counted = operator.metric("sandcastle_agent_cost_usd_total").await;
+    let counted = operator
+        .metric_reaching("sandcastle_agent_cost_usd_total", cost)
+        .await;
     // Summed as decimals, so exactly what the task reported.
     assert_eq!(counted, Some(cost), "cost {cost} counted as {counted:?}");
     let files: Vec<(&str, i64)> = status
