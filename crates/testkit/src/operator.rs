@@ -105,16 +105,20 @@ impl Operator {
         })
     }
 
-    /// The series' value once it is `wanted`, or its last value after 5 s. The operator
-    /// counts a finished task just after writing its status, so a test that saw the
-    /// status may look a moment before the count.
-    pub async fn metric_reaching(&self, series: &str, wanted: f64) -> Option<f64> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    /// Polls the metrics until `series` has `value`, and answers how long that took; fails
+    /// when it does not within `within`. The operator counts a finished task just after
+    /// writing its status, so a test that saw the status may look a moment early.
+    pub async fn await_metric(&self, series: &str, value: f64, within: Duration) -> Duration {
+        let started = std::time::Instant::now();
         loop {
-            let value = self.metric(series).await;
-            if value == Some(wanted) || std::time::Instant::now() >= deadline {
-                return value;
+            let seen = self.metric(series).await;
+            if seen == Some(value) {
+                return started.elapsed();
             }
+            assert!(
+                started.elapsed() < within,
+                "{series} did not become {value} within {within:?}: {seen:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

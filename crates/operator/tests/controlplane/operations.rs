@@ -2,7 +2,7 @@
 //! the Helm chart's RBAC as the only rights it has.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kube::api::{Api, PostParams};
 use sandcastle_api::{AgentTask, SandboxTemplate, TaskPhase, TemplatePhase};
@@ -15,21 +15,6 @@ use sandcastle_testkit::repo;
 
 use sandcastle_api::names::SANDBOX_TASK_UID as TASK_UID;
 const LEASE_SECONDS: u64 = 6;
-
-/// Polls the operator's metrics until `series` has `value`; returns how long that took.
-async fn await_metric(operator: &Operator, series: &str, value: f64, within: Duration) -> Duration {
-    let started = Instant::now();
-    loop {
-        if operator.metric(series).await == Some(value) {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < within,
-            "{series} did not become {value} within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn create<K>(api: &Api<K>, object: Value)
 where
@@ -76,7 +61,9 @@ pub async fn the_standby_takes_over_a_running_task(env: Arc<TestEnv>) {
         )
     };
     let mut first = replica("replica-a");
-    await_metric(&first, "sandcastle_leader", 1.0, Duration::from_secs(30)).await;
+    first
+        .await_metric("sandcastle_leader", 1.0, Duration::from_secs(30))
+        .await;
     let second = replica("replica-b");
 
     sandcastle_testkit::base::adopt_base(&env.client, &ns).await;
@@ -109,13 +96,13 @@ pub async fn the_standby_takes_over_a_running_task(env: Arc<TestEnv>) {
     );
 
     first.kill();
-    let takeover = await_metric(
-        &second,
-        "sandcastle_leader",
-        1.0,
-        Duration::from_secs(LEASE_SECONDS * 3),
-    )
-    .await;
+    let takeover = second
+        .await_metric(
+            "sandcastle_leader",
+            1.0,
+            Duration::from_secs(LEASE_SECONDS * 3),
+        )
+        .await;
     assert!(
         takeover <= Duration::from_secs(LEASE_SECONDS + 2),
         "the standby took {takeover:?} to lead; the lease lasts {LEASE_SECONDS} s"
@@ -166,7 +153,9 @@ pub async fn a_leader_that_loses_its_lease_stops(env: Arc<TestEnv>) {
             ("POD_NAME", "deposed"),
         ],
     );
-    await_metric(&operator, "sandcastle_leader", 1.0, Duration::from_secs(30)).await;
+    operator
+        .await_metric("sandcastle_leader", 1.0, Duration::from_secs(30))
+        .await;
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(env.client.clone(), &ns);
     let lease = leases.get("sandcastle").await.expect("the lease exists");

@@ -491,23 +491,23 @@ pub async fn claude_code_runs_for_real_against_the_scripted_model(env: Arc<TestE
             .is_none_or(|digits| digits.len() <= 9),
         "cost {cost_text}"
     );
-    let input_tokens = usage.input_tokens as f64;
-    assert_eq!(
-        operator
-            .metric_reaching(
-                r#"sandcastle_agent_tokens_total{kind="input"}"#,
-                input_tokens
-            )
-            .await,
-        Some(input_tokens),
-        "the reported tokens are counted"
-    );
-    let cost: f64 = usage.cost_usd.as_deref().unwrap().parse().unwrap();
-    let counted = operator
-        .metric_reaching("sandcastle_agent_cost_usd_total", cost)
+    // The reported tokens are counted, and the cost is summed as decimals, so exactly
+    // what the task reported.
+    operator
+        .await_metric(
+            r#"sandcastle_agent_tokens_total{kind="input"}"#,
+            usage.input_tokens as f64,
+            Duration::from_secs(5),
+        )
         .await;
-    // Summed as decimals, so exactly what the task reported.
-    assert_eq!(counted, Some(cost), "cost {cost} counted as {counted:?}");
+    let cost: f64 = usage.cost_usd.as_deref().unwrap().parse().unwrap();
+    operator
+        .await_metric(
+            "sandcastle_agent_cost_usd_total",
+            cost,
+            Duration::from_secs(5),
+        )
+        .await;
     let files: Vec<(&str, i64)> = status
         .files
         .iter()
